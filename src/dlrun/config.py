@@ -1,0 +1,335 @@
+"""Config schema: one dataclass per config-group option, registered in Hydra's ConfigStore.
+
+Every default is declared here once. The YAML files under ``conf/`` only pick a
+schema (``defaults: [/schema/<group>/<option>@_here_]``), so a typo or a wrong type in a YAML file
+or on the command line fails at composition with Hydra's message naming the key.
+``validate`` adds the cross-field and range rules that types cannot express.
+
+This module must stay light: the CLI imports it for ``--help``, ``--cfg`` and
+shell completion, which must never import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one clear line, never as a traceback."""
+
+
+# Enums subclass str so that models and summaries see plain strings.
+class Pool(str, Enum):
+    max = "max"
+    avg = "avg"
+    none = "none"
+
+
+class Cell(str, Enum):
+    rnn = "rnn"
+    lstm = "lstm"
+    gru = "gru"
+
+
+class DeviceType(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class MonitorMode(str, Enum):
+    auto = "auto"  # max for accuracy-like metrics, min for losses
+    max = "max"
+    min = "min"
+
+
+# --------------------------------------------------------------------- model
+# Model classes are built as `_target_(in_shape=..., num_outputs=..., **fields)`:
+# the data supplies the shapes, the config the hyper-parameters.
+
+
+@dataclass
+class CNNConfig:
+    _target_: str = "dlrun.models.CNN"
+    channels: List[int] = field(default_factory=lambda: [32, 64])
+    kernel_size: int = 3
+    pool: Pool = Pool.max
+    batch_norm: bool = True
+    dropout: float = 0.1
+    hidden: int = 128  # width of the fully connected layer before the head; 0 = none
+
+
+@dataclass
+class RNNConfig:
+    _target_: str = "dlrun.models.RNN"
+    cell: Cell = Cell.lstm
+    hidden_size: int = 128
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0  # between stacked layers and before the head
+
+
+# ----------------------------------------------------------------- optimizer
+# Built as `instantiate(cfg.optimizer, _partial_=True)(model.parameters())`.
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.05
+    weight_decay: float = 0.0
+
+
+@dataclass
+class MomentumConfig(SGDConfig):
+    momentum: float = 0.9
+    nesterov: bool = True
+    dampening: float = 0.0
+
+
+@dataclass
+class RMSpropConfig:
+    _target_: str = "torch.optim.RMSprop"
+    lr: float = 1e-3
+    alpha: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.0
+    centered: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+    weight_decay: float = 0.01
+
+
+# ----------------------------------------------------------------- scheduler
+# Built as `instantiate(cfg.scheduler, _partial_=True)(optimizer, steps_per_epoch=,
+# total_steps=, mode=)`; every builder lives in dlrun.optim and says how it is stepped.
+
+
+@dataclass
+class NoSchedulerConfig:
+    _target_: str = "dlrun.optim.no_scheduler"
+
+
+@dataclass
+class StepSchedulerConfig:
+    _target_: str = "dlrun.optim.step_lr"
+    step_epochs: int = 5  # multiply the lr by gamma every step_epochs epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class CosineSchedulerConfig:
+    _target_: str = "dlrun.optim.cosine_lr"
+    warmup_epochs: float = 0.0  # linear warmup from lr/100 to lr over this many epochs
+    min_lr_ratio: float = 0.0  # the lr at the end, as a fraction of the initial lr
+
+
+@dataclass
+class OneCycleSchedulerConfig:
+    _target_: str = "dlrun.optim.onecycle_lr"
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+
+
+@dataclass
+class PlateauSchedulerConfig:
+    _target_: str = "dlrun.optim.plateau_lr"
+    factor: float = 0.1
+    patience: int = 3  # evaluations without improvement of the monitored metric
+    threshold: float = 1e-4
+    min_lr: float = 0.0
+
+
+# ------------------------------------------------------------------- dataset
+# Built as `instantiate(cfg.dataset)()`: returns the raw splits (see dlrun.data).
+
+
+@dataclass
+class DigitsConfig:
+    _target_: str = "dlrun.data.load_digits"
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1  # of the whole set, taken from what is left after the test split
+    split_seed: int = 0
+
+
+@dataclass
+class Mnist1DConfig:
+    _target_: str = "dlrun.data.load_mnist1d"
+    data_dir: str = "${oc.env:DLRUN_DATA_DIR,data}"  # the generated set is cached here
+    num_samples: int = 5000
+    train_split: float = 0.8  # 4000 train / 1000 test, as in the benchmark
+    val_fraction: float = 0.1  # of the training split
+    split_seed: int = 0
+    generator_seed: int = 42  # the benchmark's own seed
+
+
+# -------------------------------------------------------------------- device
+
+
+@dataclass
+class DeviceConfig:
+    type: DeviceType = DeviceType.auto  # auto: CUDA when present, else CPU
+    threads: int = 0  # intra-op CPU threads; 0 keeps torch's default
+
+
+@dataclass
+class CPUDeviceConfig(DeviceConfig):
+    type: DeviceType = DeviceType.cpu
+
+
+@dataclass
+class CUDADeviceConfig(DeviceConfig):
+    type: DeviceType = DeviceType.cuda
+
+
+# ------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 15
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    seed: int = 0
+    eval_every: int = 1  # validate every N epochs (and always after the last)
+    log_every: int = 10  # steps between progress-display refreshes (each one reads the loss)
+    monitor: str = "val/acc"  # selects checkpoints/best.pt and is what a sweep optimises
+    monitor_mode: MonitorMode = MonitorMode.auto
+    save_checkpoints: bool = True
+
+
+# -------------------------------------------------------------------- config
+
+GROUPS = {
+    "model": {"cnn": CNNConfig, "rnn": RNNConfig},
+    "optimizer": {
+        "sgd": SGDConfig,
+        "momentum": MomentumConfig,
+        "rmsprop": RMSpropConfig,
+        "adam": AdamConfig,
+        "adamw": AdamWConfig,
+    },
+    "scheduler": {
+        "none": NoSchedulerConfig,
+        "step": StepSchedulerConfig,
+        "cosine": CosineSchedulerConfig,
+        "onecycle": OneCycleSchedulerConfig,
+        "plateau": PlateauSchedulerConfig,
+    },
+    "dataset": {"digits": DigitsConfig, "mnist1d": Mnist1DConfig},
+    "device": {"auto": DeviceConfig, "cpu": CPUDeviceConfig, "cuda": CUDADeviceConfig},
+    "trainer": {"default": TrainerConfig},
+}
+
+
+@dataclass
+class Config:
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    dataset: Any = None
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs(cs: ConfigStore | None = None) -> None:
+    """Store each schema as `schema/<group>/<option>` and the top level as `schema/config`.
+
+    A YAML option picks its schema with `defaults: [/schema/<group>/<option>@_here_]`;
+    keeping the schemas in their own group keeps them out of the user's option lists.
+    """
+    cs = cs or ConfigStore.instance()
+    cs.store(group="schema", name="config", node=Config)
+    for group, options in GROUPS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+# ---------------------------------------------------------------- validation
+
+ACCURACY_LIKE = ("acc",)
+
+
+def monitor_mode(trainer: DictConfig | TrainerConfig) -> str:
+    """`max` or `min` for the monitored metric (`auto` decides by its name)."""
+    mode = MonitorMode(trainer.monitor_mode)
+    if mode is not MonitorMode.auto:
+        return mode.value
+    name = trainer.monitor.rsplit("/", 1)[-1]
+    return "max" if name in ACCURACY_LIKE else "min"
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {rule}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and cross-field rules, checked before any tensor exists."""
+    t = cfg.trainer
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
+        _require(t[key] > 0, f"trainer.{key}", "must be a positive integer", t[key])
+    split, _, metric = t.monitor.partition("/")
+    _require(
+        split in ("train", "val") and metric in ("loss", "acc"),
+        "trainer.monitor",
+        "allowed: val/acc, val/loss, train/acc, train/loss",
+        t.monitor,
+    )
+
+    opt = cfg.optimizer
+    _require(opt.get("lr", 1.0) > 0, "optimizer.lr", "must be > 0", opt.get("lr"))
+    _require(opt.get("weight_decay", 0.0) >= 0, "optimizer.weight_decay", "must be >= 0", opt.get("weight_decay"))
+
+    model = cfg.model
+    if "dropout" in model:
+        _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
+    for key in ("hidden_size", "num_layers", "kernel_size"):
+        if key in model:
+            _require(model[key] > 0, f"model.{key}", "must be a positive integer", model[key])
+    if "channels" in model:
+        _require(
+            len(model.channels) > 0 and all(c > 0 for c in model.channels),
+            "model.channels",
+            "must be a non-empty list of positive integers",
+            list(model.channels),
+        )
+
+    ds = cfg.dataset
+    for key in ("val_fraction", "test_fraction"):
+        if key in ds:
+            _require(0 < ds[key] < 1, f"dataset.{key}", "must be in (0, 1)", ds[key])
+    if "val_fraction" in ds and "test_fraction" in ds:
+        total = ds.val_fraction + ds.test_fraction
+        _require(total < 1, "dataset.val_fraction", "val_fraction + test_fraction must be < 1", total)
+
+    _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
+
+    sched = cfg.scheduler
+    if "warmup_epochs" in sched:
+        _require(sched.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0", sched.warmup_epochs)
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain Python (strings for enums): safe for JSON and weights_only checkpoints."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

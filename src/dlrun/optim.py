@@ -1,0 +1,96 @@
+"""Optimizer and scheduler builders.
+
+The config names the callable (`_target_`), the code supplies what only the run
+knows: the parameters, the number of steps, the monitored metric's direction.
+Every scheduler returned here is stepped once per optimizer step, except
+ReduceLROnPlateau, which is stepped after each validation with the monitored value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+
+Scheduler = LRScheduler | ReduceLROnPlateau | None
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> Optimizer:
+    return instantiate(cfg, _partial_=True, _convert_="all")(model.parameters())
+
+
+def build_scheduler(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, total_steps: int, mode: str) -> Scheduler:
+    factory = instantiate(cfg, _partial_=True, _convert_="all")
+    return factory(optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps, mode=mode)
+
+
+def steps_per_batch(scheduler: Scheduler) -> bool:
+    return scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau)
+
+
+# Builders named by conf/scheduler/*. Each takes the same runtime arguments.
+
+
+def no_scheduler(optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, mode: str) -> None:
+    return None
+
+
+def step_lr(optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, mode: str, step_epochs: int, gamma: float) -> LambdaLR:
+    """lr * gamma ** (completed epochs // step_epochs), stepped per batch."""
+    every = step_epochs * steps_per_epoch
+    return LambdaLR(optimizer, lambda step: gamma ** (step // every))
+
+
+def cosine_lr(
+    optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, mode: str, warmup_epochs: float, min_lr_ratio: float
+) -> LambdaLR:
+    """Linear warmup (from 1% of the lr) for `warmup_epochs`, then cosine decay to `min_lr_ratio * lr`."""
+    warmup = round(warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.01 + 0.99 * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def onecycle_lr(
+    optimizer: Optimizer,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    mode: str,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
+) -> OneCycleLR:
+    """OneCycle with the optimizer's configured lr as the peak."""
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    return OneCycleLR(
+        optimizer,
+        max_lr=peaks,
+        total_steps=total_steps,
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+    )
+
+
+def plateau_lr(
+    optimizer: Optimizer,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    mode: str,
+    factor: float,
+    patience: int,
+    threshold: float,
+    min_lr: float,
+) -> ReduceLROnPlateau:
+    return ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold, min_lr=min_lr)

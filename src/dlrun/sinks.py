@@ -1,0 +1,144 @@
+"""Where metrics go: the rich console display, metrics.jsonl and the log.
+
+A sink has four methods, called by the training loop:
+  start(epochs, total_steps)              once, before the first step
+  step(epoch, step, loss, samples_per_s)  every `trainer.log_every` steps
+  epoch(record)                           once per epoch with that epoch's metrics
+  close(summary)                          once, with the run's summary (None if the run failed)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("dlrun")
+
+
+class Sink(Protocol):
+    def start(self, epochs: int, total_steps: int) -> None: ...
+    def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None: ...
+    def epoch(self, record: dict[str, Any]) -> None: ...
+    def close(self, summary: dict[str, Any] | None) -> None: ...
+
+
+def format_record(record: dict[str, Any]) -> str:
+    parts = []
+    for key, value in record.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}" if key != "samples_per_s" else f"{value:,.0f}"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+class JsonlSink:
+    """Appends one JSON object per epoch to metrics.jsonl, flushed at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def start(self, epochs: int, total_steps: int) -> None:
+        pass
+
+    def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
+        pass
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        pass
+
+
+class LogSink:
+    """One line per epoch in the run's log (dlrun.log)."""
+
+    def start(self, epochs: int, total_steps: int) -> None:
+        log.info("training: %d epochs, %d steps", epochs, total_steps)
+
+    def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
+        pass
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        log.info(format_record(record))
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        if summary is not None:
+            log.info("finished: %s", json.dumps(summary.get("best", {})))
+
+
+class ConsoleSink:
+    """A rich progress display during training and a summary table at the end."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console()
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps  loss {task.fields[loss]:.4f}  {task.fields[sps]:,.0f} samples/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.task = None
+
+    def start(self, epochs: int, total_steps: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, epoch=1, epochs=epochs, loss=float("nan"), sps=0.0)
+
+    def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
+        self.progress.update(self.task, completed=step, epoch=epoch, loss=loss, sps=samples_per_s)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        self.progress.update(self.task, completed=record["step"], epoch=record["epoch"], loss=record["train/loss"])
+        epochs = self.progress.tasks[0].fields["epochs"]
+        line = f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}"
+        for split in ("train", "val"):
+            metrics = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith(split + "/")]
+            if metrics:
+                line += f"  {split} " + " ".join(metrics)
+        line += f"  lr {record['lr']:.3g}  {record['samples_per_s']:,.0f} samples/s"
+        self.progress.console.print(line, highlight=False, soft_wrap=True)
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        self.progress.stop()
+        if summary is not None:
+            self.console.print(summary_table(summary))
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def summary_table(summary: dict[str, Any]):
+    from rich.table import Table
+
+    best, final = summary.get("best", {}), summary.get("final", {})
+    table = Table(title=f"dlrun: {summary['status']}", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column(f"best (epoch {best.get('epoch', '-')})", justify="right")
+    table.add_column("final", justify="right")
+    for key in sorted(k for k in set(best) | set(final) if "/" in k):
+        table.add_row(key, _number(best.get(key)), _number(final.get(key)))
+    params = summary["model"]["parameters"]
+    table.add_section()
+    table.add_row("parameters", f"{params['total']:,}", f"{params['trainable']:,} trainable")
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s", f"{summary['train']['samples_per_s']:,.0f} samples/s")
+    table.add_row("device", summary["device"], "")
+    table.add_row("run folder", summary["run_dir"], "")
+    return table

@@ -1,0 +1,61 @@
+"""Checkpoints are written atomically and loaded with weights_only=True."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from dlrun import checkpoint
+from dlrun.config import ConfigError
+
+
+def test_roundtrip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save({"model": model.state_dict(), "epoch": 3, "config": {"a": [1, 2]}}, path)
+    loaded = checkpoint.load(path)
+    assert loaded["epoch"] == 3 and loaded["config"] == {"a": [1, 2]}
+    torch.testing.assert_close(loaded["model"]["weight"], model.weight)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_replace_keeps_the_old_file_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"model": {}, "epoch": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed between the temp write and the rename
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"model": {}, "epoch": 2}, path)
+    assert checkpoint.load(path)["epoch"] == 1
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be loaded safely"):
+        checkpoint.load(path)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": Evil()}, path)
+    with pytest.raises(ConfigError, match="cannot be loaded safely"):
+        checkpoint.load(path)
+
+
+def test_foreign_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(ConfigError, match="not a dlrun checkpoint"):
+        checkpoint.load(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        checkpoint.load(tmp_path / "missing.pt")

@@ -1,0 +1,58 @@
+"""`run(cfg)` in-process and the task function that sweepers call."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from conftest import read_summary
+from dlrun.cli import _app
+from dlrun.config import ConfigError
+from dlrun.run import run
+
+
+@pytest.fixture
+def hydra_cfg(make_cfg, tmp_path):
+    """A config composed with its `hydra` node, installed as Hydra does for a job."""
+
+    def _make(*overrides):
+        from hydra import compose, initialize_config_dir
+
+        from dlrun.cli import config_dir
+
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path / "job")
+            cfg.hydra.runtime.choices = {}
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield _make
+    HydraConfig.instance().cfg = None
+
+
+def test_task_function_returns_the_monitored_metric(hydra_cfg, tmp_path):
+    cfg = hydra_cfg("trainer.epochs=2", "trainer.monitor=val/loss", "device=cpu")
+    value = _app.__wrapped__(cfg)
+    summary = read_summary(tmp_path / "job")
+    assert isinstance(value, float) and value == summary["monitor_value"] == summary["best"]["val/loss"]
+    assert summary["monitor"] == {"metric": "val/loss", "mode": "min"}
+
+
+def test_run_reports_final_and_best(make_cfg, tmp_path):
+    summary = run(make_cfg("trainer.epochs=3", "device=cpu"), run_dir=tmp_path)
+    assert summary["status"] == "completed" and summary["epochs"] == 3 and summary["steps"] == 60
+    assert {"train/loss", "val/acc", "test/acc"} <= summary["final"].keys()
+    assert 1 <= summary["best"]["epoch"] <= 3 and "test/acc" in summary["best"]
+    assert summary == read_summary(tmp_path)
+
+
+def test_failed_run_records_status_and_error(make_cfg, tmp_path):
+    with pytest.raises(ConfigError):
+        run(make_cfg("model.channels=[4,4,4,4]", "device=cpu"), run_dir=tmp_path)  # pools 8x8 below 1 pixel
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "failed" and "model.channels" in summary["error"]
