@@ -29,14 +29,20 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
+    import sys
+
     from dlrun.config import ConfigError
     from dlrun.run import run
 
+    # Clear one-line messages and non-zero exits where Python would print a traceback;
+    # summary.json already records the status and the error.
     try:
         result = run(cfg)
     except ConfigError as err:
-        # A clear one-line message and a non-zero exit; Hydra would print a traceback.
         raise SystemExit(f"dlrun: error: {err}") from None
+    except KeyboardInterrupt:
+        print("dlrun: interrupted; the run folder keeps what was written so far", file=sys.stderr)
+        raise SystemExit(130) from None
     # The monitored metric is what sweepers (Optuna, ...) optimise.
     return result["monitor_value"]
 

@@ -94,6 +94,7 @@ class ConsoleSink:
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
+            disable=not self.console.is_terminal,  # logs and pipes get the epoch lines only
         )
         self.task = None
 
