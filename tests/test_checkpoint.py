@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -31,6 +35,25 @@ def test_replace_keeps_the_old_file_until_the_new_one_is_complete(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save({"model": {}, "epoch": 2}, path)
     assert checkpoint.load(path)["epoch"] == 1
+
+
+def test_killed_between_temp_write_and_rename(tmp_path):
+    """A real SIGKILL in the window between writing the temp file and renaming it."""
+    path = tmp_path / "last.pt"
+    code = f"""
+import os, signal, torch
+from pathlib import Path
+from dlrun import checkpoint
+path = Path({str(path)!r})
+checkpoint.save({{"model": {{"w": torch.zeros(3)}}, "epoch": 1}}, path)
+checkpoint.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save({{"model": {{"w": torch.ones(3)}}, "epoch": 2}}, path)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / ".last.pt.tmp").is_file()  # the new checkpoint was complete in its temp file
+    loaded = checkpoint.load(path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.zeros(3))
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):

@@ -37,7 +37,7 @@ def test_default_run_reaches_97_percent_on_digits(dlrun_cli, tmp_path):
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert best["epoch"] == summary["best"]["epoch"] and best["config"]["model"]["_target_"] == "dlrun.models.CNN"
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert last["epoch"] == 15 and "optimizer" in last
+    assert last["state"]["epoch"] == 15 and {"optimizer", "scheduler", "rng", "config"} <= last.keys()
 
 
 def test_seeded_runs_are_identical(dlrun_cli, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 
 from dlrun.config import ConfigError
+from dlrun.optim import Scheduler
+from dlrun.train import TrainState
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
@@ -41,3 +44,58 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     if not isinstance(obj, dict) or "model" not in obj:
         raise ConfigError(f"checkpoint {path} is not a dlrun checkpoint (no 'model' entry)")
     return obj
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from (Python, numpy, torch CPU and CUDA), as checkpoint-safe values."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_checkpoint(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler, state: TrainState, **extra: Any
+) -> dict[str, Any]:
+    """Everything needed to continue a run exactly (`extra`: the config, versions, ...)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "state": dataclasses.asdict(state),
+        "rng": rng_state(),
+        **extra,
+    }
+
+
+def restore_training(
+    ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler
+) -> TrainState:
+    """Load a `training_checkpoint` into freshly built objects; the RNGs continue where they were."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    return TrainState(**ckpt["state"])

@@ -7,6 +7,8 @@ it) is imported only when a job actually runs.
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import hydra
@@ -28,23 +30,35 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def _app(cfg: DictConfig) -> float | None:
-    import sys
+def _app(cfg: DictConfig) -> float:
+    """One job. Returns the monitored metric, which sweepers (Optuna, ...) optimise.
 
-    from dlrun.config import ConfigError
+    Errors the user can act on become one line and a non-zero exit (summary.json
+    already records the status and the error). In a multirun a failed job does not
+    stop the sweep: it returns NaN and the sweep summary lists it.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from dlrun.config import DlrunError
     from dlrun.run import run
+    from dlrun.train import Interrupted
 
-    # Clear one-line messages and non-zero exits where Python would print a traceback;
-    # summary.json already records the status and the error.
     try:
-        result = run(cfg)
-    except ConfigError as err:
-        raise SystemExit(f"dlrun: error: {err}") from None
+        return run(cfg)["monitor_value"]
+    except Interrupted as err:
+        print(f"dlrun: {err}; continue with: dlrun resume={HydraConfig.get().runtime.output_dir}", file=sys.stderr)
+        raise SystemExit(128 + err.signum) from None
     except KeyboardInterrupt:
         print("dlrun: interrupted; the run folder keeps what was written so far", file=sys.stderr)
-        raise SystemExit(130) from None
-    # The monitored metric is what sweepers (Optuna, ...) optimise.
-    return result["monitor_value"]
+        raise SystemExit(128 + signal.SIGINT) from None
+    except Exception as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            print(f"dlrun: job {HydraConfig.get().job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return float("nan")
+        if isinstance(err, DlrunError):
+            raise SystemExit(f"dlrun: error: {err}") from None
+        raise
 
 
 def main() -> None:

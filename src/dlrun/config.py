@@ -13,14 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List
+import os
+from pathlib import Path
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 
-class ConfigError(ValueError):
-    """Bad user input: reported as one clear line, never as a traceback."""
+class DlrunError(Exception):
+    """A failure the user can act on: the CLI reports it as one clear line, never as a traceback."""
+
+
+class ConfigError(DlrunError, ValueError):
+    """Bad user input (a value, a path, a pairing that cannot work)."""
 
 
 # Enums subclass str so that models and summaries see plain strings.
@@ -40,6 +46,11 @@ class DeviceType(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class OnNonFinite(str, Enum):
+    stop = "stop"  # stop the run, keep the last good checkpoint, status failed
+    skip = "skip"  # skip the batch (costs one host-device sync per step)
 
 
 class MonitorMode(str, Enum):
@@ -216,6 +227,8 @@ class TrainerConfig:
     monitor: str = "val/acc"  # selects checkpoints/best.pt and is what a sweep optimises
     monitor_mode: MonitorMode = MonitorMode.auto
     save_checkpoints: bool = True
+    checkpoint_every: int = 0  # also write checkpoints/last.pt every N steps; 0 = at epoch ends only
+    on_nonfinite: OnNonFinite = OnNonFinite.stop  # what a NaN/inf training loss does
 
 
 # -------------------------------------------------------------------- config
@@ -250,6 +263,8 @@ class Config:
     dataset: Any = None
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # A run folder to continue, with its saved config: `dlrun resume=outputs/2026-11-28/14-03-07`.
+    resume: Optional[str] = None
 
 
 def register_configs(cs: ConfigStore | None = None) -> None:
@@ -258,6 +273,9 @@ def register_configs(cs: ConfigStore | None = None) -> None:
     A YAML option picks its schema with `defaults: [/schema/<group>/<option>@_here_]`;
     keeping the schemas in their own group keeps them out of the user's option lists.
     """
+    # `${dlrun.if_resume:${resume},A,B}` is A when resuming, else B (conf/config.yaml uses it
+    # to point Hydra's run folder at the resumed one).
+    OmegaConf.register_new_resolver("dlrun.if_resume", lambda resume, then, other: then if resume else other, replace=True)
     cs = cs or ConfigStore.instance()
     cs.store(group="schema", name="config", node=Config)
     for group, options in GROUPS.items():
@@ -289,6 +307,7 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
         _require(t[key] > 0, f"trainer.{key}", "must be a positive integer", t[key])
+    _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", "must be >= 0 (0 = at epoch ends only)", t.checkpoint_every)
     split, _, metric = t.monitor.partition("/")
     _require(
         split in ("train", "val") and metric in ("loss", "acc"),
@@ -322,12 +341,39 @@ def validate(cfg: DictConfig) -> None:
     if "val_fraction" in ds and "test_fraction" in ds:
         total = ds.val_fraction + ds.test_fraction
         _require(total < 1, "dataset.val_fraction", "val_fraction + test_fraction must be < 1", total)
+    if "data_dir" in ds:
+        problem = dir_problem(ds.data_dir)
+        _require(problem is None, "dataset.data_dir", f"cannot be used as a data directory: {problem}", ds.data_dir)
 
     _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
 
     sched = cfg.scheduler
     if "warmup_epochs" in sched:
         _require(sched.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0", sched.warmup_epochs)
+
+
+def dir_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be (created and) written as a directory, or None if it can."""
+    path = Path(path).expanduser().resolve()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def resume_checkpoint(folder: str) -> Path:
+    """The checkpoint that `resume=<folder>` continues from; a clear error if there is none."""
+    run_dir = Path(folder).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume={folder}: no such run folder")
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"resume={folder}: {last} does not exist (was trainer.save_checkpoints=false?)")
+    return last
 
 
 def to_plain(cfg: DictConfig) -> dict:

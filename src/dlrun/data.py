@@ -150,16 +150,21 @@ def batches(
     y: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut (x, y) into batches by index; shuffled when a generator is given, in order otherwise."""
+    """Cut (x, y) into batches by index, from batch number `start` on.
+
+    Shuffled when a generator is given (the whole order is drawn first, so skipping
+    `start` batches gives exactly the rest of the epoch), in order otherwise.
+    """
     n = len(y)
     if generator is None:
-        for start in range(0, n, batch_size):
-            yield x[start : start + batch_size], y[start : start + batch_size]
+        for first in range(start * batch_size, n, batch_size):
+            yield x[first : first + batch_size], y[first : first + batch_size]
         return
     order = torch.randperm(n, generator=generator).to(x.device)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
+    for first in range(start * batch_size, n, batch_size):
+        idx = order[first : first + batch_size]
         yield x[idx], y[idx]
 
 

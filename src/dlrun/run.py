@@ -2,103 +2,118 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import platform
+import signal
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import dlrun
 from dlrun import checkpoint
-from dlrun.config import monitor_mode, to_plain, validate
+from dlrun.config import ConfigError, OnNonFinite, monitor_mode, resume_checkpoint, to_plain, validate
 from dlrun.data import build_data, num_batches
 from dlrun.device import resolve_device, seed_everything
 from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink
-from dlrun.train import FitConfig, TrainState, evaluate, fit
+from dlrun.train import FitConfig, Interrupted, StopFlag, TrainState, evaluate, fit
+
+log = logging.getLogger("dlrun")
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the summary written to summary.json.
 
-    `run_dir` defaults to Hydra's output directory for this job.
+    `run_dir` defaults to Hydra's output directory for this job. With `cfg.resume`
+    set, the run continues in that folder from its checkpoints/last.pt, with the
+    config saved there.
     """
-    validate(cfg)
+    clock = time.perf_counter()
+    resumed: dict[str, Any] | None = None
+    if cfg.get("resume"):
+        run_dir, resumed = open_resume(cfg.resume)
+        cfg = OmegaConf.create(resumed["config"])
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    t = cfg.trainer
-    mode = monitor_mode(t)
-    clock = time.perf_counter()
-    summary: dict[str, Any] = {
-        "status": "running",
-        "run_dir": str(run_dir.resolve()),
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **hydra_job_info(),
-        "monitor": {"metric": t.monitor, "mode": mode},
-        "versions": {
-            "dlrun": dlrun.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "git_sha": git_sha(),
-    }
+    summary = start_summary(cfg, run_dir, resumed)
     write_json(run_dir / "summary.json", summary)
-    sinks = [ConsoleSink(), JsonlSink(run_dir / "metrics.jsonl"), LogSink()]
+    jsonl = JsonlSink(run_dir / "metrics.jsonl")
+    sinks = [ConsoleSink(), jsonl, LogSink()]
     try:
-        device = resolve_device(cfg.device)
-        seed_everything(t.seed)
-        data = build_data(instantiate(cfg.dataset), device)
-        model = build_model(cfg.model, data.spec).to(device)
-        optimizer = build_optimizer(cfg.optimizer, model)
-        steps_per_epoch = num_batches(data.sizes()["train"], t.batch_size)
-        scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, t.epochs * steps_per_epoch, mode)
-        summary.update(
-            device=device_name(device),
-            data={"name": data.spec.name, "sizes": data.sizes(), "input_shape": list(data.spec.input_shape),
-                  "num_classes": data.spec.num_outputs, "mean": data.mean, "std": data.std},
-            model={"class": type(model).__name__, "parameters": count_parameters(model)},
-        )
-        write_json(run_dir / "summary.json", summary)
-        plain_cfg = to_plain(cfg)
-
-        def save_checkpoints(state: TrainState, is_best: bool) -> None:
-            if not t.save_checkpoints:
-                return
-            common = {"epoch": state.epoch, "step": state.step, "best_value": state.best_value,
-                      "best_epoch": state.best_epoch, "config": plain_cfg, "dlrun_version": dlrun.__version__}
-            checkpoint.save(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": None if scheduler is None else scheduler.state_dict(), **common},
-                run_dir / "checkpoints" / "last.pt",
+        with stop_on_signals() as stop:
+            validate(cfg)
+            t = cfg.trainer
+            mode = monitor_mode(t)
+            device = resolve_device(cfg.device)
+            seed_everything(t.seed)
+            data = build_data(instantiate(cfg.dataset), device)
+            model = build_model(cfg.model, data.spec).to(device)
+            optimizer = build_optimizer(cfg.optimizer, model)
+            steps_per_epoch = num_batches(data.sizes()["train"], t.batch_size)
+            scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, t.epochs * steps_per_epoch, mode)
+            summary.update(
+                device=device_name(device),
+                data={"name": data.spec.name, "sizes": data.sizes(), "input_shape": list(data.spec.input_shape),
+                      "num_classes": data.spec.num_outputs, "mean": data.mean, "std": data.std},
+                model={"class": type(model).__name__, "parameters": count_parameters(model)},
             )
-            if is_best:
-                checkpoint.save({"model": model.state_dict(), **common}, run_dir / "checkpoints" / "best.pt")
+            write_json(run_dir / "summary.json", summary)
 
-        fit_cfg = FitConfig(
-            epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
-            eval_every=t.eval_every, log_every=t.log_every, monitor=t.monitor, mode=mode,
-        )
-        train_started = time.perf_counter()
-        state, history, best_weights = fit(model, data, optimizer, scheduler, fit_cfg, sinks, save_checkpoints)
-        train_seconds = time.perf_counter() - train_started
+            state = TrainState()
+            best_weights = copy.deepcopy(model.state_dict())
+            if resumed is not None:
+                state = checkpoint.restore_training(resumed, model, optimizer, scheduler)
+                best_path = run_dir / "checkpoints" / "best.pt"
+                best_weights = checkpoint.load(best_path)["model"] if best_path.is_file() else best_weights
+                jsonl.keep_epochs(state.epoch)  # drop records written after the checkpoint
+            plain_cfg = to_plain(cfg)
+
+            def save(state: TrainState, is_best: bool) -> None:
+                nonlocal best_weights
+                if is_best:
+                    best_weights = copy.deepcopy(model.state_dict())
+                if not t.save_checkpoints:
+                    return
+                checkpoint.save(
+                    checkpoint.training_checkpoint(model, optimizer, scheduler, state,
+                                                   config=plain_cfg, dlrun_version=dlrun.__version__),
+                    run_dir / "checkpoints" / "last.pt",
+                )
+                if is_best:
+                    checkpoint.save(
+                        {"model": best_weights, "epoch": state.best_epoch, "metrics": state.best_metrics,
+                         "config": plain_cfg, "dlrun_version": dlrun.__version__},
+                        run_dir / "checkpoints" / "best.pt",
+                    )
+
+            fit_cfg = FitConfig(
+                epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
+                eval_every=t.eval_every, log_every=t.log_every, monitor=t.monitor, mode=mode,
+                checkpoint_every=t.checkpoint_every, skip_nonfinite=OnNonFinite(t.on_nonfinite) is OnNonFinite.skip,
+            )
+            train_started = time.perf_counter()
+            first_step = state.step
+            state = fit(model, data, optimizer, scheduler, fit_cfg, sinks, save, state, stop)
+            train_seconds = time.perf_counter() - train_started
 
         # Final = the weights after the last epoch; best = at the best monitored value.
-        final = {k: v for k, v in history[-1].items() if "/" in k}
-        final.update(prefixed("test", evaluate(model, *data.splits["test"], t.eval_batch_size)))
-        best_record = history[state.best_epoch - 1]
-        best = {"epoch": state.best_epoch, **{k: v for k, v in best_record.items() if "/" in k}}
+        final = {**state.last_metrics, **prefixed("test", evaluate(model, *data.splits["test"], t.eval_batch_size))}
         model.load_state_dict(best_weights)
-        best.update(prefixed("test", evaluate(model, *data.splits["test"], t.eval_batch_size)))
-
-        samples = data.sizes()["train"] * t.epochs
+        best = {"epoch": state.best_epoch, **state.best_metrics,
+                **prefixed("test", evaluate(model, *data.splits["test"], t.eval_batch_size))}
+        samples = (state.step - first_step) / steps_per_epoch * data.sizes()["train"]
         summary.update(
             status="completed",
             epochs=state.epoch,
@@ -106,12 +121,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             final=final,
             best=best,
             monitor_value=state.best_value,
-            train={"seconds": train_seconds, "samples_per_s": samples / train_seconds},
+            train={"seconds": train_seconds, "samples_per_s": samples / train_seconds if train_seconds else 0.0},
             wall_time_s=time.perf_counter() - clock,
         )
     except BaseException as err:
+        interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
         summary.update(
-            status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+            status="interrupted" if interrupted else "failed",
             error=f"{type(err).__name__}: {err}",
             wall_time_s=time.perf_counter() - clock,
         )
@@ -125,8 +141,71 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
+def open_resume(folder: str) -> tuple[Path, dict[str, Any]]:
+    """The run folder to continue and its last checkpoint; only `resume=` may be given on the command line."""
+    last = resume_checkpoint(folder)
+    if HydraConfig.initialized():
+        others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+        if others:
+            raise ConfigError(
+                f"resume={folder} continues the run with the config saved in its checkpoint; "
+                f"drop the other overrides ({' '.join(others)})"
+            )
+    return last.parents[1], checkpoint.load(last)
+
+
+def start_summary(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None) -> dict[str, Any]:
+    """The summary as the run starts: status `running`; a resumed run keeps its earlier entries."""
+    path = run_dir / "summary.json"
+    if resumed is not None and path.is_file():
+        summary = json.loads(path.read_text())
+        for stale in ("error", "final", "best", "monitor_value", "train"):
+            summary.pop(stale, None)
+        state = resumed["state"]
+        summary.setdefault("resumed", []).append(
+            {"at": now(), "epoch": state["epoch"], "batch": state["batch"], "step": state["step"]}
+        )
+        summary["status"] = "running"
+        return summary
+    return {
+        "status": "running",
+        "run_dir": str(run_dir.resolve()),
+        "started_at": now(),
+        **hydra_job_info(),
+        "monitor": {"metric": cfg.trainer.monitor, "mode": monitor_mode(cfg.trainer)},
+        "versions": {"dlrun": dlrun.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "git_sha": git_sha(),
+    }
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and stops. A second signal stops at once."""
+    stop = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        log.warning("%s received: finishing the current step and writing a checkpoint", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{split}/{k}": v for k, v in metrics.items()}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Where metrics go: the rich console display, metrics.jsonl and the log.
 
 A sink has four methods, called by the training loop:
-  start(epochs, total_steps)              once, before the first step
+  start(epochs, total_steps, done_steps)  once, before the first step (done_steps > 0 when resuming)
   step(epoch, step, loss, samples_per_s)  every `trainer.log_every` steps
   epoch(record)                           once per epoch with that epoch's metrics
   close(summary)                          once, with the run's summary (None if the run failed)
@@ -18,7 +18,7 @@ log = logging.getLogger("dlrun")
 
 
 class Sink(Protocol):
-    def start(self, epochs: int, total_steps: int) -> None: ...
+    def start(self, epochs: int, total_steps: int, done_steps: int) -> None: ...
     def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None: ...
     def epoch(self, record: dict[str, Any]) -> None: ...
     def close(self, summary: dict[str, Any] | None) -> None: ...
@@ -39,7 +39,16 @@ class JsonlSink:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def start(self, epochs: int, total_steps: int) -> None:
+    def keep_epochs(self, last_epoch: int) -> None:
+        """Drop records after `last_epoch` (written after the checkpoint a run resumes from)."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
+        if kept != lines:
+            self.path.write_text("".join(kept))
+
+    def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         pass
 
     def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
@@ -56,8 +65,8 @@ class JsonlSink:
 class LogSink:
     """One line per epoch in the run's log (dlrun.log)."""
 
-    def start(self, epochs: int, total_steps: int) -> None:
-        log.info("training: %d epochs, %d steps", epochs, total_steps)
+    def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
+        log.info("training: %d epochs, %d steps%s", epochs, total_steps, f", from step {done_steps}" if done_steps else "")
 
     def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
         pass
@@ -98,9 +107,11 @@ class ConsoleSink:
         )
         self.task = None
 
-    def start(self, epochs: int, total_steps: int) -> None:
+    def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         self.progress.start()
-        self.task = self.progress.add_task("train", total=total_steps, epoch=1, epochs=epochs, loss=float("nan"), sps=0.0)
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=done_steps, epoch=1, epochs=epochs, loss=float("nan"), sps=0.0
+        )
 
     def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
         self.progress.update(self.task, completed=step, epoch=epoch, loss=loss, sps=samples_per_s)
