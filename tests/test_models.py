@@ -7,7 +7,7 @@ import torch
 
 from dlrun.config import ConfigError
 from dlrun.data import DataSpec
-from dlrun.models import CNN, RNN, build_model, count_parameters
+from dlrun.models import CNN, MLP, RNN, build_model, count_parameters
 
 SPECS = {
     "digits": DataSpec(input_shape=(1, 8, 8), num_outputs=10),
@@ -25,7 +25,10 @@ SPECS = {
         ["model=cnn", "model.pool=none", "model.kernel_size=5", "model.channels=[8,8,8]"],
         ["model=rnn"],
         ["model=rnn", "model.cell=gru", "model.bidirectional=true", "model.num_layers=2", "model.dropout=0.2"],
-        ["model=rnn", "model.cell=rnn"],
+        ["model=rnn", "model.cell=rnn", "model.readout=mean"],
+        ["model=rnn", "model.bidirectional=true", "model.readout=flatten"],
+        ["model=mlp"],
+        ["model=mlp", "model.hidden=[]", "model.batch_norm=false"],
     ],
 )
 def test_output_shape(make_cfg, spec_name, model_overrides):
@@ -40,6 +43,13 @@ def test_cnn_parameter_count_by_hand():
     model = CNN((1, 8, 8), 10, channels=[4, 8], kernel_size=3, pool="max", batch_norm=True, hidden=16)
     expected = (4 * 1 * 9) + 2 * 4 + (8 * 4 * 9) + 2 * 8 + (32 * 16 + 16) + (16 * 10 + 10)
     assert count_parameters(model) == {"total": expected, "trainable": expected}
+
+
+def test_mlp_parameter_count_by_hand():
+    model = MLP((1, 8, 8), 10, hidden=[16], batch_norm=True)
+    assert count_parameters(model)["total"] == (64 * 16) + 2 * 16 + (16 * 10 + 10)
+    logreg = MLP((1, 40), 10, hidden=[], batch_norm=False)
+    assert count_parameters(logreg)["total"] == 40 * 10 + 10
 
 
 def test_rnn_reads_images_row_by_row():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dlrun.config import GROUPS
-from dlrun.optim import build_optimizer, build_scheduler, steps_per_batch
+from dlrun.optim import build_optimizer, build_scheduler, steps_per_batch, warmup_factor
 
 
 def model():
@@ -47,12 +47,15 @@ def test_step(make_cfg):
     assert seen[:8] == [1.0] * 8 and seen[8:16] == [0.5] * 8 and seen[16] == 0.25
 
 
-def test_cosine_with_warmup(make_cfg):
-    _, seen = lrs(make_cfg, "cosine", "scheduler.warmup_epochs=1", "scheduler.min_lr_ratio=0.1")
-    assert seen[0] == pytest.approx(0.01) and seen[4] == pytest.approx(1.0)
-    assert seen[:5] == sorted(seen[:5]) and seen[4:] == sorted(seen[4:], reverse=True)
-    progress = (12 - 4) / 16
-    assert seen[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def test_cosine(make_cfg):
+    _, seen = lrs(make_cfg, "cosine", "scheduler.min_lr_ratio=0.1")
+    assert seen[0] == pytest.approx(1.0) and seen == sorted(seen, reverse=True)
+    assert seen[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 12 / 20)))
+
+
+def test_warmup_factor():
+    assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
 
 
 def test_onecycle_peaks_at_configured_lr(make_cfg):

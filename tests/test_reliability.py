@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 TIMING = {"seconds", "samples_per_s"}
 # Dropout (the CNN default), a per-batch scheduler and small batches: 79 steps per epoch.
-RUN = ["trainer.epochs=12", "trainer.batch_size=16", "scheduler=cosine", "scheduler.warmup_epochs=1",
+RUN = ["trainer.epochs=12", "trainer.batch_size=16", "scheduler=cosine", "trainer.warmup_epochs=1",
        "optimizer=momentum", "optimizer.lr=0.02", "device=cpu", "device.threads=1"]
 
 

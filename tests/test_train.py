@@ -12,7 +12,7 @@ from dlrun import checkpoint
 from dlrun.data import build_data, epoch_generator, load_digits
 from dlrun.models import CNN
 from dlrun.optim import cosine_lr
-from dlrun.train import FitConfig, Interrupted, NonFiniteLoss, StopFlag, evaluate, fit, improved
+from dlrun.train import FitConfig, Interrupted, NonFiniteLoss, Parts, StopFlag, evaluate, fit, improved
 
 TIMING = {"seconds", "samples_per_s"}
 
@@ -54,15 +54,14 @@ def build(digits, seed=0, lr=3e-3, dropout=0.0, scheduler=False, epochs=3):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = None
     if scheduler:
-        sched = cosine_lr(opt, steps_per_epoch=20, total_steps=20 * epochs, mode="max", warmup_epochs=0.5,
-                          min_lr_ratio=0.0)
+        sched = cosine_lr(opt, steps_per_epoch=20, total_steps=20 * epochs, mode="max", min_lr_ratio=0.0)
     return model, opt, sched
 
 
 def fit_digits(digits, cfg, **build_kw):
     model, opt, sched = build(digits, epochs=cfg.epochs, **build_kw)
     rec, calls = Recorder(), []
-    state = fit(model, digits, opt, sched, cfg, [rec], lambda s, b: calls.append((s.epoch, s.batch, b)))
+    state = fit(Parts(model, opt, sched), digits, cfg, [rec], lambda s, b: calls.append((s.epoch, s.batch, b)))
     return model, state, rec.records, calls
 
 
@@ -99,34 +98,34 @@ def test_interrupt_mid_epoch_and_resume_is_exact(digits, tmp_path):
     """Stop at step 13 of epoch 1 (of 3), checkpoint, rebuild everything from scratch, continue:
     the final weights and every epoch's metrics equal those of the uninterrupted run (dropout and a
     per-batch scheduler included)."""
-    cfg = fit_config(epochs=3, log_every=1)
+    cfg = fit_config(epochs=3, log_every=1, warmup_epochs=0.5)
     kw = dict(dropout=0.3, scheduler=True, epochs=3)
 
     model, opt, sched = build(digits, **kw)
     straight = Recorder()
-    fit(model, digits, opt, sched, cfg, [straight], lambda s, b: None)
+    fit(Parts(model, opt, sched), digits, cfg, [straight], lambda s, b: None)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
-    model, opt, sched = build(digits, **kw)
+    parts = Parts(*build(digits, **kw))
     stop = StopFlag()
     first = Recorder(stop, stop_at=33)  # epoch 2, batch 13
     path = tmp_path / "last.pt"
 
     def save(state, is_best):
-        checkpoint.save(checkpoint.training_checkpoint(model, opt, sched, state), path)
+        checkpoint.save(checkpoint.training_checkpoint(parts, state), path)
 
     with pytest.raises(Interrupted, match="SIGTERM after step 33"):
-        fit(model, digits, opt, sched, cfg, [first], save, stop=stop)
+        fit(parts, digits, cfg, [first], save, stop=stop)
 
     torch.rand(100)  # disturb the global RNG: resuming must restore it
-    model, opt, sched = build(digits, seed=123, **kw)
-    state = checkpoint.restore_training(checkpoint.load(path), model, opt, sched)
+    parts = Parts(*build(digits, seed=123, **kw))
+    state = checkpoint.restore_training(checkpoint.load(path), parts)
     assert (state.epoch, state.batch, state.step) == (1, 13, 33)
     second = Recorder()
-    fit(model, digits, opt, sched, cfg, [second], lambda s, b: None, state=state)
+    fit(parts, digits, cfg, [second], lambda s, b: None, state=state)
 
     assert first.records + second.records == straight.records
-    for key, value in model.state_dict().items():
+    for key, value in parts.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
 
 
@@ -144,7 +143,7 @@ def test_nonfinite_loss_stops_and_names_the_step(digits):
     saves = []
     model, opt, _ = build(digits)
     with pytest.raises(NonFiniteLoss, match=rf"became nan at step {first_bad_step} \(epoch 1\)"):
-        fit(model, poisoned(digits), opt, None, fit_config(epochs=2, checkpoint_every=100), [],
+        fit(Parts(model, opt), poisoned(digits), fit_config(epochs=2, checkpoint_every=100), [],
             lambda s, b: saves.append(s.step))
     assert saves == []  # no checkpoint of broken weights
 
@@ -153,13 +152,13 @@ def test_huge_lr_is_caught(digits):
     model, opt, _ = build(digits)
     opt = torch.optim.SGD(model.parameters(), lr=1e4)
     with pytest.raises(NonFiniteLoss, match=r"became (nan|inf) at step \d+ \(epoch 1\)"):
-        fit(model, digits, opt, None, fit_config(epochs=2), [], lambda s, b: None)
+        fit(Parts(model, opt), digits, fit_config(epochs=2), [], lambda s, b: None)
 
 
 def test_nonfinite_batches_can_be_skipped(digits):
     model, opt, _ = build(digits)
     rec = Recorder()
-    fit(model, poisoned(digits), opt, None, fit_config(epochs=1, skip_nonfinite=True), [rec], lambda s, b: None)
+    fit(Parts(model, opt), poisoned(digits), fit_config(epochs=1, skip_nonfinite=True), [rec], lambda s, b: None)
     (record,) = rec.records
     assert 1 <= record["skipped_batches"] <= 20
     assert torch.isfinite(torch.tensor([record["train/loss"], record["val/loss"]])).all()

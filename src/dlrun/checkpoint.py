@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dlrun.config import ConfigError
-from dlrun.optim import Scheduler
-from dlrun.train import TrainState
+from dlrun.train import Parts, TrainState
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
@@ -48,10 +49,6 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a run draws from (Python, numpy, torch CPU and CUDA), as checkpoint-safe values."""
-    import random
-
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -62,10 +59,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     n = state["numpy"]
@@ -75,27 +68,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def training_checkpoint(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler, state: TrainState, **extra: Any
-) -> dict[str, Any]:
+def training_checkpoint(parts: Parts, state: TrainState, **extra: Any) -> dict[str, Any]:
     """Everything needed to continue a run exactly (`extra`: the config, versions, ...)."""
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": None if parts.scheduler is None else parts.scheduler.state_dict(),
+        "scaler": None if parts.scaler is None else parts.scaler.state_dict(),
+        "ema": None if parts.ema is None else parts.ema.state_dict(),
         "state": dataclasses.asdict(state),
         "rng": rng_state(),
         **extra,
     }
 
 
-def restore_training(
-    ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler
-) -> TrainState:
-    """Load a `training_checkpoint` into freshly built objects; the RNGs continue where they were."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
+def restore_training(ckpt: dict[str, Any], parts: Parts) -> TrainState:
+    """Load a `training_checkpoint` into freshly built parts; the RNGs continue where they were."""
+    parts.model.load_state_dict(ckpt["model"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    for name in ("scheduler", "scaler", "ema"):
+        obj = getattr(parts, name)
+        if obj is not None:
+            obj.load_state_dict(ckpt[name])
     set_rng_state(ckpt["rng"])
     return TrainState(**ckpt["state"])

@@ -7,6 +7,7 @@ it) is imported only when a job actually runs.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -62,6 +63,10 @@ def _app(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    # `model._target_=my_pkg.MyNet` should find my_pkg in the directory the user runs from, as it
+    # would with `python -m`; appended, so it never shadows installed packages.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     _app()
 
 

@@ -42,6 +42,12 @@ class Cell(str, Enum):
     gru = "gru"
 
 
+class Readout(str, Enum):
+    last = "last"  # the last time step's output
+    mean = "mean"  # the mean over time steps
+    flatten = "flatten"  # every time step's output, concatenated (a fixed sequence length)
+
+
 class DeviceType(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -51,6 +57,17 @@ class DeviceType(str, Enum):
 class OnNonFinite(str, Enum):
     stop = "stop"  # stop the run, keep the last good checkpoint, status failed
     skip = "skip"  # skip the batch (costs one host-device sync per step)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast to bfloat16 (CPU and CUDA)
+    fp16 = "fp16"  # autocast to float16 with a GradScaler
+
+
+class ClipMode(str, Enum):
+    norm = "norm"  # clip the global L2 norm of all gradients
+    value = "value"  # clamp every gradient element
 
 
 class MonitorMode(str, Enum):
@@ -76,6 +93,14 @@ class CNNConfig:
 
 
 @dataclass
+class MLPConfig:
+    _target_: str = "dlrun.models.MLP"
+    hidden: List[int] = field(default_factory=lambda: [256, 128])  # [] = logistic regression
+    batch_norm: bool = True
+    dropout: float = 0.1
+
+
+@dataclass
 class RNNConfig:
     _target_: str = "dlrun.models.RNN"
     cell: Cell = Cell.lstm
@@ -83,6 +108,7 @@ class RNNConfig:
     num_layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.0  # between stacked layers and before the head
+    readout: Readout = Readout.last  # what of the output sequence feeds the head
 
 
 # ----------------------------------------------------------------- optimizer
@@ -150,7 +176,6 @@ class StepSchedulerConfig:
 @dataclass
 class CosineSchedulerConfig:
     _target_: str = "dlrun.optim.cosine_lr"
-    warmup_epochs: float = 0.0  # linear warmup from lr/100 to lr over this many epochs
     min_lr_ratio: float = 0.0  # the lr at the end, as a fraction of the initial lr
 
 
@@ -217,6 +242,12 @@ class CUDADeviceConfig(DeviceConfig):
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # evaluations without an improvement of trainer.monitor before stopping; 0 = off
+    min_delta: float = 0.0  # the smallest change that counts as an improvement
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 15
     batch_size: int = 64
@@ -229,12 +260,29 @@ class TrainerConfig:
     save_checkpoints: bool = True
     checkpoint_every: int = 0  # also write checkpoints/last.pt every N steps; 0 = at epoch ends only
     on_nonfinite: OnNonFinite = OnNonFinite.stop  # what a NaN/inf training loss does
+    # loop features
+    precision: Precision = Precision.fp32
+    grad_clip: float = 0.0  # 0 = off
+    grad_clip_mode: ClipMode = ClipMode.norm
+    accumulate: int = 1  # micro-batches of batch_size per optimizer step
+    label_smoothing: float = 0.0  # training loss only; val/test losses are plain cross-entropy
+    decay_norm_and_bias: bool = True  # false: no weight decay on biases and normalisation weights
+    ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights (e.g. 0.999)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    warmup_epochs: float = 0.0  # linear lr warmup, on top of any scheduler
+    channels_last: bool = False  # NHWC memory format for 2-D models and images
+    compile: bool = False  # torch.compile the model (pays off on GPUs, rarely on small CPU runs)
+    deterministic: bool = False  # torch.use_deterministic_algorithms for the run
+    # quick checks (see conf/debug/)
+    limit_train_batches: int = 0  # batches per epoch; 0 = all
+    limit_eval_batches: int = 0  # val and test batches (of eval_batch_size); 0 = all
+    overfit_batches: int = 0  # train, and validate, on the same first N batches; 0 = off
 
 
 # -------------------------------------------------------------------- config
 
 GROUPS = {
-    "model": {"cnn": CNNConfig, "rnn": RNNConfig},
+    "model": {"cnn": CNNConfig, "rnn": RNNConfig, "mlp": MLPConfig},
     "optimizer": {
         "sgd": SGDConfig,
         "momentum": MomentumConfig,
@@ -307,12 +355,22 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
         _require(t[key] > 0, f"trainer.{key}", "must be a positive integer", t[key])
-    _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", "must be >= 0 (0 = at epoch ends only)", t.checkpoint_every)
+    for key in ("checkpoint_every", "limit_train_batches", "limit_eval_batches", "overfit_batches", "grad_clip",
+                "warmup_epochs"):
+        _require(t[key] >= 0, f"trainer.{key}", "must be >= 0 (0 = off)", t[key])
+    _require(t.accumulate >= 1, "trainer.accumulate", "must be >= 1", t.accumulate)
+    _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", "must be in [0, 1)", t.label_smoothing)
+    _require(0 <= t.ema_decay < 1, "trainer.ema_decay", "must be in [0, 1) (0 = off)", t.ema_decay)
+    _require(t.early_stopping.patience >= 0, "trainer.early_stopping.patience", "must be >= 0 (0 = off)",
+             t.early_stopping.patience)
+    _require(t.early_stopping.min_delta >= 0, "trainer.early_stopping.min_delta", "must be >= 0",
+             t.early_stopping.min_delta)
+    splits = ("train", "val", "val_ema") if t.ema_decay > 0 else ("train", "val")
     split, _, metric = t.monitor.partition("/")
     _require(
-        split in ("train", "val") and metric in ("loss", "acc"),
+        split in splits and metric in ("loss", "acc"),
         "trainer.monitor",
-        "allowed: val/acc, val/loss, train/acc, train/loss",
+        f"allowed: {', '.join(f'{s}/{m}' for s in splits for m in ('acc', 'loss'))}",
         t.monitor,
     )
 
@@ -333,6 +391,8 @@ def validate(cfg: DictConfig) -> None:
             "must be a non-empty list of positive integers",
             list(model.channels),
         )
+    if OmegaConf.is_list(model.get("hidden")):
+        _require(all(h > 0 for h in model.hidden), "model.hidden", "must be positive integers", list(model.hidden))
 
     ds = cfg.dataset
     for key in ("val_fraction", "test_fraction"):
@@ -347,9 +407,6 @@ def validate(cfg: DictConfig) -> None:
 
     _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
 
-    sched = cfg.scheduler
-    if "warmup_epochs" in sched:
-        _require(sched.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0", sched.warmup_epochs)
 
 
 def dir_problem(path: str | Path) -> str | None:

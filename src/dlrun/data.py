@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -138,6 +138,29 @@ def build_data(raw: RawSplits, device: torch.device) -> Data:
         splits[name] = (xt, torch.from_numpy(y).to(device))
     spec = DataSpec(input_shape=tuple(x_train.shape[1:]), num_outputs=raw.num_classes, name=raw.name)
     return Data(spec, splits, mean=mean.ravel().tolist(), std=std.ravel().tolist())
+
+
+def quick_check_subsets(data: Data, overfit_samples: int = 0, eval_samples: int = 0) -> Data:
+    """For quick checks: train (and validate) on the first `overfit_samples` training samples;
+    evaluate on the first `eval_samples` of val and test. Zero leaves a split whole."""
+    splits = dict(data.splits)
+    if overfit_samples:
+        x, y = splits["train"]
+        splits["train"] = splits["val"] = (x[:overfit_samples], y[:overfit_samples])
+    if eval_samples:
+        for name in ("val", "test"):
+            x, y = splits[name]
+            splits[name] = (x[:eval_samples], y[:eval_samples])
+    return replace(data, splits=splits)
+
+
+def channels_last(data: Data) -> Data:
+    """Images (N, C, H, W) in NHWC memory order; other inputs unchanged. Batches cut by index keep it."""
+    splits = {
+        name: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
+        for name, (x, y) in data.splits.items()
+    }
+    return replace(data, splits=splits)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

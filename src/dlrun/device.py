@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dlrun.config import ConfigError, DeviceType
+from dlrun.config import ConfigError, DeviceType, Precision
 
 
 def resolve_device(cfg: DictConfig) -> torch.device:
@@ -32,3 +35,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def amp_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype for `trainer.precision` (None: plain fp32)."""
+    return {Precision.fp32: None, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}[Precision(precision)]
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """`torch.use_deterministic_algorithms(True)` for the duration of a run, when asked for."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)

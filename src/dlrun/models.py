@@ -6,6 +6,7 @@ arguments can be named by `model._target_`; `build_model` supplies both.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -29,7 +30,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 class CNN(nn.Module):
-    """[conv -> (batch norm) -> ReLU -> (pool) -> (dropout)] per width, then (FC -> ReLU -> dropout) -> head.
+    """[conv -> (batch norm) -> ReLU -> (pool) -> (dropout)] per width, then an MLP head
+    (flatten -> (FC `hidden` -> ReLU -> dropout) -> FC to the outputs).
 
     A (C, L) input gets 1-D layers, a (C, H, W) input 2-D layers. Convolutions keep
     the spatial size ("same" padding); each pooling stage halves it.
@@ -78,24 +80,48 @@ class CNN(nn.Module):
             in_ch = width
         self.features = nn.Sequential(*layers)
 
-        flat = in_ch
-        for s in size:
-            flat *= s
-        head: list[nn.Module] = [nn.Flatten()]
-        if hidden > 0:
-            head += [nn.Linear(flat, hidden), nn.ReLU(inplace=True)]
-            if dropout > 0:
-                head.append(nn.Dropout(dropout))
-            flat = hidden
-        head.append(nn.Linear(flat, num_outputs))
-        self.head = nn.Sequential(*head)
+        features = (in_ch, *size)  # (C, L') or (C, H', W') after the pooling stages
+        self.head = MLP(features, num_outputs, hidden=[hidden] if hidden > 0 else [], batch_norm=False, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
+class MLP(nn.Module):
+    """Flatten, then [linear -> (batch norm) -> ReLU -> (dropout)] per hidden width, then the head.
+
+    With no hidden layers it is multinomial logistic regression.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_outputs: int,
+        hidden: Sequence[int] = (256, 128),
+        batch_norm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        width = math.prod(in_shape)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers.append(nn.Linear(width, h, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            layers.append(nn.ReLU(inplace=True))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, num_outputs))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class RNN(nn.Module):
-    """A recurrent classifier over a sequence; the last time step's output feeds the head.
+    """A recurrent classifier over a sequence; `readout` picks what feeds the head: the last
+    time step's output, the mean over steps, or all steps concatenated.
 
     A (C, L) signal is read as L steps of C features; a (C, H, W) image row by row,
     as H steps of C*W features.
@@ -110,12 +136,13 @@ class RNN(nn.Module):
         num_layers: int = 1,
         bidirectional: bool = False,
         dropout: float = 0.0,
+        readout: str = "last",
     ) -> None:
         super().__init__()
         if len(in_shape) == 2:
-            features = in_shape[0]
+            features, steps = in_shape[0], in_shape[1]
         elif len(in_shape) == 3:
-            features = in_shape[0] * in_shape[2]
+            features, steps = in_shape[0] * in_shape[2], in_shape[1]
         else:
             raise ConfigError(f"model=rnn needs (C, L) or (C, H, W) inputs, the dataset gives {tuple(in_shape)}")
         Cell = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
@@ -127,7 +154,8 @@ class RNN(nn.Module):
             bidirectional=bidirectional,
             dropout=dropout if num_layers > 1 else 0.0,
         )
-        out = hidden_size * (2 if bidirectional else 1)
+        self.readout = readout
+        out = hidden_size * (2 if bidirectional else 1) * (steps if readout == "flatten" else 1)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(out, num_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,4 +164,10 @@ class RNN(nn.Module):
         else:  # (B, C, L) -> (B, L, C)
             x = x.transpose(1, 2)
         out, _ = self.rnn(x)  # (B, T, hidden * directions)
-        return self.head(out[:, -1])
+        if self.readout == "flatten":
+            out = out.flatten(1)  # (B, T * hidden * directions)
+        elif self.readout == "mean":
+            out = out.mean(dim=1)
+        else:
+            out = out[:, -1]
+        return self.head(out)

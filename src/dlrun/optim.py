@@ -19,8 +19,17 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLR
 Scheduler = LRScheduler | ReduceLROnPlateau | None
 
 
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> Optimizer:
-    return instantiate(cfg, _partial_=True, _convert_="all")(model.parameters())
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module, decay_norm_and_bias: bool = True) -> Optimizer:
+    """The configured optimizer; with `decay_norm_and_bias=False`, biases and normalisation
+    weights (every parameter with fewer than two dimensions) get no weight decay."""
+    factory = instantiate(cfg, _partial_=True, _convert_="all")
+    if decay_norm_and_bias:
+        return factory(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    return factory([
+        {"params": [p for p in params if p.ndim >= 2]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ])
 
 
 def build_scheduler(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, total_steps: int, mode: str) -> Scheduler:
@@ -46,18 +55,20 @@ def step_lr(optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, mod
 
 
 def cosine_lr(
-    optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, mode: str, warmup_epochs: float, min_lr_ratio: float
+    optimizer: Optimizer, *, steps_per_epoch: int, total_steps: int, mode: str, min_lr_ratio: float
 ) -> LambdaLR:
-    """Linear warmup (from 1% of the lr) for `warmup_epochs`, then cosine decay to `min_lr_ratio * lr`."""
-    warmup = round(warmup_epochs * steps_per_epoch)
+    """Cosine decay from the lr to `min_lr_ratio * lr` over the whole run."""
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return 0.01 + 0.99 * step / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, step / max(1, total_steps))
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The lr multiplier for optimizer step `step` (0-based) of a linear warmup; 1 after it."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
 
 
 def onecycle_lr(

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,16 +19,26 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dlrun
 from dlrun import checkpoint
-from dlrun.config import ConfigError, OnNonFinite, monitor_mode, resume_checkpoint, to_plain, validate
-from dlrun.data import build_data, num_batches
-from dlrun.device import resolve_device, seed_everything
+from dlrun.config import ClipMode, ConfigError, OnNonFinite, monitor_mode, resume_checkpoint, to_plain, validate
+from dlrun.data import build_data, channels_last, quick_check_subsets
+from dlrun.device import amp_dtype, deterministic_algorithms, resolve_device, seed_everything
 from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink
-from dlrun.train import FitConfig, Interrupted, StopFlag, TrainState, evaluate, fit
+from dlrun.train import (
+    FitConfig,
+    Interrupted,
+    Parts,
+    StopFlag,
+    TrainState,
+    evaluate_split,
+    fit,
+    steps_per_epoch,
+)
 
 log = logging.getLogger("dlrun")
 
@@ -52,17 +62,29 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     jsonl = JsonlSink(run_dir / "metrics.jsonl")
     sinks = [ConsoleSink(), jsonl, LogSink()]
     try:
-        with stop_on_signals() as stop:
+        with stop_on_signals() as stop, ExitStack() as scope:
             validate(cfg)
             t = cfg.trainer
-            mode = monitor_mode(t)
+            fit_cfg = fit_config(t)
             device = resolve_device(cfg.device)
+            scope.enter_context(deterministic_algorithms(t.deterministic))
             seed_everything(t.seed)
             data = build_data(instantiate(cfg.dataset), device)
+            data = quick_check_subsets(data, t.overfit_batches * t.batch_size, t.limit_eval_batches * t.eval_batch_size)
             model = build_model(cfg.model, data.spec).to(device)
-            optimizer = build_optimizer(cfg.optimizer, model)
-            steps_per_epoch = num_batches(data.sizes()["train"], t.batch_size)
-            scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, t.epochs * steps_per_epoch, mode)
+            if t.channels_last:
+                model, data = model.to(memory_format=torch.channels_last), channels_last(data)
+            optimizer = build_optimizer(cfg.optimizer, model, t.decay_norm_and_bias)
+            steps = steps_per_epoch(data.sizes()["train"], fit_cfg)
+            parts = Parts(
+                model,
+                optimizer,
+                build_scheduler(cfg.scheduler, optimizer, steps, t.epochs * steps, fit_cfg.mode),
+                compiled=torch.compile(model) if t.compile else None,
+                scaler=torch.amp.GradScaler(device.type) if fit_cfg.amp_dtype is torch.float16 else None,
+                ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+                if t.ema_decay > 0 else None,
+            )
             summary.update(
                 device=device_name(device),
                 data={"name": data.spec.name, "sizes": data.sizes(), "input_shape": list(data.spec.input_shape),
@@ -71,53 +93,48 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             )
             write_json(run_dir / "summary.json", summary)
 
-            state = TrainState()
-            best_weights = copy.deepcopy(model.state_dict())
+            def weights() -> dict[str, Any]:
+                return copy.deepcopy({"model": model.state_dict(),
+                                      "ema": None if parts.ema is None else parts.ema.state_dict()})
+
+            state, best_weights = TrainState(), weights()
             if resumed is not None:
-                state = checkpoint.restore_training(resumed, model, optimizer, scheduler)
+                state = checkpoint.restore_training(resumed, parts)
                 best_path = run_dir / "checkpoints" / "best.pt"
-                best_weights = checkpoint.load(best_path)["model"] if best_path.is_file() else best_weights
+                best_weights = checkpoint.load(best_path) if best_path.is_file() else best_weights
                 jsonl.keep_epochs(state.epoch)  # drop records written after the checkpoint
             plain_cfg = to_plain(cfg)
 
             def save(state: TrainState, is_best: bool) -> None:
                 nonlocal best_weights
                 if is_best:
-                    best_weights = copy.deepcopy(model.state_dict())
+                    best_weights = weights()
                 if not t.save_checkpoints:
                     return
-                checkpoint.save(
-                    checkpoint.training_checkpoint(model, optimizer, scheduler, state,
-                                                   config=plain_cfg, dlrun_version=dlrun.__version__),
-                    run_dir / "checkpoints" / "last.pt",
-                )
+                extra = {"config": plain_cfg, "dlrun_version": dlrun.__version__}
+                checkpoint.save(checkpoint.training_checkpoint(parts, state, **extra), run_dir / "checkpoints" / "last.pt")
                 if is_best:
-                    checkpoint.save(
-                        {"model": best_weights, "epoch": state.best_epoch, "metrics": state.best_metrics,
-                         "config": plain_cfg, "dlrun_version": dlrun.__version__},
-                        run_dir / "checkpoints" / "best.pt",
-                    )
+                    checkpoint.save({**best_weights, "epoch": state.best_epoch, "metrics": state.best_metrics, **extra},
+                                    run_dir / "checkpoints" / "best.pt")
 
-            fit_cfg = FitConfig(
-                epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
-                eval_every=t.eval_every, log_every=t.log_every, monitor=t.monitor, mode=mode,
-                checkpoint_every=t.checkpoint_every, skip_nonfinite=OnNonFinite(t.on_nonfinite) is OnNonFinite.skip,
-            )
             train_started = time.perf_counter()
             first_step = state.step
-            state = fit(model, data, optimizer, scheduler, fit_cfg, sinks, save, state, stop)
+            state = fit(parts, data, fit_cfg, sinks, save, state, stop)
             train_seconds = time.perf_counter() - train_started
 
-        # Final = the weights after the last epoch; best = at the best monitored value.
-        final = {**state.last_metrics, **prefixed("test", evaluate(model, *data.splits["test"], t.eval_batch_size))}
-        model.load_state_dict(best_weights)
-        best = {"epoch": state.best_epoch, **state.best_metrics,
-                **prefixed("test", evaluate(model, *data.splits["test"], t.eval_batch_size))}
-        samples = (state.step - first_step) / steps_per_epoch * data.sizes()["train"]
+            # Final = the weights after the last epoch; best = at the best monitored value.
+            final = {**state.last_metrics, **evaluate_split(parts, "test", *data.splits["test"], fit_cfg)}
+            model.load_state_dict(best_weights["model"])
+            if parts.ema is not None:
+                parts.ema.load_state_dict(best_weights["ema"])
+            best = {"epoch": state.best_epoch, **state.best_metrics,
+                    **evaluate_split(parts, "test", *data.splits["test"], fit_cfg)}
+        samples = (state.step - first_step) / steps * data.sizes()["train"]
         summary.update(
             status="completed",
             epochs=state.epoch,
             steps=state.step,
+            stopped_early=state.stopped_early,
             final=final,
             best=best,
             monitor_value=state.best_value,
@@ -139,6 +156,19 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     for sink in sinks:
         sink.close(summary)
     return summary
+
+
+def fit_config(t: DictConfig) -> FitConfig:
+    """The loop's settings from cfg.trainer."""
+    return FitConfig(
+        epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
+        eval_every=t.eval_every, log_every=t.log_every, monitor=t.monitor, mode=monitor_mode(t),
+        checkpoint_every=t.checkpoint_every, skip_nonfinite=OnNonFinite(t.on_nonfinite) is OnNonFinite.skip,
+        amp_dtype=amp_dtype(t.precision), grad_clip=t.grad_clip,
+        clip_by_value=ClipMode(t.grad_clip_mode) is ClipMode.value, accumulate=t.accumulate,
+        label_smoothing=t.label_smoothing, warmup_epochs=t.warmup_epochs, patience=t.early_stopping.patience,
+        min_delta=t.early_stopping.min_delta, limit_train_batches=t.limit_train_batches,
+    )
 
 
 def open_resume(folder: str) -> tuple[Path, dict[str, Any]]:
@@ -198,10 +228,6 @@ def stop_on_signals() -> Iterator[StopFlag]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
 def now() -> str:
