@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run test smoke sweep clean
+.PHONY: install run test smoke sweep bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ smoke: install
 ## A small sweep: two optimizers, one run folder each under outputs/multirun/.
 sweep: install
 	$(BIN)/dlrun -m optimizer=sgd,adam trainer.epochs=5 $(ARGS)
+
+## Benchmarks: each prints a table and a JSON line with a ratio measured in the same run.
+bench: install
+	$(BIN)/python bench/data_pipeline.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist src/*.egg-info

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from dlrun.cli import config_dir
-from dlrun.config import GROUPS, ConfigError, monitor_mode, validate
+from dlrun.config import GROUPS, ConfigError, resolve_monitor, validate
 
 OPTIONS = [(group, name) for group, options in GROUPS.items() for name in options]
 
@@ -31,9 +31,12 @@ def test_presets_compose_and_validate(make_cfg, group, name):
     validate(make_cfg(f"{group}={name}"))
 
 
+NEEDS = {("dataset", "imagefolder"): ["dataset.root=."]}  # options with a mandatory key
+
+
 @pytest.mark.parametrize("group,name", OPTIONS)
 def test_option_composes_and_validates(make_cfg, group, name):
-    cfg = make_cfg(f"{group}={name}")
+    cfg = make_cfg(f"{group}={name}", *NEEDS.get((group, name), []))
     validate(cfg)
     # The YAML adds nothing the schema does not know: the node is typed by its dataclass.
     assert OmegaConf.get_type(cfg[group]) is GROUPS[group][name]
@@ -82,6 +85,7 @@ def test_schema_rejects_bad_keys_and_types(make_cfg, override, message):
         (["model=rnn", "model.dropout=-0.1"], "model.dropout"),
         (["model.channels=[]"], "model.channels"),
         (["trainer.monitor=val/f1"], "trainer.monitor"),
+        (["dataset=imagefolder", "dataset.root=/no/such/folder"], "dataset.root"),
         (["dataset.val_fraction=0.5", "dataset.test_fraction=0.6"], "dataset.val_fraction"),
         (["device.threads=-1"], "device.threads"),
     ],
@@ -92,9 +96,22 @@ def test_validate_names_the_key(make_cfg, overrides, key):
 
 
 @pytest.mark.parametrize(
-    "monitor,mode,expected",
-    [("val/acc", "auto", "max"), ("val/loss", "auto", "min"), ("val/loss", "max", "max"), ("train/acc", "min", "min")],
+    "monitor,mode,task,expected",
+    [
+        ("auto", "auto", "classification", ("val/acc", "max")),
+        ("auto", "auto", "regression", ("val/loss", "min")),
+        ("val/loss", "auto", "classification", ("val/loss", "min")),
+        ("val/mae", "auto", "regression", ("val/mae", "min")),
+        ("val/loss", "max", "classification", ("val/loss", "max")),
+        ("train/acc", "min", "classification", ("train/acc", "min")),
+    ],
 )
-def test_monitor_mode(make_cfg, monitor, mode, expected):
+def test_resolve_monitor(make_cfg, monitor, mode, task, expected):
     cfg = make_cfg(f"trainer.monitor={monitor}", f"trainer.monitor_mode={mode}")
-    assert monitor_mode(cfg.trainer) == expected
+    assert resolve_monitor(cfg.trainer, task) == expected
+
+
+@pytest.mark.parametrize("monitor,task", [("val/acc", "regression"), ("val/mae", "classification")])
+def test_monitor_must_match_the_task(make_cfg, monitor, task):
+    with pytest.raises(ConfigError, match="trainer.monitor"):
+        resolve_monitor(make_cfg(f"trainer.monitor={monitor}").trainer, task)

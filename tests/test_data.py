@@ -24,7 +24,7 @@ def test_digits_splits_are_disjoint_and_sized():
 
 def test_normalisation_uses_training_statistics():
     data = build_data(load_digits(0.2, 0.1, 0), torch.device("cpu"))
-    x_train = data.splits["train"][0]
+    x_train = data.splits["train"].x
     assert abs(x_train.mean().item()) < 1e-5 and abs(x_train.std().item() - 1) < 1e-3
     assert data.spec.input_shape == (1, 8, 8) and data.spec.num_outputs == 10
     assert len(data.mean) == len(data.std) == 1 and 4 < data.mean[0] < 6  # raw pixel values are 0..16

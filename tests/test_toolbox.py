@@ -34,7 +34,8 @@ def plain_mlp(seed=0):
 
 
 def first_batch(digits, n=64):
-    x, y = digits.splits["train"]
+    split = digits.splits["train"]
+    x, y = split.x, split.y
     return [(x[:n], y[:n])]
 
 
@@ -74,7 +75,8 @@ def test_ema_follows_the_decay_formula(digits):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     parts = Parts(model, torch.optim.SGD(model.parameters(), lr=0.5), ema=ema)
     expected = None
-    x, y = digits.splits["train"]
+    split = digits.splits["train"]
+    x, y = split.x, split.y
     for i in range(3):
         train_step(parts, [(x[64 * i: 64 * (i + 1)], y[64 * i: 64 * (i + 1)])], cfg())
         w = copy.deepcopy(model.state_dict())
@@ -187,7 +189,7 @@ def test_mixed_precision_runs_on_cpu(digits, dtype):
 
 def test_channels_last_data_and_model(digits):
     data = channels_last(digits)
-    x, y = data.splits["train"]
+    x, y = data.splits["train"].x, data.splits["train"].y
     assert x.is_contiguous(memory_format=torch.channels_last)
     xb, _ = next(batches(x, y, 64, epoch_generator(0, 1)))
     assert xb.is_contiguous(memory_format=torch.channels_last)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dlrun import checkpoint
-from dlrun.data import build_data, epoch_generator, load_digits
+from dlrun.data import TensorSplit, build_data, epoch_generator, load_digits
 from dlrun.models import CNN
 from dlrun.optim import cosine_lr
 from dlrun.train import FitConfig, Interrupted, NonFiniteLoss, Parts, StopFlag, evaluate, fit, improved
@@ -131,14 +131,15 @@ def test_interrupt_mid_epoch_and_resume_is_exact(digits, tmp_path):
 
 def poisoned(digits, n=32):
     """The digits with the first n training samples set to NaN: batches holding them have a NaN loss."""
-    x, y = digits.splits["train"]
+    split = digits.splits["train"]
+    x, y = split.x, split.y
     x = x.clone()
     x[:n] = float("nan")
-    return type(digits)(digits.spec, {**digits.splits, "train": (x, y)})
+    return type(digits)(digits.spec, {**digits.splits, "train": TensorSplit(x, y)})
 
 
 def test_nonfinite_loss_stops_and_names_the_step(digits):
-    order = torch.randperm(len(digits.splits["train"][1]), generator=epoch_generator(0, 1))
+    order = torch.randperm(len(digits.splits["train"]), generator=epoch_generator(0, 1))
     first_bad_step = 1 + int((order < 32).nonzero()[0]) // 64
     saves = []
     model, opt, _ = build(digits)
@@ -167,8 +168,9 @@ def test_nonfinite_batches_can_be_skipped(digits):
 
 def test_evaluate_matches_a_direct_computation(digits):
     model = CNN(digits.spec.input_shape, 10, channels=[4], hidden=0)
-    x, y = digits.splits["test"]
-    got = evaluate(model, x, y, batch_size=7)  # batch size that does not divide the split
+    split = digits.splits["test"]
+    x, y = split.x, split.y
+    got = evaluate(model, split, batch_size=7)  # batch size that does not divide the split
     model.eval()
     with torch.no_grad():
         logits = model(x)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class DlrunError(Exception):
@@ -197,7 +197,9 @@ class PlateauSchedulerConfig:
 
 
 # ------------------------------------------------------------------- dataset
-# Built as `instantiate(cfg.dataset)()`: returns the raw splits (see dlrun.data).
+# Built as `instantiate(cfg.dataset)`: returns the raw splits (see dlrun.data).
+
+DATA_DIR = "${oc.env:DLRUN_DATA_DIR,data}"  # relative to where dlrun runs; git-ignored in the project
 
 
 @dataclass
@@ -211,12 +213,72 @@ class DigitsConfig:
 @dataclass
 class Mnist1DConfig:
     _target_: str = "dlrun.data.load_mnist1d"
-    data_dir: str = "${oc.env:DLRUN_DATA_DIR,data}"  # the generated set is cached here
+    data_dir: str = DATA_DIR  # the generated set is cached here
     num_samples: int = 5000
     train_split: float = 0.8  # 4000 train / 1000 test, as in the benchmark
     val_fraction: float = 0.1  # of the training split
     split_seed: int = 0
     generator_seed: int = 42  # the benchmark's own seed
+
+
+@dataclass
+class SequenceConfig:
+    _target_: str = "dlrun.data.load_sequence"
+    num_series: int = 4000
+    length: int = 50  # input steps
+    horizon: int = 5  # values to predict
+    num_sines: int = 2  # each series is a sum of this many random sines
+    noise: float = 0.05  # std of the Gaussian noise on every value
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class MNISTConfig:
+    _target_: str = "dlrun.data.load_mnist"
+    data_dir: str = DATA_DIR  # files in <data_dir>/MNIST/raw/
+    download: bool = False
+    val_fraction: float = 5000 / 60000  # 55k / 5k / 10k
+    split_seed: int = 0
+
+
+@dataclass
+class FashionMNISTConfig(MNISTConfig):
+    _target_: str = "dlrun.data.load_fashion_mnist"  # files in <data_dir>/FashionMNIST/raw/
+
+
+@dataclass
+class CIFAR10Config:
+    _target_: str = "dlrun.data.load_cifar10"
+    data_dir: str = DATA_DIR  # files in <data_dir>/cifar-10-batches-py/
+    download: bool = False
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    verify: bool = True  # check torchvision's md5 sums of the files
+    crop_padding: int = 4  # random crops with this padding (0 = off)
+    hflip: bool = True  # random horizontal flips
+
+
+@dataclass
+class CIFAR100Config(CIFAR10Config):
+    _target_: str = "dlrun.data.load_cifar100"  # files in <data_dir>/cifar-100-python/
+
+
+@dataclass
+class ImageFolderConfig:
+    _target_: str = "dlrun.data.load_imagefolder"
+    root: str = MISSING  # <root>/<class>/*.png, or <root>/{train,val[,test]}/<class>/*.png
+    image_size: List[int] = field(default_factory=lambda: [32, 32])  # H, W after resizing
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+    val_fraction: float = 0.1  # used when root has no train/val folders
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    in_memory_limit: int = 50000  # more images than this are streamed through a DataLoader
+    workers: int = 2  # DataLoader workers when streaming
+    cache_dir: str = DATA_DIR  # decoded images are cached here
+    crop_padding: int = 0
+    hflip: bool = False
 
 
 # -------------------------------------------------------------------- device
@@ -255,7 +317,8 @@ class TrainerConfig:
     seed: int = 0
     eval_every: int = 1  # validate every N epochs (and always after the last)
     log_every: int = 10  # steps between progress-display refreshes (each one reads the loss)
-    monitor: str = "val/acc"  # selects checkpoints/best.pt and is what a sweep optimises
+    # selects checkpoints/best.pt and is what a sweep optimises; auto: val/acc, or val/loss for regression
+    monitor: str = "auto"
     monitor_mode: MonitorMode = MonitorMode.auto
     save_checkpoints: bool = True
     checkpoint_every: int = 0  # also write checkpoints/last.pt every N steps; 0 = at epoch ends only
@@ -297,7 +360,16 @@ GROUPS = {
         "onecycle": OneCycleSchedulerConfig,
         "plateau": PlateauSchedulerConfig,
     },
-    "dataset": {"digits": DigitsConfig, "mnist1d": Mnist1DConfig},
+    "dataset": {
+        "digits": DigitsConfig,
+        "mnist1d": Mnist1DConfig,
+        "sequence": SequenceConfig,
+        "mnist": MNISTConfig,
+        "fashion_mnist": FashionMNISTConfig,
+        "cifar10": CIFAR10Config,
+        "cifar100": CIFAR100Config,
+        "imagefolder": ImageFolderConfig,
+    },
     "device": {"auto": DeviceConfig, "cpu": CPUDeviceConfig, "cuda": CUDADeviceConfig},
     "trainer": {"default": TrainerConfig},
 }
@@ -333,16 +405,18 @@ def register_configs(cs: ConfigStore | None = None) -> None:
 
 # ---------------------------------------------------------------- validation
 
-ACCURACY_LIKE = ("acc",)
-
-
-def monitor_mode(trainer: DictConfig | TrainerConfig) -> str:
-    """`max` or `min` for the monitored metric (`auto` decides by its name)."""
+def resolve_monitor(trainer: DictConfig | TrainerConfig, task: str) -> tuple[str, str]:
+    """The monitored metric (`auto`: val/acc, or val/loss for regression) and `max` or `min`
+    (`monitor_mode: auto` decides by the name: accuracy is maximised, losses and errors minimised)."""
+    monitor = trainer.monitor
+    if monitor == "auto":
+        monitor = "val/loss" if task == "regression" else "val/acc"
+    metric = monitor.rsplit("/", 1)[-1]
+    reported = ("loss", "mae") if task == "regression" else ("loss", "acc")
+    if metric not in reported:
+        raise ConfigError(f"trainer.monitor={monitor!r} is invalid: a {task} dataset reports {', '.join(reported)}")
     mode = MonitorMode(trainer.monitor_mode)
-    if mode is not MonitorMode.auto:
-        return mode.value
-    name = trainer.monitor.rsplit("/", 1)[-1]
-    return "max" if name in ACCURACY_LIKE else "min"
+    return monitor, mode.value if mode is not MonitorMode.auto else ("max" if metric == "acc" else "min")
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -368,9 +442,9 @@ def validate(cfg: DictConfig) -> None:
     splits = ("train", "val", "val_ema") if t.ema_decay > 0 else ("train", "val")
     split, _, metric = t.monitor.partition("/")
     _require(
-        split in splits and metric in ("loss", "acc"),
+        t.monitor == "auto" or (split in splits and metric in ("loss", "acc", "mae")),
         "trainer.monitor",
-        f"allowed: {', '.join(f'{s}/{m}' for s in splits for m in ('acc', 'loss'))}",
+        f"allowed: auto, or one of {', '.join(splits)} / loss, acc (classification), mae (regression)",
         t.monitor,
     )
 
@@ -401,9 +475,12 @@ def validate(cfg: DictConfig) -> None:
     if "val_fraction" in ds and "test_fraction" in ds:
         total = ds.val_fraction + ds.test_fraction
         _require(total < 1, "dataset.val_fraction", "val_fraction + test_fraction must be < 1", total)
-    if "data_dir" in ds:
-        problem = dir_problem(ds.data_dir)
-        _require(problem is None, "dataset.data_dir", f"cannot be used as a data directory: {problem}", ds.data_dir)
+    for key in ("data_dir", "cache_dir"):
+        if key in ds:
+            problem = dir_problem(ds[key])
+            _require(problem is None, f"dataset.{key}", f"cannot be used as a data directory: {problem}", ds[key])
+    if "root" in ds:
+        _require(Path(ds.root).expanduser().is_dir(), "dataset.root", "no such directory", ds.root)
 
     _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
 

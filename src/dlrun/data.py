@@ -1,23 +1,35 @@
-"""Datasets and the in-memory batch loader.
+"""Datasets, the in-memory batch loader and the streaming loader for large image folders.
 
-A dataset builder (named by `dataset._target_`) returns `RawSplits`: numpy
-arrays for train/val/test that fit in memory. `build_data` turns them into
-normalised tensors on the training device plus a `DataSpec` that models read
-their shapes from. Batches are cut by index; the order of an epoch is a pure
-function of (seed, epoch), so a run can be replayed batch for batch.
+A dataset builder (named by `dataset._target_`) returns `RawSplits`: for each of
+train/val/test either numpy arrays that fit in memory or an `ImageFiles` list to
+stream. `build_data` turns them into `Split`s on the training device plus a
+`DataSpec` that models read their shapes from:
+
+- `TensorSplit`: normalised tensors held on the device, batches cut by index;
+- `StreamSplit`: image files decoded by DataLoader workers, normalised on the device.
+
+Both order an epoch by a permutation that is a pure function of (seed, epoch), so
+a run can be replayed batch for batch and resumed mid-epoch exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Protocol, Sequence, Union
 
 import numpy as np
 import torch
+
+from dlrun.config import ConfigError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -25,44 +37,177 @@ class DataSpec:
     """What a model needs to know about its input and output."""
 
     input_shape: tuple[int, ...]  # one sample, channels first: (C, L) signal or (C, H, W) image
-    num_outputs: int  # classes for classification
-    task: str = "classification"
+    num_outputs: int  # classes for classification, predicted values for regression
+    task: str = "classification"  # or "regression"
     name: str = ""
 
 
 @dataclass
+class ImageFiles:
+    """Image paths and labels, decoded batch by batch (for folders too large to hold in memory)."""
+
+    files: list[str]
+    labels: list[int]
+    size: tuple[int, int]  # (H, W) after resizing
+    channels: int  # 1 (grayscale) or 3 (RGB)
+
+
+ArraySplit = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
 class RawSplits:
-    """Decoded data as numpy arrays, before normalisation: x is (N, C, ...) and y is (N,)."""
+    """Decoded data before normalisation: x is (N, C, ...) and y is (N,) labels or (N, K) targets."""
 
     name: str
-    train: tuple[np.ndarray, np.ndarray]
-    val: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
-    num_classes: int
+    train: Union[ArraySplit, ImageFiles]
+    val: Union[ArraySplit, ImageFiles]
+    test: Union[ArraySplit, ImageFiles]
+    num_outputs: int  # classes, or values per target
+    task: str = "classification"
+    crop_padding: int = 0  # batched augmentation of training images, on the device
+    hflip: bool = False
+    workers: int = 0  # DataLoader workers for streamed splits
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random crop with zero padding and horizontal flips, applied to a whole batch on its device."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape  # (B, C, H, W)
+        if self.crop_padding:
+            p = self.crop_padding
+            fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            padded = torch.nn.functional.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+            batch = torch.arange(n, device=x.device)[:, None, None]
+            x = padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous(memory_format=fmt)  # (B, C, H, W)
+        if self.hflip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
+
+
+class Split(Protocol):
+    def __len__(self) -> int: ...
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, start: int = 0) -> Iterator[Batch]: ...
+    def take(self, n: int) -> "Split": ...
+
+
+class TensorSplit:
+    """A split held in memory as tensors on the training device; batches are cut by index."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, start: int = 0) -> Iterator[Batch]:
+        return batches(self.x, self.y, batch_size, generator, start)
+
+    def take(self, n: int) -> TensorSplit:
+        return TensorSplit(self.x[:n], self.y[:n])
+
+
+class StreamSplit:
+    """Image files decoded per batch by DataLoader workers, then normalised on the device."""
+
+    def __init__(self, images: ImageFiles, mean: torch.Tensor, std: torch.Tensor, device: torch.device, workers: int):
+        self.images, self.mean, self.std, self.device, self.workers = images, mean, std, device, workers
+
+    def __len__(self) -> int:
+        return len(self.images.labels)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, start: int = 0) -> Iterator[Batch]:
+        from torch.utils.data import DataLoader
+
+        order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
+        loader = DataLoader(
+            _DecodedImages(self.images),
+            batch_size=batch_size,
+            sampler=order[start * batch_size :].tolist(),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True).float()
+            yield (x - self.mean) / self.std, y.to(self.device, non_blocking=True)
+
+    def take(self, n: int) -> StreamSplit:
+        subset = replace(self.images, files=self.images.files[:n], labels=self.images.labels[:n])
+        return StreamSplit(subset, self.mean, self.std, self.device, self.workers)
+
+
+class _DecodedImages(torch.utils.data.Dataset):
+    def __init__(self, images: ImageFiles) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = decode_image(self.images.files[i], self.images.size, self.images.channels)
+        return torch.from_numpy(image), self.images.labels[i]
 
 
 @dataclass
 class Data:
-    """Normalised tensors on the training device, plus their spec and statistics."""
+    """The splits on the training device, their spec, normalisation and augmentation."""
 
     spec: DataSpec
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    splits: dict[str, Split]
     mean: list[float] = field(default_factory=list)  # per channel, of the training split
     std: list[float] = field(default_factory=list)
+    augment: Augment | None = None  # applied to training batches only
 
     def sizes(self) -> dict[str, int]:
-        return {name: len(y) for name, (_, y) in self.splits.items()}
+        return {name: len(split) for name, split in self.splits.items()}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, stratify: bool = True):
+    """(rest, held_out) with `fraction` held out, stratified by class for classification
+    (when every class has two samples and each side can hold one of every class)."""
+    from sklearn.model_selection import train_test_split
+
+    if stratify:
+        counts = np.unique(y, return_counts=True)[1]
+        held = math.ceil(fraction * len(y))
+        stratify = counts.min() >= 2 and min(held, len(y) - held) >= len(counts)
+    x_rest, x_out, y_rest, y_out = train_test_split(
+        x, y, test_size=fraction, random_state=seed, stratify=y if stratify else None
+    )
+    return (x_rest, y_rest), (x_out, y_out)
+
+
+def _cached(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Arrays from the .npz at `path`, made (and written atomically) on the first call."""
+    if path.is_file():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    arrays = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return arrays
+
+
+def _key(obj: object) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------ builders
-
-
-def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
-    """Stratified split: (rest, held_out) with `fraction` of each class held out."""
-    from sklearn.model_selection import train_test_split
-
-    x_rest, x_out, y_rest, y_out = train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
-    return (x_rest, y_rest), (x_out, y_out)
 
 
 def load_digits(test_fraction: float, val_fraction: float, split_seed: int) -> RawSplits:
@@ -74,7 +219,7 @@ def load_digits(test_fraction: float, val_fraction: float, split_seed: int) -> R
     y = bunch.target.astype(np.int64)
     rest, test = _split(x, y, test_fraction, split_seed)
     train, val = _split(*rest, val_fraction / (1.0 - test_fraction), split_seed)
-    return RawSplits("digits", train, val, test, num_classes=10)
+    return RawSplits("digits", train, val, test, num_outputs=10)
 
 
 def load_mnist1d(
@@ -87,22 +232,13 @@ def load_mnist1d(
 ) -> RawSplits:
     """MNIST-1D (Greydanus 2020), generated offline by the `mnist1d` package and cached as .npz."""
     params = {"num_samples": num_samples, "train_split": train_split, "seed": generator_seed}
-    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    cache = Path(data_dir).expanduser().resolve() / "mnist1d" / f"mnist1d-{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as f:
-            arrays = {k: f[k] for k in f.files}
-    else:
-        arrays = _generate_mnist1d(params)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(cache)
+    cache = Path(data_dir).expanduser().resolve() / "mnist1d" / f"mnist1d-{_key(params)}.npz"
+    arrays = _cached(cache, lambda: _generate_mnist1d(params))
     x = arrays["x"].astype(np.float32)[:, None]  # (N, 1, 40)
     y = arrays["y"].astype(np.int64)
     train, val = _split(x, y, val_fraction, split_seed)
     test = (arrays["x_test"].astype(np.float32)[:, None], arrays["y_test"].astype(np.int64))
-    return RawSplits("mnist1d", train, val, test, num_classes=10)
+    return RawSplits("mnist1d", train, val, test, num_outputs=10)
 
 
 def _generate_mnist1d(params: dict) -> dict[str, np.ndarray]:
@@ -121,23 +257,214 @@ def _generate_mnist1d(params: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
 
 
+def load_sequence(
+    num_series: int, length: int, horizon: int, num_sines: int, noise: float,
+    val_fraction: float, test_fraction: float, seed: int,
+) -> RawSplits:
+    """Regression: from `length` values of a noisy sum of sines, predict the next `horizon` values."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length + horizon)
+    freq = rng.uniform(0.01, 0.1, (num_series, num_sines, 1))  # cycles per step
+    amp = rng.uniform(0.3, 1.0, (num_series, num_sines, 1))
+    phase = rng.uniform(0, 2 * np.pi, (num_series, num_sines, 1))
+    series = (amp * np.sin(2 * np.pi * freq * t + phase)).sum(axis=1)  # (N, length + horizon)
+    series += noise * rng.standard_normal(series.shape)
+    x = series[:, None, :length].astype(np.float32)  # (N, 1, length): one feature per step
+    y = series[:, length:].astype(np.float32)  # (N, horizon)
+    rest, test = _split(x, y, test_fraction, seed, stratify=False)
+    train, val = _split(*rest, val_fraction / (1.0 - test_fraction), seed, stratify=False)
+    return RawSplits("sequence", train, val, test, num_outputs=horizon, task="regression")
+
+
+def load_mnist(data_dir: str, download: bool, val_fraction: float, split_seed: int) -> RawSplits:
+    """MNIST through torchvision: <data_dir>/MNIST/raw/*-ubyte (IDX files)."""
+    return _torchvision_splits("mnist", data_dir, download, val_fraction, split_seed)
+
+
+def load_fashion_mnist(data_dir: str, download: bool, val_fraction: float, split_seed: int) -> RawSplits:
+    """Fashion-MNIST through torchvision: <data_dir>/FashionMNIST/raw/*-ubyte (IDX files)."""
+    return _torchvision_splits("fashion_mnist", data_dir, download, val_fraction, split_seed)
+
+
+def load_cifar10(data_dir: str, download: bool, val_fraction: float, split_seed: int, verify: bool,
+                 crop_padding: int, hflip: bool) -> RawSplits:
+    """CIFAR-10 through torchvision: <data_dir>/cifar-10-batches-py/ (python pickles)."""
+    raw = _torchvision_splits("cifar10", data_dir, download, val_fraction, split_seed, verify)
+    return replace(raw, crop_padding=crop_padding, hflip=hflip)
+
+
+def load_cifar100(data_dir: str, download: bool, val_fraction: float, split_seed: int, verify: bool,
+                  crop_padding: int, hflip: bool) -> RawSplits:
+    """CIFAR-100 (fine labels) through torchvision: <data_dir>/cifar-100-python/ (python pickles)."""
+    raw = _torchvision_splits("cifar100", data_dir, download, val_fraction, split_seed, verify)
+    return replace(raw, crop_padding=crop_padding, hflip=hflip)
+
+
+TORCHVISION = {  # name: (torchvision class, number of classes)
+    "mnist": ("MNIST", 10),
+    "fashion_mnist": ("FashionMNIST", 10),
+    "cifar10": ("CIFAR10", 10),
+    "cifar100": ("CIFAR100", 100),
+}
+
+
+def _torchvision_class(name: str, verify: bool):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, TORCHVISION[name][0])
+    if verify or not hasattr(cls, "train_list"):
+        return cls
+    # CIFAR checks every file's md5; `verify: false` keeps the check that the files exist.
+    return type(cls.__name__, (cls,), {
+        "train_list": [[f, None] for f, _ in cls.train_list],
+        "test_list": [[f, None] for f, _ in cls.test_list],
+        "meta": {**cls.meta, "md5": None},
+    })
+
+
+def expected_files(name: str, data_dir: str) -> list[Path]:
+    """The files torchvision reads for dataset `name` under `data_dir`."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, TORCHVISION[name][0])
+    root = Path(data_dir).expanduser().resolve()
+    if hasattr(cls, "resources"):  # MNIST family: extracted IDX files
+        raw = root / cls.__name__ / "raw"
+        return [raw / os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+    folder = root / cls.base_folder
+    return [folder / f for f, _ in cls.train_list + cls.test_list] + [folder / cls.meta["filename"]]
+
+
+def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: float, split_seed: int,
+                        verify: bool = True) -> RawSplits:
+    cls = _torchvision_class(name, verify)
+    root = str(Path(data_dir).expanduser().resolve())
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=False)
+    except Exception as err:  # torchvision raises RuntimeError when files are missing, URLError offline
+        missing = [str(p) for p in expected_files(name, data_dir) if not p.is_file()]
+        where = f"missing: {', '.join(missing)}" if missing else f"{type(err).__name__}: {err}"
+        hint = "" if download else "; set dataset.download=true to download them when online"
+        if missing and name.startswith(("mnist", "fashion")):
+            hint += " (the .gz files from the official site also work with dataset.download=true, offline)"
+        raise ConfigError(f"dataset={name}: cannot load the files under {root} ({where}){hint}") from None
+
+    def arrays(ds) -> ArraySplit:
+        x = np.asarray(ds.data)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W), uint8
+        return x, np.asarray(ds.targets, dtype=np.int64)
+
+    rest, held = _split(*arrays(train), val_fraction, split_seed)
+    return RawSplits(name, rest, held, arrays(test), num_outputs=TORCHVISION[name][1])
+
+
+def decode_image(path: str, size: Sequence[int], channels: int) -> np.ndarray:
+    """One image file as a (C, H, W) uint8 array, resized to `size` (H, W)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
+        arr = np.array(img, dtype=np.uint8)  # a writable copy
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Image files in class sub-folders of `folder`: (files, labels, classes)."""
+    classes = classes or sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        sub = folder / name
+        found = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if sub.is_dir() else []
+        files += [str(p) for p in found]
+        labels += [label] * len(found)
+    return files, labels, classes
+
+
+def load_imagefolder(
+    root: str, image_size: Sequence[int], channels: int, val_fraction: float, test_fraction: float,
+    split_seed: int, in_memory_limit: int, workers: int, cache_dir: str, crop_padding: int, hflip: bool,
+) -> RawSplits:
+    """The user's images in class sub-folders: `root/<class>/*.png`, split deterministically;
+    or `root/train/<class>/`, `root/val/<class>/` (and optionally `root/test/<class>/`).
+
+    Up to `in_memory_limit` images are decoded once (cached under `cache_dir`) and held in
+    memory; larger folders are streamed through a DataLoader with `workers` processes.
+    """
+    base = Path(root).expanduser().resolve()
+    size = (int(image_size[0]), int(image_size[1]))
+    if (base / "train").is_dir() and (base / "val").is_dir():
+        files, labels, classes = _scan(base / "train")
+        parts = {"train": (files, labels), "val": _scan(base / "val", classes)[:2]}
+        parts["test"] = _scan(base / "test", classes)[:2] if (base / "test").is_dir() else parts["val"]
+    else:
+        files, labels, classes = _scan(base)
+        idx = np.arange(len(files))
+        stratify = np.asarray(labels)
+        (rest, _), (test, _) = _split(idx, stratify, test_fraction, split_seed)
+        (train, _), (val, _) = _split(rest, stratify[rest], val_fraction / (1.0 - test_fraction), split_seed)
+        parts = {name: ([files[i] for i in sel], [labels[i] for i in sel])
+                 for name, sel in (("train", train), ("val", val), ("test", test))}
+    if len(classes) < 2 or not parts["train"][0]:
+        raise ConfigError(f"dataset.root={root}: expected image files in at least two class sub-folders")
+
+    total = sum(len(f) for f, _ in parts.values())
+    if total > in_memory_limit:
+        splits = {name: ImageFiles(f, lab, size, channels) for name, (f, lab) in parts.items()}
+    else:
+        stamp = [(path, os.stat(path).st_mtime_ns) for paths, _ in parts.values() for path in paths]
+        cache = Path(cache_dir).expanduser().resolve() / "imagefolder" / f"{_key([stamp, size, channels])}.npz"
+
+        def decode() -> dict[str, np.ndarray]:
+            out = {}
+            for name, (f, lab) in parts.items():
+                out[f"{name}_x"] = np.stack([decode_image(p, size, channels) for p in f])
+                out[f"{name}_y"] = np.asarray(lab, dtype=np.int64)
+            return out
+
+        arrays = _cached(cache, decode)
+        splits = {name: (arrays[f"{name}_x"], arrays[f"{name}_y"]) for name in parts}
+    return RawSplits(f"imagefolder:{base.name}", splits["train"], splits["val"], splits["test"],
+                     num_outputs=len(classes), crop_padding=crop_padding, hflip=hflip, workers=workers)
+
+
 # ------------------------------------------------------------------ pipeline
 
 
+def _statistics(raw: RawSplits) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the training inputs (of up to 2,000 files when streaming)."""
+    if isinstance(raw.train, ImageFiles):
+        images = raw.train
+        x = np.stack([decode_image(f, images.size, images.channels) for f in images.files[:2000]])
+    else:
+        x = raw.train[0]
+    axes = (0,) + tuple(range(2, x.ndim))  # all but the channel axis
+    x = x.astype(np.float64)
+    mean, std = x.mean(axis=axes), x.std(axis=axes)
+    return mean, np.where(std > 0, std, 1.0)
+
+
 def build_data(raw: RawSplits, device: torch.device) -> Data:
-    """Normalise with the training split's per-channel statistics and move to `device`."""
-    x_train = raw.train[0]
-    reduce_axes = (0,) + tuple(range(2, x_train.ndim))  # all but the channel axis
-    mean = x_train.mean(axis=reduce_axes, keepdims=True)
-    std = x_train.std(axis=reduce_axes, keepdims=True)
-    std = np.where(std > 0, std, 1.0)
-    splits = {}
+    """Normalise with the training split's per-channel statistics and put the splits on `device`."""
+    mean, std = _statistics(raw)
+    splits: dict[str, Split] = {}
     for name in ("train", "val", "test"):
-        x, y = getattr(raw, name)
-        xt = torch.from_numpy(((x - mean) / std).astype(np.float32)).to(device)
-        splits[name] = (xt, torch.from_numpy(y).to(device))
-    spec = DataSpec(input_shape=tuple(x_train.shape[1:]), num_outputs=raw.num_classes, name=raw.name)
-    return Data(spec, splits, mean=mean.ravel().tolist(), std=std.ravel().tolist())
+        part = getattr(raw, name)
+        if isinstance(part, ImageFiles):
+            shape = (1, -1, 1, 1)
+            splits[name] = StreamSplit(part, torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
+                                       torch.tensor(std, dtype=torch.float32, device=device).view(shape),
+                                       device, raw.workers)
+            continue
+        x, y = part
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        xt = ((x - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
+        splits[name] = TensorSplit(torch.from_numpy(xt).to(device), torch.from_numpy(y).to(device))
+    train = raw.train
+    input_shape = (train.channels, *train.size) if isinstance(train, ImageFiles) else tuple(train[0].shape[1:])
+    spec = DataSpec(input_shape=input_shape, num_outputs=raw.num_outputs, task=raw.task, name=raw.name)
+    augment = Augment(raw.crop_padding, raw.hflip) if (raw.crop_padding or raw.hflip) else None
+    return Data(spec, splits, mean=mean.tolist(), std=std.tolist(), augment=augment)
 
 
 def quick_check_subsets(data: Data, overfit_samples: int = 0, eval_samples: int = 0) -> Data:
@@ -145,21 +472,20 @@ def quick_check_subsets(data: Data, overfit_samples: int = 0, eval_samples: int 
     evaluate on the first `eval_samples` of val and test. Zero leaves a split whole."""
     splits = dict(data.splits)
     if overfit_samples:
-        x, y = splits["train"]
-        splits["train"] = splits["val"] = (x[:overfit_samples], y[:overfit_samples])
+        splits["train"] = splits["val"] = splits["train"].take(overfit_samples)
     if eval_samples:
         for name in ("val", "test"):
-            x, y = splits[name]
-            splits[name] = (x[:eval_samples], y[:eval_samples])
+            splits[name] = splits[name].take(eval_samples)
     return replace(data, splits=splits)
 
 
 def channels_last(data: Data) -> Data:
-    """Images (N, C, H, W) in NHWC memory order; other inputs unchanged. Batches cut by index keep it."""
-    splits = {
-        name: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
-        for name, (x, y) in data.splits.items()
-    }
+    """In-memory images (N, C, H, W) in NHWC memory order; other splits unchanged. Batches cut by index keep it."""
+    splits: dict[str, Split] = {}
+    for name, split in data.splits.items():
+        if isinstance(split, TensorSplit) and split.x.dim() == 4:
+            split = TensorSplit(split.x.contiguous(memory_format=torch.channels_last), split.y)
+        splits[name] = split
     return replace(data, splits=splits)
 
 
@@ -168,13 +494,18 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """The RNG that augments one batch: a pure function of (seed, epoch, batch), so resuming replays it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
+
+
 def batches(
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
     start: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[Batch]:
     """Cut (x, y) into batches by index, from batch number `start` on.
 
     Shuffled when a generator is given (the whole order is drawn first, so skipping
@@ -192,4 +523,4 @@ def batches(
 
 
 def num_batches(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
+    return math.ceil(n / batch_size)

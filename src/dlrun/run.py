@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dlrun
 from dlrun import checkpoint
-from dlrun.config import ClipMode, ConfigError, OnNonFinite, monitor_mode, resume_checkpoint, to_plain, validate
+from dlrun.config import ClipMode, ConfigError, OnNonFinite, resolve_monitor, resume_checkpoint, to_plain, validate
 from dlrun.data import build_data, channels_last, quick_check_subsets
 from dlrun.device import amp_dtype, deterministic_algorithms, resolve_device, seed_everything
 from dlrun.models import build_model, count_parameters
@@ -65,17 +65,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         with stop_on_signals() as stop, ExitStack() as scope:
             validate(cfg)
             t = cfg.trainer
-            fit_cfg = fit_config(t)
             device = resolve_device(cfg.device)
             scope.enter_context(deterministic_algorithms(t.deterministic))
             seed_everything(t.seed)
             data = build_data(instantiate(cfg.dataset), device)
             data = quick_check_subsets(data, t.overfit_batches * t.batch_size, t.limit_eval_batches * t.eval_batch_size)
+            fit_cfg = fit_config(t, data.spec.task)
             model = build_model(cfg.model, data.spec).to(device)
             if t.channels_last:
                 model, data = model.to(memory_format=torch.channels_last), channels_last(data)
             optimizer = build_optimizer(cfg.optimizer, model, t.decay_norm_and_bias)
-            steps = steps_per_epoch(data.sizes()["train"], fit_cfg)
+            steps = steps_per_epoch(len(data.splits["train"]), fit_cfg)
             parts = Parts(
                 model,
                 optimizer,
@@ -87,8 +87,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             )
             summary.update(
                 device=device_name(device),
-                data={"name": data.spec.name, "sizes": data.sizes(), "input_shape": list(data.spec.input_shape),
-                      "num_classes": data.spec.num_outputs, "mean": data.mean, "std": data.std},
+                monitor={"metric": fit_cfg.monitor, "mode": fit_cfg.mode},
+                data={"name": data.spec.name, "task": data.spec.task, "sizes": data.sizes(),
+                      "input_shape": list(data.spec.input_shape), "num_outputs": data.spec.num_outputs,
+                      "mean": data.mean, "std": data.std},
                 model={"class": type(model).__name__, "parameters": count_parameters(model)},
             )
             write_json(run_dir / "summary.json", summary)
@@ -123,12 +125,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             train_seconds = time.perf_counter() - train_started
 
             # Final = the weights after the last epoch; best = at the best monitored value.
-            final = {**state.last_metrics, **evaluate_split(parts, "test", *data.splits["test"], fit_cfg)}
+            final = {**state.last_metrics, **evaluate_split(parts, "test", data.splits["test"], fit_cfg)}
             model.load_state_dict(best_weights["model"])
             if parts.ema is not None:
                 parts.ema.load_state_dict(best_weights["ema"])
             best = {"epoch": state.best_epoch, **state.best_metrics,
-                    **evaluate_split(parts, "test", *data.splits["test"], fit_cfg)}
+                    **evaluate_split(parts, "test", data.splits["test"], fit_cfg)}
         samples = (state.step - first_step) / steps * data.sizes()["train"]
         summary.update(
             status="completed",
@@ -158,11 +160,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     return summary
 
 
-def fit_config(t: DictConfig) -> FitConfig:
-    """The loop's settings from cfg.trainer."""
+def fit_config(t: DictConfig, task: str) -> FitConfig:
+    """The loop's settings from cfg.trainer, for a classification or regression task."""
+    monitor, mode = resolve_monitor(t, task)
     return FitConfig(
         epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, seed=t.seed,
-        eval_every=t.eval_every, log_every=t.log_every, monitor=t.monitor, mode=monitor_mode(t),
+        eval_every=t.eval_every, log_every=t.log_every, monitor=monitor, mode=mode, task=task,
         checkpoint_every=t.checkpoint_every, skip_nonfinite=OnNonFinite(t.on_nonfinite) is OnNonFinite.skip,
         amp_dtype=amp_dtype(t.precision), grad_clip=t.grad_clip,
         clip_by_value=ClipMode(t.grad_clip_mode) is ClipMode.value, accumulate=t.accumulate,
@@ -202,7 +205,6 @@ def start_summary(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None
         "run_dir": str(run_dir.resolve()),
         "started_at": now(),
         **hydra_job_info(),
-        "monitor": {"metric": cfg.trainer.monitor, "mode": monitor_mode(cfg.trainer)},
         "versions": {"dlrun": dlrun.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "git_sha": git_sha(),
     }

@@ -21,11 +21,9 @@ from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 
 from dlrun.config import DlrunError
-from dlrun.data import Data, batches, epoch_generator, num_batches
+from dlrun.data import Batch, Data, Split, batch_generator, epoch_generator, num_batches
 from dlrun.optim import Scheduler, steps_per_batch, warmup_factor
 from dlrun.sinks import Sink
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -38,6 +36,10 @@ class Parts:
     compiled: nn.Module | None = None  # torch.compile(model) when trainer.compile
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     ema: AveragedModel | None = None  # when trainer.ema_decay > 0
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def net(self) -> nn.Module:
@@ -53,7 +55,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     batch: int = 0  # micro-batches done in the current, unfinished epoch
     loss_sum: float = 0.0  # running sums over those batches
-    correct: int = 0
+    score_sum: float = 0.0  # correct predictions, or absolute errors for regression
     seen: int = 0
     skipped: int = 0  # batches skipped for a non-finite loss (trainer.on_nonfinite=skip)
     seconds: float = 0.0  # time spent in the current epoch so far
@@ -66,7 +68,7 @@ class TrainState:
     stopped_early: int | None = None  # the epoch early stopping ended the run
 
     def start_epoch(self) -> None:
-        self.batch, self.loss_sum, self.correct, self.seen, self.skipped, self.seconds = 0, 0.0, 0, 0, 0, 0.0
+        self.batch, self.loss_sum, self.score_sum, self.seen, self.skipped, self.seconds = 0, 0.0, 0.0, 0, 0, 0.0
 
 
 @dataclass
@@ -81,6 +83,7 @@ class FitConfig:
     log_every: int
     monitor: str
     mode: str  # "max" or "min"
+    task: str = "classification"  # or "regression"
     checkpoint_every: int = 0  # steps; 0 = at epoch ends only
     skip_nonfinite: bool = False
     amp_dtype: torch.dtype | None = None  # autocast dtype; None = fp32
@@ -124,6 +127,21 @@ def scaled_lr(optimizer: Optimizer, scale: float) -> Iterator[None]:
             group["lr"] = lr
 
 
+def score_name(task: str) -> str:
+    """The second metric next to the loss: accuracy, or mean absolute error for regression."""
+    return "mae" if task == "regression" else "acc"
+
+
+def loss_and_score(output: torch.Tensor, y: torch.Tensor, task: str, label_smoothing: float = 0.0,
+                   reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (cross-entropy or MSE) and the batch's score sum (correct predictions or absolute errors)."""
+    output = output.float()
+    if task == "regression":
+        return F.mse_loss(output, y, reduction=reduction), (output.detach() - y).abs().mean(dim=1).sum()
+    loss = F.cross_entropy(output, y, label_smoothing=label_smoothing, reduction=reduction)
+    return loss, (output.detach().argmax(dim=1) == y).sum().float()
+
+
 def train_step(
     parts: Parts, group: Sequence[Batch], cfg: FitConfig, lr_scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -131,23 +149,23 @@ def train_step(
 
     Each micro-batch's loss is weighted by its share of the group's samples, so k
     micro-batches give the gradient of one batch k times larger. Returns the summed
-    per-sample loss and the correct predictions (on device), the samples used and
-    the micro-batches skipped for a non-finite loss (`cfg.skip_nonfinite`: this mode
-    copies the buffers, such as batch-norm statistics, and reads the loss, one
-    host-device sync per micro-batch, so that a skipped batch changes nothing).
+    per-sample loss and score (on device), the samples used and the micro-batches
+    skipped for a non-finite loss (`cfg.skip_nonfinite`: this mode copies the
+    buffers, such as batch-norm statistics, and reads the loss, one host-device sync
+    per micro-batch, so that a skipped batch changes nothing).
     """
     model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
     device = group[0][0].device
     total = sum(len(y) for _, y in group)
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    score_sum = torch.zeros((), device=device)
     seen = skipped = 0
     optimizer.zero_grad(set_to_none=True)
     for x, y in group:
         buffers = [b.detach().clone() for b in model.buffers()] if cfg.skip_nonfinite else []
         with torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None):
-            logits = parts.net(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            output = parts.net(x)
+        loss, score = loss_and_score(output, y, cfg.task, cfg.label_smoothing)
         if cfg.skip_nonfinite and not torch.isfinite(loss):
             with torch.no_grad():
                 for live, saved in zip(model.buffers(), buffers):
@@ -157,10 +175,10 @@ def train_step(
         weighted = loss * (len(y) / total)
         (scaler.scale(weighted) if scaler is not None else weighted).backward()
         loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(dim=1) == y).sum()
+        score_sum += score
         seen += len(y)
     if seen == 0:
-        return loss_sum, correct, seen, skipped
+        return loss_sum, score_sum, seen, skipped
 
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
@@ -179,34 +197,35 @@ def train_step(
         parts.scheduler.step()
     if parts.ema is not None:
         parts.ema.update_parameters(model)
-    return loss_sum, correct, seen, skipped
+    return loss_sum, score_sum, seen, skipped
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp_dtype: torch.dtype | None = None
+    model: nn.Module, split: Split, batch_size: int, amp_dtype: torch.dtype | None = None,
+    task: str = "classification",
 ) -> dict[str, float]:
-    """Mean loss and accuracy over (x, y), in eval mode; restores the previous mode."""
+    """Mean loss and score (accuracy or MAE) over a split, in eval mode; restores the previous mode."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for xb, yb in batches(x, y, batch_size):
+    loss_sum = score_sum = None
+    for x, y in split.batches(batch_size):
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-        correct += (logits.argmax(dim=1) == yb).sum()
+            output = model(x)
+        loss, score = loss_and_score(output, y, task, reduction="sum")
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        score_sum = score if score_sum is None else score_sum + score
     model.train(was_training)
-    n = len(y)
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+    n = len(split)
+    return {"loss": loss_sum.item() / n, score_name(task): score_sum.item() / n}
 
 
-def evaluate_split(parts: Parts, split: str, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig) -> dict[str, float]:
-    """`<split>/loss`, `<split>/acc`, and `<split>_ema/...` for the averaged weights when EMA is on."""
-    out = {f"{split}/{k}": v for k, v in evaluate(parts.net, x, y, cfg.eval_batch_size, cfg.amp_dtype).items()}
+def evaluate_split(parts: Parts, name: str, split: Split, cfg: FitConfig) -> dict[str, float]:
+    """`<name>/loss`, `<name>/acc` (or mae), and `<name>_ema/...` for the averaged weights when EMA is on."""
+    out = {f"{name}/{k}": v for k, v in evaluate(parts.net, split, cfg.eval_batch_size, cfg.amp_dtype, cfg.task).items()}
     if parts.ema is not None:
-        ema = evaluate(parts.ema.module, x, y, cfg.eval_batch_size, cfg.amp_dtype)
-        out.update({f"{split}_ema/{k}": v for k, v in ema.items()})
+        ema = evaluate(parts.ema.module, split, cfg.eval_batch_size, cfg.amp_dtype, cfg.task)
+        out.update({f"{name}_ema/{k}": v for k, v in ema.items()})
     return out
 
 
@@ -259,10 +278,10 @@ def fit(
     state = state or TrainState()
     stop = stop or StopFlag()
     optimizer, scheduler = parts.optimizer, parts.scheduler
-    x_train, y_train = data.splits["train"]
-    device = x_train.device
-    micro_per_epoch = micro_batches_per_epoch(len(y_train), cfg)
-    steps = steps_per_epoch(len(y_train), cfg)
+    train = data.splits["train"]
+    device = parts.model_device
+    micro_per_epoch = micro_batches_per_epoch(len(train), cfg)
+    steps = steps_per_epoch(len(train), cfg)
     warmup_steps = round(cfg.warmup_epochs * steps)
     for sink in sinks:
         sink.start(cfg.epochs, cfg.epochs * steps, state.step)
@@ -272,7 +291,7 @@ def fit(
         parts.model.train()
         # Running sums stay on the device; `sync` reads them into `state` when needed.
         loss_sum = torch.tensor(state.loss_sum, device=device)
-        correct = torch.tensor(state.correct, device=device)
+        score_sum = torch.tensor(state.score_sum, device=device)
         first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss
         started = time.perf_counter() - state.seconds
         lr = optimizer.param_groups[0]["lr"]
@@ -284,24 +303,27 @@ def fit(
                     f"the training loss became {float(loss_sum)} at step {int(first_bad)} (epoch {epoch}); stopped, "
                     "the last good checkpoint is kept (trainer.on_nonfinite=skip skips such batches instead)"
                 )
-            state.loss_sum, state.correct = float(loss_sum), int(correct)
+            state.loss_sum, state.score_sum = float(loss_sum), float(score_sum)
             state.seconds = time.perf_counter() - started
 
-        order = batches(x_train, y_train, cfg.batch_size, epoch_generator(cfg.seed, epoch), start=state.batch)
+        order = train.batches(cfg.batch_size, epoch_generator(cfg.seed, epoch), start=state.batch)
         for group in grouped(islice(order, micro_per_epoch - state.batch), cfg.accumulate):
+            if data.augment is not None:
+                group = [(data.augment(x, batch_generator(cfg.seed, epoch, state.batch + i)), y)
+                         for i, (x, y) in enumerate(group)]
             if stop.signum is not None:  # the previous step is complete: checkpoint and leave
                 sync()
                 save(state, False)
                 raise Interrupted(stop.signum, state.step)
             scale = warmup_factor(state.step, warmup_steps)
             lr = optimizer.param_groups[0]["lr"] * scale  # the lr this step uses
-            step_loss, step_correct, seen, skipped = train_step(parts, group, cfg, scale)
+            step_loss, step_score, seen, skipped = train_step(parts, group, cfg, scale)
             state.step += 1
             state.batch += len(group)
             state.seen += seen
             state.skipped += skipped
             loss_sum += step_loss
-            correct += step_correct
+            score_sum += step_score
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), state.step, first_bad)
             if state.step % cfg.log_every == 0 and seen:
                 rate = state.seen / (time.perf_counter() - started)
@@ -317,10 +339,10 @@ def fit(
             "epoch": epoch,
             "step": state.step,
             "train/loss": state.loss_sum / seen,
-            "train/acc": state.correct / seen,
+            f"train/{score_name(cfg.task)}": state.score_sum / seen,
         }
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            record.update(evaluate_split(parts, "val", *data.splits["val"], cfg))
+            record.update(evaluate_split(parts, "val", data.splits["val"], cfg))
         if state.skipped:
             record["skipped_batches"] = state.skipped
         record.update(lr=lr, seconds=state.seconds, samples_per_s=state.seen / state.seconds)
