@@ -37,7 +37,11 @@ sweep: install
 
 ## Benchmarks: each prints a table and a JSON line with a ratio measured in the same run.
 bench: install
+	$(BIN)/python bench/loop_overhead.py
+	$(BIN)/python bench/end_to_end.py
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/sweep.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist src/*.egg-info

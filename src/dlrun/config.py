@@ -387,6 +387,12 @@ class Config:
     resume: Optional[str] = None
 
 
+def cpu_share(n_jobs: int) -> int:
+    cores = os.cpu_count() or 1
+    jobs = cores if n_jobs < 1 else min(n_jobs, cores)
+    return max(1, cores // jobs)
+
+
 def register_configs(cs: ConfigStore | None = None) -> None:
     """Store each schema as `schema/<group>/<option>` and the top level as `schema/config`.
 
@@ -396,6 +402,8 @@ def register_configs(cs: ConfigStore | None = None) -> None:
     # `${dlrun.if_resume:${resume},A,B}` is A when resuming, else B (conf/config.yaml uses it
     # to point Hydra's run folder at the resumed one).
     OmegaConf.register_new_resolver("dlrun.if_resume", lambda resume, then, other: then if resume else other, replace=True)
+    # `${dlrun.cpu_share:N}`: CPU threads per job when N jobs share the machine (N = -1: one per core).
+    OmegaConf.register_new_resolver("dlrun.cpu_share", cpu_share, replace=True)
     cs = cs or ConfigStore.instance()
     cs.store(group="schema", name="config", node=Config)
     for group, options in GROUPS.items():

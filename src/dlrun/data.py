@@ -176,18 +176,14 @@ class Data:
 
 
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, stratify: bool = True):
-    """(rest, held_out) with `fraction` held out, stratified by class for classification
-    (when every class has two samples and each side can hold one of every class)."""
-    from sklearn.model_selection import train_test_split
-
-    if stratify:
-        counts = np.unique(y, return_counts=True)[1]
-        held = math.ceil(fraction * len(y))
-        stratify = counts.min() >= 2 and min(held, len(y) - held) >= len(counts)
-    x_rest, x_out, y_rest, y_out = train_test_split(
-        x, y, test_size=fraction, random_state=seed, stratify=y if stratify else None
-    )
-    return (x_rest, y_rest), (x_out, y_out)
+    """(rest, held_out) with `fraction` of the samples held out, drawn per class for classification
+    (so each class keeps its share), in the original order within each part."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]
+    held = np.zeros(len(y), dtype=bool)
+    for members in groups:
+        held[rng.permutation(members)[: round(fraction * len(members))]] = True
+    return (x[~held], y[~held]), (x[held], y[held])
 
 
 def _cached(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -322,41 +318,57 @@ def _torchvision_class(name: str, verify: bool):
     })
 
 
+EXPECTED = {  # the files torchvision reads, relative to the data dir (as its classes name them)
+    "mnist": [f"MNIST/raw/{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")],
+    "fashion_mnist": [f"FashionMNIST/raw/{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")],
+    "cifar10": [f"cifar-10-batches-py/{f}" for f in
+                ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta")],
+    "cifar100": [f"cifar-100-python/{f}" for f in ("train", "test", "meta")],
+}
+
+
 def expected_files(name: str, data_dir: str) -> list[Path]:
     """The files torchvision reads for dataset `name` under `data_dir`."""
-    import torchvision.datasets as tvd
-
-    cls = getattr(tvd, TORCHVISION[name][0])
     root = Path(data_dir).expanduser().resolve()
-    if hasattr(cls, "resources"):  # MNIST family: extracted IDX files
-        raw = root / cls.__name__ / "raw"
-        return [raw / os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
-    folder = root / cls.base_folder
-    return [folder / f for f, _ in cls.train_list + cls.test_list] + [folder / cls.meta["filename"]]
+    return [root / f for f in EXPECTED[name]]
 
 
 def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: float, split_seed: int,
                         verify: bool = True) -> RawSplits:
+    """The dataset's train and test arrays, read by torchvision's class once and then from a cache
+    (keyed by the files' sizes and times) that spares later runs the torchvision import."""
+    root = Path(data_dir).expanduser().resolve()
+    files = expected_files(name, data_dir)
+    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    cached = root / "dlrun-cache" / f"{name}-{_key([stamp, verify])}.npz"
+    if len(stamp) == len(files) and cached.is_file():
+        arrays = _cached(cached, dict)
+    else:
+        arrays = _cached(cached, lambda: _read_torchvision(name, root, download, verify, files))
+    rest, held = _split(arrays["train_x"], arrays["train_y"], val_fraction, split_seed)
+    return RawSplits(name, rest, held, (arrays["test_x"], arrays["test_y"]), num_outputs=TORCHVISION[name][1])
+
+
+def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files: list[Path]) -> dict[str, np.ndarray]:
     cls = _torchvision_class(name, verify)
-    root = str(Path(data_dir).expanduser().resolve())
     try:
-        train = cls(root, train=True, download=download)
-        test = cls(root, train=False, download=False)
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=False)
     except Exception as err:  # torchvision raises RuntimeError when files are missing, URLError offline
-        missing = [str(p) for p in expected_files(name, data_dir) if not p.is_file()]
+        missing = [str(p) for p in files if not p.is_file()]
         where = f"missing: {', '.join(missing)}" if missing else f"{type(err).__name__}: {err}"
         hint = "" if download else "; set dataset.download=true to download them when online"
         if missing and name.startswith(("mnist", "fashion")):
             hint += " (the .gz files from the official site also work with dataset.download=true, offline)"
         raise ConfigError(f"dataset={name}: cannot load the files under {root} ({where}){hint}") from None
 
-    def arrays(ds) -> ArraySplit:
+    def images(ds) -> np.ndarray:
         x = np.asarray(ds.data)
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W), uint8
-        return x, np.asarray(ds.targets, dtype=np.int64)
+        return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W), uint8
 
-    rest, held = _split(*arrays(train), val_fraction, split_seed)
-    return RawSplits(name, rest, held, arrays(test), num_outputs=TORCHVISION[name][1])
+    return {"train_x": images(train), "train_y": np.asarray(train.targets, dtype=np.int64),
+            "test_x": images(test), "test_y": np.asarray(test.targets, dtype=np.int64)}
 
 
 def decode_image(path: str, size: Sequence[int], channels: int) -> np.ndarray:
@@ -431,40 +443,35 @@ def load_imagefolder(
 # ------------------------------------------------------------------ pipeline
 
 
-def _statistics(raw: RawSplits) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of the training inputs (of up to 2,000 files when streaming)."""
-    if isinstance(raw.train, ImageFiles):
-        images = raw.train
-        x = np.stack([decode_image(f, images.size, images.channels) for f in images.files[:2000]])
-    else:
-        x = raw.train[0]
-    axes = (0,) + tuple(range(2, x.ndim))  # all but the channel axis
-    x = x.astype(np.float64)
-    mean, std = x.mean(axis=axes), x.std(axis=axes)
-    return mean, np.where(std > 0, std, 1.0)
-
-
 def build_data(raw: RawSplits, device: torch.device) -> Data:
     """Normalise with the training split's per-channel statistics and put the splits on `device`."""
-    mean, std = _statistics(raw)
+    train = raw.train
+    if isinstance(train, ImageFiles):  # statistics of up to 2,000 of the files
+        sample = np.stack([decode_image(f, train.size, train.channels) for f in train.files[:2000]])
+        mean, std = _channel_stats(torch.from_numpy(sample).float())
+        input_shape: tuple[int, ...] = (train.channels, *train.size)
+    else:
+        mean, std = _channel_stats(torch.from_numpy(train[0]).to(device).float())
+        input_shape = tuple(train[0].shape[1:])
+    mean, std = mean.to(device), std.to(device)
     splits: dict[str, Split] = {}
     for name in ("train", "val", "test"):
         part = getattr(raw, name)
         if isinstance(part, ImageFiles):
-            shape = (1, -1, 1, 1)
-            splits[name] = StreamSplit(part, torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
-                                       torch.tensor(std, dtype=torch.float32, device=device).view(shape),
-                                       device, raw.workers)
-            continue
-        x, y = part
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        xt = ((x - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32)
-        splits[name] = TensorSplit(torch.from_numpy(xt).to(device), torch.from_numpy(y).to(device))
-    train = raw.train
-    input_shape = (train.channels, *train.size) if isinstance(train, ImageFiles) else tuple(train[0].shape[1:])
+            splits[name] = StreamSplit(part, mean, std, device, raw.workers)
+        else:
+            x = torch.from_numpy(part[0]).to(device).float().sub_(mean).div_(std)  # uint8 or float32 in
+            splits[name] = TensorSplit(x, torch.from_numpy(part[1]).to(device))
     spec = DataSpec(input_shape=input_shape, num_outputs=raw.num_outputs, task=raw.task, name=raw.name)
     augment = Augment(raw.crop_padding, raw.hflip) if (raw.crop_padding or raw.hflip) else None
-    return Data(spec, splits, mean=mean.tolist(), std=std.tolist(), augment=augment)
+    return Data(spec, splits, mean=mean.flatten().tolist(), std=std.flatten().tolist(), augment=augment)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) std of (N, C, ...) inputs, shaped to broadcast over them."""
+    dims = [0, *range(2, x.dim())]
+    std, mean = torch.std_mean(x, dim=dims, correction=0, keepdim=True)
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
 def quick_check_subsets(data: Data, overfit_samples: int = 0, eval_samples: int = 0) -> Data:

@@ -100,7 +100,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                       "ema": None if parts.ema is None else parts.ema.state_dict()})
 
             state, best_weights = TrainState(), weights()
-            if resumed is not None:
+            if resumed is None:
+                jsonl.keep_epochs(0)  # a new run in a folder used before starts a new record
+            else:
                 state = checkpoint.restore_training(resumed, parts)
                 best_path = run_dir / "checkpoints" / "best.pt"
                 best_weights = checkpoint.load(best_path) if best_path.is_file() else best_weights

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -117,6 +117,9 @@ class NonFiniteLoss(DlrunError):
 @contextmanager
 def scaled_lr(optimizer: Optimizer, scale: float) -> Iterator[None]:
     """Multiply every group's lr by `scale` for one step, leaving the scheduler's values untouched."""
+    if scale == 1.0:
+        yield
+        return
     saved = [group["lr"] for group in optimizer.param_groups]
     for group, lr in zip(optimizer.param_groups, saved):
         group["lr"] = lr * scale
@@ -139,31 +142,35 @@ def loss_and_score(output: torch.Tensor, y: torch.Tensor, task: str, label_smoot
     if task == "regression":
         return F.mse_loss(output, y, reduction=reduction), (output.detach() - y).abs().mean(dim=1).sum()
     loss = F.cross_entropy(output, y, label_smoothing=label_smoothing, reduction=reduction)
-    return loss, (output.detach().argmax(dim=1) == y).sum().float()
+    return loss, (output.detach().argmax(dim=1) == y).sum()
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """Autocast to `dtype`; for fp32 no context at all (even a disabled autocast costs per step)."""
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def train_step(
-    parts: Parts, group: Sequence[Batch], cfg: FitConfig, lr_scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    parts: Parts, group: Sequence[Batch], cfg: FitConfig, totals: torch.Tensor, lr_scale: float = 1.0
+) -> tuple[torch.Tensor | None, int, int]:
     """One optimizer step over a group of micro-batches (one, unless trainer.accumulate > 1).
 
     Each micro-batch's loss is weighted by its share of the group's samples, so k
-    micro-batches give the gradient of one batch k times larger. Returns the summed
-    per-sample loss and score (on device), the samples used and the micro-batches
-    skipped for a non-finite loss (`cfg.skip_nonfinite`: this mode copies the
-    buffers, such as batch-norm statistics, and reads the loss, one host-device sync
-    per micro-batch, so that a skipped batch changes nothing).
+    micro-batches give the gradient of one batch k times larger. Each micro-batch's
+    summed loss and score are added to `totals` ([loss, score] on the device, never
+    read here). Returns the last micro-batch's mean loss (None if all were skipped),
+    the samples used, and the micro-batches skipped for a non-finite loss
+    (`cfg.skip_nonfinite`: this mode copies the buffers, such as batch-norm statistics,
+    and reads the loss, one host-device sync per micro-batch, so that a skipped batch
+    changes nothing).
     """
     model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
-    device = group[0][0].device
-    total = sum(len(y) for _, y in group)
-    loss_sum = torch.zeros((), device=device)
-    score_sum = torch.zeros((), device=device)
-    seen = skipped = 0
+    total = sum(len(y) for _, y in group) if len(group) > 1 else None
+    last, seen, skipped = None, 0, 0
     optimizer.zero_grad(set_to_none=True)
     for x, y in group:
         buffers = [b.detach().clone() for b in model.buffers()] if cfg.skip_nonfinite else []
-        with torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None):
+        with autocast(x.device.type, cfg.amp_dtype):
             output = parts.net(x)
         loss, score = loss_and_score(output, y, cfg.task, cfg.label_smoothing)
         if cfg.skip_nonfinite and not torch.isfinite(loss):
@@ -172,13 +179,14 @@ def train_step(
                     live.copy_(saved)
             skipped += 1
             continue
-        weighted = loss * (len(y) / total)
+        weighted = loss if total is None else loss * (len(y) / total)
         (scaler.scale(weighted) if scaler is not None else weighted).backward()
-        loss_sum += loss.detach() * len(y)
-        score_sum += score
+        last = loss.detach()
+        totals[0].add_(last, alpha=len(y))
+        totals[1].add_(score)
         seen += len(y)
-    if seen == 0:
-        return loss_sum, score_sum, seen, skipped
+    if last is None:
+        return None, seen, skipped
 
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
@@ -197,7 +205,7 @@ def train_step(
         parts.scheduler.step()
     if parts.ema is not None:
         parts.ema.update_parameters(model)
-    return loss_sum, score_sum, seen, skipped
+    return last, seen, skipped
 
 
 @torch.no_grad()
@@ -210,7 +218,7 @@ def evaluate(
     model.eval()
     loss_sum = score_sum = None
     for x, y in split.batches(batch_size):
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(x.device.type, amp_dtype):
             output = model(x)
         loss, score = loss_and_score(output, y, task, reduction="sum")
         loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -290,45 +298,44 @@ def fit(
         epoch = state.epoch + 1
         parts.model.train()
         # Running sums stay on the device; `sync` reads them into `state` when needed.
-        loss_sum = torch.tensor(state.loss_sum, device=device)
-        score_sum = torch.tensor(state.score_sum, device=device)
-        first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss
+        totals = torch.tensor([state.loss_sum, state.score_sum], device=device)  # [loss, score]
+        step_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) references, to name a non-finite one
         started = time.perf_counter() - state.seconds
         lr = optimizer.param_groups[0]["lr"]
 
         def sync() -> None:
             """Copy the running sums into `state`, failing if the loss went non-finite."""
-            if not torch.isfinite(loss_sum):
+            if not torch.isfinite(totals).all():
+                step, loss = next((s, v) for s, v in step_losses if not torch.isfinite(v))
                 raise NonFiniteLoss(
-                    f"the training loss became {float(loss_sum)} at step {int(first_bad)} (epoch {epoch}); stopped, "
-                    "the last good checkpoint is kept (trainer.on_nonfinite=skip skips such batches instead)"
+                    f"the training loss became {float(loss)} at step {step} (epoch {epoch}); stopped, the last "
+                    "good checkpoint is kept (trainer.on_nonfinite=skip skips such batches instead)"
                 )
-            state.loss_sum, state.score_sum = float(loss_sum), float(score_sum)
+            state.loss_sum, state.score_sum = totals.tolist()
             state.seconds = time.perf_counter() - started
 
         order = train.batches(cfg.batch_size, epoch_generator(cfg.seed, epoch), start=state.batch)
         for group in grouped(islice(order, micro_per_epoch - state.batch), cfg.accumulate):
-            if data.augment is not None:
-                group = [(data.augment(x, batch_generator(cfg.seed, epoch, state.batch + i)), y)
-                         for i, (x, y) in enumerate(group)]
             if stop.signum is not None:  # the previous step is complete: checkpoint and leave
                 sync()
                 save(state, False)
                 raise Interrupted(stop.signum, state.step)
+            if data.augment is not None:
+                group = [(data.augment(x, batch_generator(cfg.seed, epoch, state.batch + i)), y)
+                         for i, (x, y) in enumerate(group)]
             scale = warmup_factor(state.step, warmup_steps)
             lr = optimizer.param_groups[0]["lr"] * scale  # the lr this step uses
-            step_loss, step_score, seen, skipped = train_step(parts, group, cfg, scale)
+            last, seen, skipped = train_step(parts, group, cfg, totals, scale)
             state.step += 1
+            if last is not None:
+                step_losses.append((state.step, last))
             state.batch += len(group)
             state.seen += seen
             state.skipped += skipped
-            loss_sum += step_loss
-            score_sum += step_score
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), state.step, first_bad)
-            if state.step % cfg.log_every == 0 and seen:
+            if state.step % cfg.log_every == 0 and last is not None:
                 rate = state.seen / (time.perf_counter() - started)
                 for sink in sinks:
-                    sink.step(epoch, state.step, float(step_loss) / seen, rate)
+                    sink.step(epoch, state.step, float(last), rate)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < micro_per_epoch:
                 sync()
                 save(state, False)
@@ -352,7 +359,9 @@ def fit(
             value = record[cfg.monitor]
             if scheduler is not None and not steps_per_batch(scheduler):
                 scheduler.step(value)  # ReduceLROnPlateau
-            if improved(value, state.best_value, cfg.mode):
+            # Ties go to the later epoch: a coarse metric such as accuracy often plateaus
+            # while the model keeps improving.
+            if state.best_value is None or not improved(state.best_value, value, cfg.mode):
                 state.best_value, state.best_epoch, is_best = value, epoch, True
                 state.best_metrics = metrics_of(record)
             if early_stop(state, value, cfg.patience, cfg.min_delta, cfg.mode):
