@@ -87,6 +87,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             )
             summary.update(
                 device=device_name(device),
+                threads=torch.get_num_threads(),
                 monitor={"metric": fit_cfg.monitor, "mode": fit_cfg.mode},
                 data={"name": data.spec.name, "task": data.spec.task, "sizes": data.sizes(),
                       "input_shape": list(data.spec.input_shape), "num_outputs": data.spec.num_outputs,
