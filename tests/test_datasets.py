@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +37,12 @@ def test_mnist_idx_files_through_torchvision(tmp_path):
     data = build_data(raw, DEVICE)
     assert data.spec.input_shape == (1, 28, 28) and data.spec.num_outputs == 10
     assert abs(data.splits["train"].x.mean().item()) < 1e-4
+    # decoded once: later loads read the cache and never import torchvision
+    assert len(list((tmp_path / "dlrun-cache").glob("mnist-*.npz"))) == 1
+    code = (f"import sys; from dlrun.data import load_mnist; raw = load_mnist({str(tmp_path)!r}, False, 0.1, 0); "
+            "print(len(raw.test[1]), 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["200", "False"]
 
 
 def test_fashion_mnist_uses_its_own_folder(tmp_path):

@@ -341,11 +341,8 @@ def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: 
     root = Path(data_dir).expanduser().resolve()
     files = expected_files(name, data_dir)
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    cached = root / "dlrun-cache" / f"{name}-{_key([stamp, verify])}.npz"
-    if len(stamp) == len(files) and cached.is_file():
-        arrays = _cached(cached, dict)
-    else:
-        arrays = _cached(cached, lambda: _read_torchvision(name, root, download, verify, files))
+    cached = root / "dlrun-cache" / f"{name}-{_key([stamp, verify])}.npz"  # missing files: a new key, a miss
+    arrays = _cached(cached, lambda: _read_torchvision(name, root, download, verify, files))
     rest, held = _split(arrays["train_x"], arrays["train_y"], val_fraction, split_seed)
     return RawSplits(name, rest, held, (arrays["test_x"], arrays["test_y"]), num_outputs=TORCHVISION[name][1])
 
