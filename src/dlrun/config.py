@@ -208,6 +208,8 @@ class DigitsConfig:
     test_fraction: float = 0.2
     val_fraction: float = 0.1  # of the whole set, taken from what is left after the test split
     split_seed: int = 0
+    crop_padding: int = 0  # random crops with this padding (0 = off)
+    hflip: bool = False  # random horizontal flips
 
 
 @dataclass
@@ -241,6 +243,8 @@ class MNISTConfig:
     download: bool = False
     val_fraction: float = 5000 / 60000  # 55k / 5k / 10k
     split_seed: int = 0
+    crop_padding: int = 0  # random crops with this padding (0 = off)
+    hflip: bool = False  # random horizontal flips (no use for digits; fine for Fashion-MNIST)
 
 
 @dataclass

@@ -206,7 +206,8 @@ def _key(obj: object) -> str:
 # ------------------------------------------------------------------ builders
 
 
-def load_digits(test_fraction: float, val_fraction: float, split_seed: int) -> RawSplits:
+def load_digits(test_fraction: float, val_fraction: float, split_seed: int, crop_padding: int = 0,
+                hflip: bool = False) -> RawSplits:
     """scikit-learn's 8x8 handwritten digits (1,797 images, shipped with the package)."""
     from sklearn.datasets import load_digits as sk_digits
 
@@ -215,7 +216,7 @@ def load_digits(test_fraction: float, val_fraction: float, split_seed: int) -> R
     y = bunch.target.astype(np.int64)
     rest, test = _split(x, y, test_fraction, split_seed)
     train, val = _split(*rest, val_fraction / (1.0 - test_fraction), split_seed)
-    return RawSplits("digits", train, val, test, num_outputs=10)
+    return RawSplits("digits", train, val, test, num_outputs=10, crop_padding=crop_padding, hflip=hflip)
 
 
 def load_mnist1d(
@@ -272,28 +273,29 @@ def load_sequence(
     return RawSplits("sequence", train, val, test, num_outputs=horizon, task="regression")
 
 
-def load_mnist(data_dir: str, download: bool, val_fraction: float, split_seed: int) -> RawSplits:
+def load_mnist(data_dir: str, download: bool, val_fraction: float, split_seed: int, crop_padding: int = 0,
+               hflip: bool = False) -> RawSplits:
     """MNIST through torchvision: <data_dir>/MNIST/raw/*-ubyte (IDX files)."""
-    return _torchvision_splits("mnist", data_dir, download, val_fraction, split_seed)
+    return _torchvision_splits("mnist", data_dir, download, val_fraction, split_seed, True, crop_padding, hflip)
 
 
-def load_fashion_mnist(data_dir: str, download: bool, val_fraction: float, split_seed: int) -> RawSplits:
+def load_fashion_mnist(data_dir: str, download: bool, val_fraction: float, split_seed: int, crop_padding: int = 0,
+                       hflip: bool = False) -> RawSplits:
     """Fashion-MNIST through torchvision: <data_dir>/FashionMNIST/raw/*-ubyte (IDX files)."""
-    return _torchvision_splits("fashion_mnist", data_dir, download, val_fraction, split_seed)
+    return _torchvision_splits("fashion_mnist", data_dir, download, val_fraction, split_seed, True, crop_padding,
+                               hflip)
 
 
 def load_cifar10(data_dir: str, download: bool, val_fraction: float, split_seed: int, verify: bool,
                  crop_padding: int, hflip: bool) -> RawSplits:
     """CIFAR-10 through torchvision: <data_dir>/cifar-10-batches-py/ (python pickles)."""
-    raw = _torchvision_splits("cifar10", data_dir, download, val_fraction, split_seed, verify)
-    return replace(raw, crop_padding=crop_padding, hflip=hflip)
+    return _torchvision_splits("cifar10", data_dir, download, val_fraction, split_seed, verify, crop_padding, hflip)
 
 
 def load_cifar100(data_dir: str, download: bool, val_fraction: float, split_seed: int, verify: bool,
                   crop_padding: int, hflip: bool) -> RawSplits:
     """CIFAR-100 (fine labels) through torchvision: <data_dir>/cifar-100-python/ (python pickles)."""
-    raw = _torchvision_splits("cifar100", data_dir, download, val_fraction, split_seed, verify)
-    return replace(raw, crop_padding=crop_padding, hflip=hflip)
+    return _torchvision_splits("cifar100", data_dir, download, val_fraction, split_seed, verify, crop_padding, hflip)
 
 
 TORCHVISION = {  # name: (torchvision class, number of classes)
@@ -335,7 +337,7 @@ def expected_files(name: str, data_dir: str) -> list[Path]:
 
 
 def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: float, split_seed: int,
-                        verify: bool = True) -> RawSplits:
+                        verify: bool, crop_padding: int, hflip: bool) -> RawSplits:
     """The dataset's train and test arrays, read by torchvision's class once and then from a cache
     (keyed by the files' sizes and times) that spares later runs the torchvision import."""
     root = Path(data_dir).expanduser().resolve()
@@ -344,7 +346,8 @@ def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: 
     cached = root / "dlrun-cache" / f"{name}-{_key([stamp, verify])}.npz"  # missing files: a new key, a miss
     arrays = _cached(cached, lambda: _read_torchvision(name, root, download, verify, files))
     rest, held = _split(arrays["train_x"], arrays["train_y"], val_fraction, split_seed)
-    return RawSplits(name, rest, held, (arrays["test_x"], arrays["test_y"]), num_outputs=TORCHVISION[name][1])
+    return RawSplits(name, rest, held, (arrays["test_x"], arrays["test_y"]), num_outputs=TORCHVISION[name][1],
+                     crop_padding=crop_padding, hflip=hflip)
 
 
 def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files: list[Path]) -> dict[str, np.ndarray]:
