@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import dlrun
 from dlrun import checkpoint
 from dlrun.config import ClipMode, ConfigError, OnNonFinite, resolve_monitor, resume_checkpoint, to_plain, validate
+from dlrun.cost import model_cost, peak_memory_mb
 from dlrun.data import build_data, channels_last, quick_check_subsets
 from dlrun.device import amp_dtype, deterministic_algorithms, resolve_device, seed_everything
 from dlrun.models import build_model, count_parameters
@@ -134,7 +135,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 parts.ema.load_state_dict(best_weights["ema"])
             best = {"epoch": state.best_epoch, **state.best_metrics,
                     **evaluate_split(parts, "test", data.splits["test"], fit_cfg)}
+            cost = model_cost(model, data.spec.input_shape, t.batch_size, device)
         samples = (state.step - first_step) / steps * data.sizes()["train"]
+        peak, memory_kind = peak_memory_mb(device)
         summary.update(
             status="completed",
             epochs=state.epoch,
@@ -144,6 +147,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             best=best,
             monitor_value=state.best_value,
             train={"seconds": train_seconds, "samples_per_s": samples / train_seconds if train_seconds else 0.0},
+            cost={**cost, "peak_memory_mb": peak, "memory": memory_kind},
             wall_time_s=time.perf_counter() - clock,
         )
     except BaseException as err:

@@ -147,9 +147,15 @@ def summary_table(summary: dict[str, Any]):
     table.add_column("final", justify="right")
     for key in sorted(k for k in set(best) | set(final) if "/" in k):
         table.add_row(key, _number(best.get(key)), _number(final.get(key)))
-    params = summary["model"]["parameters"]
+    params, cost = summary["model"]["parameters"], summary["cost"]
+    latency = cost["latency_ms"]
+    full = next(k for k in latency if k != "batch_1")
     table.add_section()
     table.add_row("parameters", f"{params['total']:,}", f"{params['trainable']:,} trainable")
+    table.add_row("size, FLOPs/sample", f"{cost['size_mb']:.3f} MiB", f"{cost['flops_per_sample']:,}")
+    table.add_row("latency (batch 1, " + full.split("_")[1] + ")", f"{latency['batch_1']:.3f} ms",
+                  f"{latency[full]:.3f} ms")
+    table.add_row("peak memory", f"{cost['peak_memory_mb']:,.0f} MiB", cost["memory"])
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s", f"{summary['train']['samples_per_s']:,.0f} samples/s")
     table.add_row("device", summary["device"], "")
     table.add_row("run folder", summary["run_dir"], "")

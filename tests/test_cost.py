@@ -1,0 +1,53 @@
+"""What a model costs, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlrun.cost import flops_per_sample, latency_ms, model_cost, peak_memory_mb, size_mb
+from dlrun.models import CNN, MLP, RNN
+from dlrun.run import run
+
+CPU = torch.device("cpu")
+
+
+def test_cnn_flops_and_size_by_hand():
+    # conv 1->4 (3x3) on 8x8, pool, conv 4->8 on 4x4, pool, fc 8*2*2 -> 16, fc 16 -> 10 (a multiply-add = 2 FLOPs)
+    model = CNN((1, 8, 8), 10, channels=[4, 8], kernel_size=3, pool="max", batch_norm=True, hidden=16)
+    expected = 2 * (8 * 8 * 4 * 1 * 9) + 2 * (4 * 4 * 8 * 4 * 9) + 2 * (32 * 16) + 2 * (16 * 10)
+    assert flops_per_sample(model, (1, 8, 8), CPU) == expected == 15168
+    params = (4 * 9) + (8 * 4 * 9) + (32 * 16 + 16) + (16 * 10 + 10) + 2 * (4 + 8)  # + batch-norm weight and bias
+    running_stats = 2 * (4 + 8)  # batch norm's running mean and var, float32
+    counters = 2  # num_batches_tracked, int64
+    assert size_mb(model) == pytest.approx((4 * params + 4 * running_stats + 8 * counters) / 2**20)
+
+
+@pytest.mark.parametrize("cell,gates", [("lstm", 4), ("gru", 3), ("rnn", 1)])
+def test_recurrent_flops_are_counted(cell, gates):
+    steps, features, hidden = 40, 1, 32
+    model = RNN((features, steps), 10, cell=cell, hidden_size=hidden)
+    per_step = 2 * gates * hidden * (features + hidden)
+    assert flops_per_sample(model, (features, steps), CPU) == steps * per_step + 2 * hidden * 10
+
+
+def test_mlp_flops():
+    assert flops_per_sample(MLP((1, 8, 8), 10, hidden=[16]), (1, 8, 8), CPU) == 2 * 64 * 16 + 2 * 16 * 10
+
+
+def test_latency_and_memory_are_measured():
+    model = MLP((1, 28, 28), 10, hidden=[256])
+    one, many = latency_ms(model, (1, 28, 28), 1, CPU, repeats=5), latency_ms(model, (1, 28, 28), 256, CPU, repeats=5)
+    assert 0 < one and 0 < many
+    peak, kind = peak_memory_mb(CPU)
+    assert kind == "process RSS" and peak > 50  # torch alone takes more than that
+    cost = model_cost(model, (1, 28, 28), 64, CPU)
+    assert set(cost["latency_ms"]) == {"batch_1", "batch_64"} and cost["parameters"]["total"] == 784 * 256 + 2 * 256 + 2570
+
+
+def test_every_run_reports_its_cost(make_cfg, tmp_path):
+    summary = run(make_cfg("trainer.epochs=1", "device=cpu"), run_dir=tmp_path)
+    cost = summary["cost"]
+    assert cost["parameters"] == summary["model"]["parameters"]
+    assert cost["flops_per_sample"] == 694784  # the default CNN on 8x8 digits
+    assert cost["size_mb"] > 0.2 and cost["peak_memory_mb"] > 0 and cost["latency_ms"]["batch_64"] > 0
