@@ -52,6 +52,10 @@ def test_run_reports_final_and_best(make_cfg, tmp_path):
     assert {"train/loss", "val/acc", "test/acc"} <= summary["final"].keys()
     assert 1 <= summary["best"]["epoch"] <= 3 and "test/acc" in summary["best"]
     assert summary == read_summary(tmp_path)
+    from PIL import Image
+
+    with Image.open(tmp_path / "plots" / "learning_curves.png") as png:  # a real image: loss and accuracy panels
+        assert png.format == "PNG" and png.width > 2 * png.height
 
 
 def test_a_new_run_in_a_used_folder_starts_a_new_record(make_cfg, tmp_path):

@@ -29,6 +29,7 @@ from dlrun.data import build_data, channels_last, quick_check_subsets
 from dlrun.device import amp_dtype, deterministic_algorithms, resolve_device, seed_everything
 from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
+from dlrun.report import learning_curves
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink
 from dlrun.train import (
     FitConfig,
@@ -162,6 +163,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             sink.close(None)
         raise
     write_json(run_dir / "summary.json", summary)
+    learning_curves(run_dir)
     for sink in sinks:
         sink.close(summary)
     return summary
