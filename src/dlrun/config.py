@@ -285,6 +285,23 @@ class ImageFolderConfig:
     hflip: bool = False
 
 
+# -------------------------------------------------------------------- logger
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True  # event files in <run>/tensorboard
+    mlflow: bool = False
+    # a local SQLite-backed store by default (artifacts beside it); any MLflow tracking URI works
+    mlflow_tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    mlflow_experiment: str = "dlrun"
+
+
+@dataclass
+class MLflowLoggerConfig(LoggerConfig):
+    mlflow: bool = True
+
+
 # -------------------------------------------------------------------- device
 
 
@@ -376,6 +393,7 @@ GROUPS = {
     },
     "device": {"auto": DeviceConfig, "cpu": CPUDeviceConfig, "cuda": CUDADeviceConfig},
     "trainer": {"default": TrainerConfig},
+    "logger": {"default": LoggerConfig, "mlflow": MLflowLoggerConfig},
 }
 
 
@@ -387,6 +405,7 @@ class Config:
     dataset: Any = None
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     # A run folder to continue, with its saved config: `dlrun resume=outputs/2026-11-28/14-03-07`.
     resume: Optional[str] = None
 

@@ -30,7 +30,7 @@ from dlrun.device import amp_dtype, deterministic_algorithms, resolve_device, se
 from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.report import learning_curves
-from dlrun.sinks import ConsoleSink, JsonlSink, LogSink
+from dlrun.sinks import ConsoleSink, JsonlSink, LogSink, MLflowSink, Sink, TensorBoardSink, flatten
 from dlrun.train import (
     FitConfig,
     Interrupted,
@@ -62,11 +62,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     summary = start_summary(cfg, run_dir, resumed)
     write_json(run_dir / "summary.json", summary)
     jsonl = JsonlSink(run_dir / "metrics.jsonl")
-    sinks = [ConsoleSink(), jsonl, LogSink()]
+    sinks: list[Sink] = [ConsoleSink(), jsonl, LogSink()]
     try:
         with stop_on_signals() as stop, ExitStack() as scope:
             validate(cfg)
             t = cfg.trainer
+            sinks += optional_sinks(cfg, run_dir)
             device = resolve_device(cfg.device)
             scope.enter_context(deterministic_algorithms(t.deterministic))
             seed_everything(t.seed)
@@ -167,6 +168,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     for sink in sinks:
         sink.close(summary)
     return summary
+
+
+def optional_sinks(cfg: DictConfig, run_dir: Path) -> list[Sink]:
+    """TensorBoard and MLflow, as `cfg.logger` asks (a config saved before they existed: TensorBoard only)."""
+    logger = cfg.get("logger") or {"tensorboard": True, "mlflow": False}
+    sinks: list[Sink] = []
+    if logger["tensorboard"]:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+    if logger["mlflow"]:
+        params = {k: v for k, v in flatten(to_plain(cfg)).items() if not k.startswith(("logger", "resume"))}
+        sinks.append(MLflowSink(logger["mlflow_tracking_uri"], logger["mlflow_experiment"], run_dir.name, params, run_dir))
+    return sinks
 
 
 def fit_config(t: DictConfig, task: str) -> FitConfig:

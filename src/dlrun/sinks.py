@@ -1,4 +1,4 @@
-"""Where metrics go: the rich console display, metrics.jsonl and the log.
+"""Where metrics go: the rich console display, metrics.jsonl, the log, TensorBoard and MLflow.
 
 A sink has four methods, called by the training loop:
   start(epochs, total_steps, done_steps)  once, before the first step (done_steps > 0 when resuming)
@@ -160,3 +160,81 @@ def summary_table(summary: dict[str, Any]):
     table.add_row("device", summary["device"], "")
     table.add_row("run folder", summary["run_dir"], "")
     return table
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    """The metric entries of an epoch record (everything numeric but the epoch and step counters)."""
+    return {k: float(v) for k, v in record.items()
+            if k not in ("epoch", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoardSink:
+    """Event files in <run>/tensorboard: every epoch's metrics, and the training loss every log interval."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
+        self.writer.add_scalar("train/loss_step", loss, step)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        for key, value in _numbers(record).items():
+            self.writer.add_scalar(key, value, record["epoch"])
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        self.writer.close()
+
+
+class MLflowSink:
+    """One MLflow run per dlrun run: the config as params, every epoch's metrics, the final and best
+    metrics, and the run folder as artifacts, in the tracking store at `tracking_uri`."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], run_dir: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_dir = MlflowClient(tracking_uri), run_dir
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            artifacts = None
+            if tracking_uri.startswith("sqlite:///"):  # keep the artifacts next to the database
+                artifacts = (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlflow-artifacts").as_uri()
+            experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+        else:
+            experiment_id = found.experiment_id
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags={"dlrun.run_dir": str(run_dir)}).info.run_id
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, value)
+
+    def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
+        pass
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        for key, value in _numbers(record).items():
+            self.client.log_metric(self.run_id, key, value, step=record["epoch"])
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        if summary is not None:
+            for prefix in ("final", "best"):
+                for key, value in _numbers(summary.get(prefix, {})).items():
+                    self.client.log_metric(self.run_id, f"{prefix}/{key}", value)
+            self.client.log_artifacts(self.run_id, str(self.run_dir))
+        self.client.set_terminated(self.run_id, "FINISHED" if summary is not None else "FAILED")
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"channels": [32, 64]}} -> {"model.channels": [32, 64]}."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,47 @@
+"""Metrics reach TensorBoard event files and a real local MLflow store (SQLite), with the same values."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import read_metrics
+from dlrun.run import run
+
+
+def test_tensorboard_event_files(make_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(make_cfg("trainer.epochs=3", "trainer.log_every=5", "device=cpu"), run_dir=tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    metrics = read_metrics(tmp_path)
+    for key in ("val/acc", "train/loss", "lr"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(m["epoch"], pytest.approx(m[key], rel=1e-6)) for m in metrics]
+    assert len(events.Scalars("train/loss_step")) == 3 * 20 // 5  # every log interval
+
+
+def test_tensorboard_can_be_switched_off(make_cfg, tmp_path):
+    run(make_cfg("trainer.epochs=1", "logger.tensorboard=false", "device=cpu"), run_dir=tmp_path)
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_mlflow_run_in_a_local_sqlite_store(make_cfg, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    run_dir = tmp_path / "run"
+    summary = run(make_cfg("logger=mlflow", f"logger.mlflow_tracking_uri={uri}", "trainer.epochs=2", "device=cpu"),
+                  run_dir=run_dir)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("dlrun")
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.status == "FINISHED" and found.info.run_name == "run"
+    assert found.data.params["model._target_"] == "dlrun.models.CNN" and found.data.params["trainer.epochs"] == "2"
+    history = client.get_metric_history(found.info.run_id, "val/acc")
+    assert [(h.step, h.value) for h in history] == [(m["epoch"], m["val/acc"]) for m in read_metrics(run_dir)]
+    assert found.data.metrics["best/test/acc"] == pytest.approx(summary["best"]["test/acc"])
+    artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
+    assert {"summary.json", "metrics.jsonl", "checkpoints"} <= artifacts
+    assert (tmp_path / "store" / "mlflow-artifacts").is_dir()  # beside the database
