@@ -68,6 +68,7 @@ class RawSplits:
     crop_padding: int = 0  # batched augmentation of training images, on the device
     hflip: bool = False
     workers: int = 0  # DataLoader workers for streamed splits
+    classes: list[str] | None = None  # class names, where the data has them
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,12 @@ class Data:
     mean: list[float] = field(default_factory=list)  # per channel, of the training split
     std: list[float] = field(default_factory=list)
     augment: Augment | None = None  # applied to training batches only
+    classes: list[str] | None = None  # class names, where the data has them
+
+    def describe(self) -> dict:
+        """What a checkpoint needs to turn raw inputs into predictions (see dlrun.predict)."""
+        return {"name": self.spec.name, "task": self.spec.task, "input_shape": list(self.spec.input_shape),
+                "num_outputs": self.spec.num_outputs, "mean": self.mean, "std": self.std, "classes": self.classes}
 
     def sizes(self) -> dict[str, int]:
         return {name: len(split) for name, split in self.splits.items()}
@@ -216,7 +223,8 @@ def load_digits(test_fraction: float, val_fraction: float, split_seed: int, crop
     y = bunch.target.astype(np.int64)
     rest, test = _split(x, y, test_fraction, split_seed)
     train, val = _split(*rest, val_fraction / (1.0 - test_fraction), split_seed)
-    return RawSplits("digits", train, val, test, num_outputs=10, crop_padding=crop_padding, hflip=hflip)
+    return RawSplits("digits", train, val, test, num_outputs=10, crop_padding=crop_padding, hflip=hflip,
+                     classes=[str(d) for d in range(10)])
 
 
 def load_mnist1d(
@@ -347,7 +355,7 @@ def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: 
     arrays = _cached(cached, lambda: _read_torchvision(name, root, download, verify, files))
     rest, held = _split(arrays["train_x"], arrays["train_y"], val_fraction, split_seed)
     return RawSplits(name, rest, held, (arrays["test_x"], arrays["test_y"]), num_outputs=TORCHVISION[name][1],
-                     crop_padding=crop_padding, hflip=hflip)
+                     crop_padding=crop_padding, hflip=hflip, classes=[str(c) for c in arrays["classes"]])
 
 
 def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files: list[Path]) -> dict[str, np.ndarray]:
@@ -368,7 +376,8 @@ def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files
         return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W), uint8
 
     return {"train_x": images(train), "train_y": np.asarray(train.targets, dtype=np.int64),
-            "test_x": images(test), "test_y": np.asarray(test.targets, dtype=np.int64)}
+            "test_x": images(test), "test_y": np.asarray(test.targets, dtype=np.int64),
+            "classes": np.asarray(train.classes, dtype=str)}
 
 
 def decode_image(path: str, size: Sequence[int], channels: int) -> np.ndarray:
@@ -437,7 +446,7 @@ def load_imagefolder(
         arrays = _cached(cache, decode)
         splits = {name: (arrays[f"{name}_x"], arrays[f"{name}_y"]) for name in parts}
     return RawSplits(f"imagefolder:{base.name}", splits["train"], splits["val"], splits["test"],
-                     num_outputs=len(classes), crop_padding=crop_padding, hflip=hflip, workers=workers)
+                     num_outputs=len(classes), crop_padding=crop_padding, hflip=hflip, workers=workers, classes=classes)
 
 
 # ------------------------------------------------------------------ pipeline
@@ -464,7 +473,8 @@ def build_data(raw: RawSplits, device: torch.device) -> Data:
             splits[name] = TensorSplit(x, torch.from_numpy(part[1]).to(device))
     spec = DataSpec(input_shape=input_shape, num_outputs=raw.num_outputs, task=raw.task, name=raw.name)
     augment = Augment(raw.crop_padding, raw.hflip) if (raw.crop_padding or raw.hflip) else None
-    return Data(spec, splits, mean=mean.flatten().tolist(), std=std.flatten().tolist(), augment=augment)
+    return Data(spec, splits, mean=mean.flatten().tolist(), std=std.flatten().tolist(), augment=augment,
+                classes=raw.classes)
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,9 +92,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 device=device_name(device),
                 threads=torch.get_num_threads(),
                 monitor={"metric": fit_cfg.monitor, "mode": fit_cfg.mode},
-                data={"name": data.spec.name, "task": data.spec.task, "sizes": data.sizes(),
-                      "input_shape": list(data.spec.input_shape), "num_outputs": data.spec.num_outputs,
-                      "mean": data.mean, "std": data.std},
+                data={**data.describe(), "sizes": data.sizes()},
                 model={"class": type(model).__name__, "parameters": count_parameters(model)},
             )
             write_json(run_dir / "summary.json", summary)
@@ -119,7 +117,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                     best_weights = weights()
                 if not t.save_checkpoints:
                     return
-                extra = {"config": plain_cfg, "dlrun_version": dlrun.__version__}
+                extra = {"config": plain_cfg, "data": data.describe(), "dlrun_version": dlrun.__version__}
                 checkpoint.save(checkpoint.training_checkpoint(parts, state, **extra), run_dir / "checkpoints" / "last.pt")
                 if is_best:
                     checkpoint.save({**best_weights, "epoch": state.best_epoch, "metrics": state.best_metrics, **extra},
