@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pytest
 import torch
 
 from dlrun.data import batches, build_data, epoch_generator, load_digits, load_mnist1d, num_batches

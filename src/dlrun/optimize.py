@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"dlrun-optimize: error: --sparsity {args.sparsity!r}: comma-separated numbers in [0, 1)")
+        raise SystemExit(f"dlrun-optimize: error: --sparsity {args.sparsity!r}: comma-separated numbers in [0, 1)") from None
     if any(not 0 <= s < 1 for s in sparsities):
         raise SystemExit(f"dlrun-optimize: error: --sparsity {args.sparsity!r}: each must be in [0, 1)")
     try:
