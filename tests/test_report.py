@@ -34,7 +34,8 @@ def test_report_on_a_three_job_sweep(dlrun_cli, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [r["overrides"] for r in rows] == ["model.channels=[16,32]", "model.channels=[8]", "model.channels=[4]"]
     assert [int(r["params"]) for r in rows] == sorted((int(r["params"]) for r in rows), reverse=True)
-    assert all(r["status"] == "completed" and 0 < float(r["test"]) <= 1 for r in rows)
+    assert all(r["status"] == "completed" and 0 < float(r["test"]) <= 1 and 0 < float(r["final_test"]) <= 1
+               for r in rows)
     markdown = (tmp_path / "t.md").read_text().splitlines()
     assert markdown[0].startswith("| run | overrides |") and len(markdown) == 2 + 3
     for name in ("learning_curves.png", "pareto.png"):

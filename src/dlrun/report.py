@@ -45,7 +45,7 @@ def learning_curves(run_dir: Path) -> Path | None:
 
 # ------------------------------------------------------------------ dlrun-report
 
-COLUMNS = ("run", "overrides", "status", "monitor", "best", "test", "params", "flops", "time_s")
+COLUMNS = ("run", "overrides", "status", "monitor", "best", "test", "final_test", "params", "flops", "time_s")
 
 
 def find_runs(folders: list[str]) -> list[Path]:
@@ -86,7 +86,8 @@ def rows_of(runs: list[Path]) -> list[dict]:
             "status": s.get("status"),
             "monitor": monitor,
             "best": s.get("monitor_value"),
-            "test": best.get(score) if score else None,
+            "test": best.get(score) if score else None,  # of the best checkpoint
+            "final_test": s.get("final", {}).get(score) if score else None,
             "test_metric": score,
             "params": s.get("model", {}).get("parameters", {}).get("total"),
             "flops": s.get("cost", {}).get("flops_per_sample"),
@@ -129,7 +130,7 @@ def write_table(rows: list[dict], path: Path) -> None:
 
 
 def plot_runs(rows: list[dict], runs: list[Path], out_dir: Path, cost: str) -> list[Path]:
-    """learning_curves.png (val loss and score per epoch, a line per run) and, for several runs,
+    """learning_curves.png (train and val loss and score per epoch, a colour per run) and, for several runs,
     pareto.png (test score against `cost`, the Pareto front marked)."""
     import matplotlib
     import matplotlib.ticker
@@ -140,14 +141,17 @@ def plot_runs(rows: list[dict], runs: list[Path], out_dir: Path, cost: str) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for row, run in zip(rows, runs):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (row, run) in enumerate(zip(rows, runs)):
         records = read_metrics(run)
         label = f"{row['run']}: {row['overrides']}" if row["overrides"] else row["run"]
         for ax, metric in zip(axes, ("loss", (row["test_metric"] or "test/acc").split("/")[1])):
-            points = [(r["epoch"], r[f"val/{metric}"]) for r in records if f"val/{metric}" in r]
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-                ax.set_ylabel(f"val/{metric}")
+            for split, style in (("val", "-"), ("train", "--")):  # one colour per run
+                points = [(r["epoch"], r[f"{split}/{metric}"]) for r in records if f"{split}/{metric}" in r]
+                if points:
+                    ax.plot(*zip(*points), style, marker="o" if split == "val" else None, markersize=3,
+                            color=colors[i % len(colors)], label=label if split == "val" else None)
+            ax.set_ylabel(f"{metric} (val solid, train dashed)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -183,6 +187,13 @@ def plot_runs(rows: list[dict], runs: list[Path], out_dir: Path, cost: str) -> l
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        report(argv)
+    except BrokenPipeError:  # `dlrun-report ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+
+
+def report(argv: list[str] | None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
