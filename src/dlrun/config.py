@@ -512,9 +512,15 @@ def validate(cfg: DictConfig) -> None:
             _require(problem is None, f"dataset.{key}", f"cannot be used as a data directory: {problem}", ds[key])
     if "root" in ds:
         _require(Path(ds.root).expanduser().is_dir(), "dataset.root", "no such directory", ds.root)
+    if "crop_padding" in ds:
+        _require(ds.crop_padding >= 0, "dataset.crop_padding", "must be >= 0 (0 = off)", ds.crop_padding)
+    if "channels" in ds:
+        _require(ds.channels in (1, 3), "dataset.channels", "allowed: 1 (grayscale), 3 (RGB)", ds.channels)
+    if "image_size" in ds:
+        _require(len(ds.image_size) == 2 and min(ds.image_size) > 0, "dataset.image_size",
+                 "must be [height, width], both positive", list(ds.image_size))
 
     _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
-
 
 
 def dir_problem(path: str | Path) -> str | None:
