@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -195,6 +196,7 @@ class MLflowSink:
     metrics, and the run folder as artifacts, in the tracking store at `tracking_uri`."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], run_dir: Path):
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_dir = MlflowClient(tracking_uri), run_dir
@@ -207,8 +209,7 @@ class MLflowSink:
         else:
             experiment_id = found.experiment_id
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags={"dlrun.run_dir": str(run_dir)}).info.run_id
-        for key, value in params.items():
-            self.client.log_param(self.run_id, key, value)
+        self._log(params=[Param(key, str(value)) for key, value in params.items()])
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         pass
@@ -216,15 +217,21 @@ class MLflowSink:
     def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
         pass
 
+    def _log(self, metrics: dict[str, float] | None = None, step: int = 0, params: list | None = None) -> None:
+        """One batched write to the store (one transaction, not one per value)."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, value, stamp, step) for key, value in (metrics or {}).items()]
+        self.client.log_batch(self.run_id, metrics=batch, params=params or [])
+
     def epoch(self, record: dict[str, Any]) -> None:
-        for key, value in _numbers(record).items():
-            self.client.log_metric(self.run_id, key, value, step=record["epoch"])
+        self._log(_numbers(record), step=record["epoch"])
 
     def close(self, summary: dict[str, Any] | None) -> None:
         if summary is not None:
-            for prefix in ("final", "best"):
-                for key, value in _numbers(summary.get(prefix, {})).items():
-                    self.client.log_metric(self.run_id, f"{prefix}/{key}", value)
+            self._log({f"{prefix}/{key}": value for prefix in ("final", "best")
+                       for key, value in _numbers(summary.get(prefix, {})).items()})
             self.client.log_artifacts(self.run_id, str(self.run_dir))
         self.client.set_terminated(self.run_id, "FINISHED" if summary is not None else "FAILED")
 
