@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dlrun.config import ConfigError, dir_problem, resume_checkpoint
+from dlrun.report import find_runs
 
 
 def _check_output_dir(key: str, path: str) -> None:
@@ -50,12 +51,13 @@ class DlrunCallback(Callback):
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder, in job order (the same discovery as dlrun-report's)."""
     rows = []
-    for path in sorted(sweep_dir.glob("*/summary.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        s = json.loads(path.read_text())
+    for job in find_runs([str(sweep_dir)]):
+        s = json.loads((job / "summary.json").read_text())
         rows.append(
             {
-                "job": path.parent.name,
+                "job": job.name,
                 "overrides": s.get("overrides", []),
                 "status": s.get("status"),
                 "monitor": s.get("monitor", {}).get("metric"),
