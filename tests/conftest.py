@@ -31,7 +31,7 @@ def make_cfg(data_dir, monkeypatch):
     register_configs()
 
     def _compose(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=config_dir()):
             return compose(config_name="config", overrides=list(overrides))
 
     return _compose

@@ -36,7 +36,7 @@ def trained_run(tmp_path_factory):
 
     register_configs()
     run_dir = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir()):
         cfg = compose("config", overrides=["model=mlp", "model.hidden=[64]", "trainer.epochs=8", "device=cpu"])
     run(cfg, run_dir=run_dir)
     return run_dir

@@ -30,7 +30,7 @@ def folder_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("predict")
     root = write_image_folder(base / "images", classes=3, per_class=30, size=16)
     register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir()):
         cfg = compose("config", overrides=["dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=[16,16]",
                                            f"dataset.cache_dir={base / 'cache'}", "trainer.epochs=6", "device=cpu"])
     run(cfg, run_dir=base / "run")
@@ -53,7 +53,7 @@ def test_tensor_file_in_the_datasets_raw_scale(tmp_path):
 
     from dlrun.cli import config_dir
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir()):
         cfg = compose("config", overrides=["trainer.epochs=4", "device=cpu"])
     summary = run(cfg, run_dir=tmp_path / "run")
     x, y = load_digits(0.2, 0.1, 0).test  # raw pixel values 0..16, as the dataset gives them

@@ -24,7 +24,7 @@ def hydra_cfg(make_cfg, tmp_path):
 
         from dlrun.cli import config_dir
 
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=config_dir()):
             cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path / "job")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
 from dlrun.config import register_configs
@@ -30,7 +31,7 @@ def config_dir() -> str:
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+@hydra.main(config_path=config_dir(), config_name="config")
 def _app(cfg: DictConfig) -> float:
     """One job. Returns the monitored metric, which sweepers (Optuna, ...) optimise.
 
@@ -71,7 +72,7 @@ def print_help(overrides: list[str]) -> None:
     conf = Path(config_dir())
     groups = sorted(d.name for d in conf.iterdir() if d.is_dir())
     try:
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(conf)):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as err:  # a bad override: Hydra's message, without the traceback
         raise SystemExit(f"dlrun: error: {err.__cause__ or err}") from None
@@ -99,7 +100,9 @@ def main() -> None:
         except BrokenPipeError:  # `dlrun --help | head`
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
-    _app()
+    # Hydra 1.4 instantiates the callbacks in conf/config.yaml under the caller's whitelist.
+    with execution_whitelist(["dlrun.callbacks.DlrunCallback"]):
+        _app()
 
 
 if __name__ == "__main__":

@@ -416,6 +416,19 @@ def cpu_share(n_jobs: int) -> int:
     return max(1, cores // jobs)
 
 
+# What a config's `_target_` may name (Hydra 1.4 asks every instantiate call for an execution
+# whitelist): dlrun's and PyTorch's callables. A model's own target is allowed by name, since
+# `model=custom model._target_=my_pkg.MyNet` exists to run the user's code.
+TRUSTED_TARGETS = ("dlrun.*", "torch.*")
+
+
+def instantiate_trusted(cfg: Any, *also: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate` limited to TRUSTED_TARGETS and the targets in `also`."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg, _execution_whitelist_=[*TRUSTED_TARGETS, *also], **kwargs)
+
+
 def register_configs(cs: ConfigStore | None = None) -> None:
     """Store each schema as `schema/<group>/<option>` and the top level as `schema/config`.
 
@@ -424,14 +437,14 @@ def register_configs(cs: ConfigStore | None = None) -> None:
     """
     # `${dlrun.if_resume:${resume},A,B}` is A when resuming, else B (conf/config.yaml uses it
     # to point Hydra's run folder at the resumed one).
-    OmegaConf.register_new_resolver("dlrun.if_resume", lambda resume, then, other: then if resume else other, replace=True)
+    OmegaConf.register_resolver("dlrun.if_resume", lambda resume, then, other: then if resume else other, replace=True)
     # `${dlrun.cpu_share:N}`: CPU threads per job when N jobs share the machine (N = -1: one per core).
-    OmegaConf.register_new_resolver("dlrun.cpu_share", cpu_share, replace=True)
+    OmegaConf.register_resolver("dlrun.cpu_share", cpu_share, replace=True)
     cs = cs or ConfigStore.instance()
-    cs.store(group="schema", name="config", node=Config)
+    cs.store(group="schema", name="config", node=Config, replace=True)
     for group, options in GROUPS.items():
         for name, node in options.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
+            cs.store(group=f"schema/{group}", name=name, node=node, replace=True)
 
 
 # ---------------------------------------------------------------- validation
@@ -448,6 +461,16 @@ def resolve_monitor(trainer: DictConfig | TrainerConfig, task: str) -> tuple[str
         raise ConfigError(f"trainer.monitor={monitor!r} is invalid: a {task} dataset reports {', '.join(reported)}")
     mode = MonitorMode(trainer.monitor_mode)
     return monitor, mode.value if mode is not MonitorMode.auto else ("max" if metric == "acc" else "min")
+
+
+def check_search_direction(direction: Any, monitor: str, mode: str) -> None:
+    """An Optuna sweep (`hydra.sweeper.direction`) must rank trials the way the run ranks its epochs."""
+    expected = "maximize" if mode == "max" else "minimize"
+    if isinstance(direction, str) and direction != expected:
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction} does not match the monitored metric: {monitor} is "
+            f"{'maximised' if mode == 'max' else 'minimised'} (trainer.monitor); set hydra.sweeper.direction={expected}"
+        )
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:

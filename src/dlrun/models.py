@@ -10,16 +10,15 @@ import math
 from typing import Sequence
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from dlrun.config import ConfigError
+from dlrun.config import ConfigError, instantiate_trusted
 from dlrun.data import DataSpec
 
 
 def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
-    factory = instantiate(cfg, _partial_=True, _convert_="all")
+    factory = instantiate_trusted(cfg, cfg._target_, _partial_=True, _convert_="all")
     return factory(in_shape=tuple(spec.input_shape), num_outputs=spec.num_outputs)
 
 

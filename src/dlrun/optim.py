@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+
+from dlrun.config import instantiate_trusted
 
 Scheduler = LRScheduler | ReduceLROnPlateau | None
 
@@ -22,7 +23,7 @@ Scheduler = LRScheduler | ReduceLROnPlateau | None
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module, decay_norm_and_bias: bool = True) -> Optimizer:
     """The configured optimizer; with `decay_norm_and_bias=False`, biases and normalisation
     weights (every parameter with fewer than two dimensions) get no weight decay."""
-    factory = instantiate(cfg, _partial_=True, _convert_="all")
+    factory = instantiate_trusted(cfg, _partial_=True, _convert_="all")
     if decay_norm_and_bias:
         return factory(model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -33,7 +34,7 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module, decay_norm_and_bias
 
 
 def build_scheduler(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, total_steps: int, mode: str) -> Scheduler:
-    factory = instantiate(cfg, _partial_=True, _convert_="all")
+    factory = instantiate_trusted(cfg, _partial_=True, _convert_="all")
     return factory(optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps, mode=mode)
 
 

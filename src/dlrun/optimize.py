@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import prune
 
 from dlrun import checkpoint
-from dlrun.config import DlrunError, resolve_monitor
+from dlrun.config import DlrunError, instantiate_trusted, resolve_monitor
 from dlrun.cost import latency_ms
 from dlrun.data import Data, DataSpec, build_data
 from dlrun.models import build_model
@@ -98,7 +97,7 @@ def optimize(run_dir: Path, sparsities: list[float], finetune_epochs: int, half:
     best = checkpoint.load(run_dir / "checkpoints" / "best.pt")
     cfg = OmegaConf.create(best["config"])
     torch.manual_seed(cfg.trainer.seed)
-    data = build_data(instantiate(cfg.dataset), CPU)
+    data = build_data(instantiate_trusted(cfg.dataset), CPU)
     task = data.spec.task
     metric = f"test/{score_name(task)}"
     base_model = build_model(cfg.model, data.spec)

@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from dlrun import checkpoint
-from dlrun.config import ConfigError, DlrunError
+from dlrun.config import ConfigError, DlrunError, instantiate_trusted
 from dlrun.data import IMAGE_SUFFIXES, DataSpec, build_data, decode_image
 from dlrun.models import build_model
 from dlrun.train import evaluate
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         model, config, data = load_model(args.model)
         if args.evaluate:
             cfg = OmegaConf.create(config)
-            split = build_data(instantiate(cfg.dataset), CPU).splits["test"]
+            split = build_data(instantiate_trusted(cfg.dataset), CPU).splits["test"]
             scores = evaluate(model, split, cfg.trainer.eval_batch_size, task=data["task"])
             console.print(f"test split of {data['name']}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if args.inputs:
