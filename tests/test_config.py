@@ -15,7 +15,7 @@ OPTIONS = [(group, name) for group, options in GROUPS.items() for name in option
 
 
 SCHEMALESS = {("model", "custom")}  # open by design: the user's own keys
-PRESET_GROUPS = {"debug", "experiment", "launcher"}  # `# @package _global_` presets over the other groups
+PRESET_GROUPS = {"debug", "experiment", "hparams_search", "launcher"}  # `# @package _global_` presets over the other groups
 
 
 def test_every_yaml_option_has_a_schema_and_vice_versa():

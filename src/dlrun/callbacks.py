@@ -35,19 +35,24 @@ class DlrunCallback(Callback):
                 raise SystemExit(f"dlrun: error: {err}") from None
         _check_output_dir("hydra.run.dir", config.hydra.run.dir)
 
+    def __init__(self) -> None:
+        self.earlier_jobs: set[str] = set()  # job folders a continued sweep (hparams_search) had already
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_output_dir("hydra.sweep.dir", config.hydra.sweep.dir)
+        self.earlier_jobs = {job.name for job in find_runs([config.hydra.sweep.dir])}
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Write sweep_summary.json (one row per job), print it, exit non-zero if a job failed."""
+        """Write sweep_summary.json (one row per job), print it, exit non-zero if a job of this sweep failed."""
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = sweep_rows(sweep_dir)
         (sweep_dir / "sweep_summary.json").write_text(json.dumps({"sweep_dir": str(sweep_dir), "jobs": rows}, indent=2) + "\n")
         print_sweep(rows, sweep_dir)
-        failed = [row for row in rows if row["status"] != "completed"]
+        ran = [row for row in rows if row["job"] not in self.earlier_jobs]
+        failed = [row for row in ran if row["status"] != "completed"]
         if failed:
             names = ", ".join(f"#{row['job']} ({' '.join(row['overrides'])})" for row in failed)
-            raise SystemExit(f"dlrun: {len(failed)} of {len(rows)} jobs did not complete: {names}")
+            raise SystemExit(f"dlrun: {len(failed)} of {len(ran)} jobs did not complete: {names}")
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:

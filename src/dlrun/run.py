@@ -17,13 +17,22 @@ from typing import Any, Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dlrun
 from dlrun import checkpoint
-from dlrun.config import ClipMode, ConfigError, OnNonFinite, resolve_monitor, resume_checkpoint, to_plain, validate
+from dlrun.config import (
+    ClipMode,
+    ConfigError,
+    OnNonFinite,
+    check_search_direction,
+    instantiate_trusted,
+    resolve_monitor,
+    resume_checkpoint,
+    to_plain,
+    validate,
+)
 from dlrun.cost import model_cost, peak_memory_mb
 from dlrun.data import build_data, channels_last, quick_check_subsets
 from dlrun.device import amp_dtype, deterministic_algorithms, resolve_device, seed_everything
@@ -71,9 +80,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             device = resolve_device(cfg.device)
             scope.enter_context(deterministic_algorithms(t.deterministic))
             seed_everything(t.seed)
-            data = build_data(instantiate(cfg.dataset), device)
+            data = build_data(instantiate_trusted(cfg.dataset), device)
             data = quick_check_subsets(data, t.overfit_batches * t.batch_size, t.limit_eval_batches * t.eval_batch_size)
             fit_cfg = fit_config(t, data.spec.task)
+            if HydraConfig.initialized() and "direction" in HydraConfig.get().sweeper:  # an Optuna sweep
+                check_search_direction(HydraConfig.get().sweeper.direction, fit_cfg.monitor, fit_cfg.mode)
             model = build_model(cfg.model, data.spec).to(device)
             if t.channels_last:
                 model, data = model.to(memory_format=torch.channels_last), channels_last(data)
@@ -151,7 +162,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             wall_time_s=time.perf_counter() - clock,
         )
     except BaseException as err:
-        interrupted = isinstance(err, (KeyboardInterrupt, Interrupted))
+        # SystemExit: a launcher (submitit) ends the job to requeue it
+        interrupted = isinstance(err, (KeyboardInterrupt, Interrupted, SystemExit))
         summary.update(
             status="interrupted" if interrupted else "failed",
             error=f"{type(err).__name__}: {err}",
@@ -195,10 +207,13 @@ def fit_config(t: DictConfig, task: str) -> FitConfig:
 
 
 def open_resume(folder: str) -> tuple[Path, dict[str, Any]]:
-    """The run folder to continue and its last checkpoint; only `resume=` may be given on the command line."""
+    """The run folder to continue and its last checkpoint. Besides `resume=`, only the run's own
+    overrides may be given (a requeued sweep job repeats them, see launchers.py)."""
     last = resume_checkpoint(folder)
     if HydraConfig.initialized():
-        others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+        saved = last.parents[1] / ".hydra" / "overrides.yaml"
+        own = set(OmegaConf.load(saved)) if saved.is_file() else set()
+        others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=") and o not in own]
         if others:
             raise ConfigError(
                 f"resume={folder} continues the run with the config saved in its checkpoint; "

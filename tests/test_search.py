@@ -1,0 +1,65 @@
+"""hparams_search: Hydra's real Optuna sweeper with a SQLite study that a rerun continues."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from conftest import read_summary
+from dlrun.config import ConfigError, check_search_direction
+
+
+def study_trials(sweep) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name="digits_cnn", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    return study.trials
+
+
+@pytest.mark.slow
+def test_optuna_search_run_twice_continues_its_sqlite_study(dlrun_cli, tmp_path):
+    args = ("-m", "hparams_search=digits_cnn", "hydra.sweeper.n_trials=2", "trainer.epochs=1", "device=cpu")
+    sweep = tmp_path / "outputs" / "search" / "digits_cnn"
+    first = dlrun_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert [t.number for t in study_trials(sweep)] == [0, 1]
+
+    second = dlrun_cli(*args)
+    assert second.returncode == 0, second.stderr
+    trials = study_trials(sweep)
+    assert [(t.number, t.state.name) for t in trials] == [(i, "COMPLETE") for i in range(4)]
+    # The rerun sampled new points (the sampler is reseeded with seed + trials so far).
+    assert trials[2].params != trials[0].params and trials[3].params != trials[1].params
+    # Job folder N is trial N: its overrides are the trial's parameters, its result the trial's value.
+    for trial in trials:
+        summary = read_summary(sweep / str(trial.number))
+        assert summary["monitor_value"] == pytest.approx(trial.value)
+        assert f"trainer.batch_size={trial.params['trainer.batch_size']}" in summary["overrides"]
+        assert summary["choices"]["hparams_search"] == "digits_cnn"
+    jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
+    assert [j["job"] for j in jobs] == ["0", "1", "2", "3"]
+    best = max(trials, key=lambda t: t.value)
+    assert f"Best value: {best.value}" in second.stdout + second.stderr
+
+
+def test_search_direction_must_match_the_monitor():
+    check_search_direction("maximize", "val/acc", "max")
+    check_search_direction("minimize", "val/loss", "min")
+    check_search_direction(["maximize"], "val/acc", "max")  # multi-objective lists are left to the user
+    with pytest.raises(ConfigError, match="set hydra.sweeper.direction=minimize"):
+        check_search_direction("maximize", "val/loss", "min")
+
+
+@pytest.mark.parametrize("preset,direction", [("digits_cnn", "maximize"), ("sequence_rnn", "minimize")])
+def test_search_presets_keep_the_study_in_the_sweep_folder(make_cfg, preset, direction):
+    from hydra import compose, initialize_config_dir
+    from dlrun.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir()):
+        cfg = compose(config_name="config", overrides=[f"hparams_search={preset}"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "dlrun.search.OptunaSweeper" and sweeper.direction == direction
+    assert cfg.hydra.sweep.dir == f"outputs/search/{preset}"
+    assert sweeper.storage == f"sqlite:///outputs/search/{preset}/optuna.db"
+    assert set(sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "trainer.batch_size",
+                                   "model.channels" if preset == "digits_cnn" else "model.hidden_size"}
