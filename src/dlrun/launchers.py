@@ -1,0 +1,38 @@
+"""`launcher=submitit_local` and `launcher=slurm`: Hydra's submitit launchers, with requeued jobs that resume.
+
+When a job times out (or is preempted), submitit catches the scheduler's signal, asks the
+launcher's `checkpoint(...)` for what to run next and requeues it. Hydra's launcher resubmits the
+job's original arguments, so the job would start over in its folder; these subclasses add
+`resume=<the job's run folder>` once that folder has a checkpoint, so the requeued job continues
+from checkpoints/last.pt (written at every epoch end and every `trainer.checkpoint_every` steps).
+
+Registered as Hydra plugins through the `hydra.plugins` entry points in pyproject.toml; imported
+by Hydra at every start, so nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+
+
+class ResumeOnRequeue:
+    def checkpoint(self, overrides: list[str], *args: Any, **kwargs: Any) -> Any:
+        import submitit
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():  # the job had started (the signal may come earlier)
+            run_dir = HydraConfig.get().runtime.output_dir
+            if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+                overrides = [o for o in overrides if not o.startswith("resume=")] + [f"resume={run_dir}"]
+        return submitit.helpers.DelayedSubmission(self, overrides, *args, **kwargs)
+
+
+class LocalLauncher(ResumeOnRequeue, submitit_launcher.LocalLauncher):
+    pass
+
+
+class SlurmLauncher(ResumeOnRequeue, submitit_launcher.SlurmLauncher):
+    pass
