@@ -93,6 +93,13 @@ def main() -> None:
     # would with `python -m`; appended, so it never shadows installed packages.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
+    if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun's other ranks: the job (config and run folder) comes from rank 0, which runs Hydra
+        from dlrun.distributed import torchrun_env
+        from dlrun.run import rank_main
+
+        rank_main(torchrun_env())
+        return
     args = sys.argv[1:]
     if "--help" in args or "-h" in args:
         try:

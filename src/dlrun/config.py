@@ -357,6 +357,8 @@ class TrainerConfig:
     channels_last: bool = False  # NHWC memory format for 2-D models and images
     compile: bool = False  # torch.compile the model (pays off on GPUs, rarely on small CPU runs)
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run
+    # data-parallel processes (DDP, one per CPU share or GPU), one run folder; torchrun sets its own
+    devices: int = 1
     # quick checks (see conf/debug/)
     limit_train_batches: int = 0  # batches per epoch; 0 = all
     limit_eval_batches: int = 0  # val and test batches (of eval_batch_size); 0 = all
@@ -473,6 +475,24 @@ def check_search_direction(direction: Any, monitor: str, mode: str) -> None:
         )
 
 
+def check_data_parallel(trainer: DictConfig, world: int, n_train: int | None = None) -> None:
+    """What DDP over `world` ranks needs: no skipped batches, and a shard for every rank in every
+    batch (checked once the number of training samples, `n_train`, is known)."""
+    _require(trainer.devices in (1, world), "trainer.devices", f"must be 1 or {world} (torchrun's world size)",
+             trainer.devices)
+    _require(OnNonFinite(trainer.on_nonfinite) is OnNonFinite.stop, "trainer.on_nonfinite",
+             f"must be stop with {world} processes (a batch skipped on one rank only would stall the others)",
+             OnNonFinite(trainer.on_nonfinite).value)
+    _require(trainer.batch_size >= world, "trainer.batch_size", f"must be >= {world} (a sample per process)",
+             trainer.batch_size)
+    if n_train is None:
+        return
+    tail = n_train % trainer.batch_size
+    _require(tail == 0 or tail >= world,
+             "trainer.batch_size", f"must give every one of the {world} processes at least one sample of every "
+             f"batch ({n_train} training samples leave a last batch of {tail})", trainer.batch_size)
+
+
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {rule}")
@@ -487,6 +507,9 @@ def validate(cfg: DictConfig) -> None:
                 "warmup_epochs"):
         _require(t[key] >= 0, f"trainer.{key}", "must be >= 0 (0 = off)", t[key])
     _require(t.accumulate >= 1, "trainer.accumulate", "must be >= 1", t.accumulate)
+    _require(t.devices >= 1, "trainer.devices", "must be >= 1 (processes training one model together)", t.devices)
+    if t.devices > 1:
+        check_data_parallel(t, t.devices)
     _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", "must be in [0, 1)", t.label_smoothing)
     _require(0 <= t.ema_decay < 1, "trainer.ema_decay", "must be in [0, 1) (0 = off)", t.ema_decay)
     _require(t.early_stopping.patience >= 0, "trainer.early_stopping.patience", "must be >= 0 (0 = off)",

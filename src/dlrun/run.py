@@ -17,15 +17,18 @@ from typing import Any, Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dlrun
-from dlrun import checkpoint
+from dlrun import checkpoint, distributed
 from dlrun.config import (
     ClipMode,
     ConfigError,
+    DlrunError,
     OnNonFinite,
+    check_data_parallel,
     check_search_direction,
     instantiate_trusted,
     resolve_monitor,
@@ -39,6 +42,7 @@ from dlrun.device import amp_dtype, deterministic_algorithms, resolve_device, se
 from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.report import learning_curves
+from dlrun.distributed import SINGLE, Group
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink, MLflowSink, Sink, TensorBoardSink, flatten
 from dlrun.train import (
     FitConfig,
@@ -59,29 +63,60 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     `run_dir` defaults to Hydra's output directory for this job. With `cfg.resume`
     set, the run continues in that folder from its checkpoints/last.pt, with the
-    config saved there.
+    config saved there. With `trainer.devices=N` it spawns N DDP processes, and
+    under torchrun this process is rank 0 (see distributed.py); either way the
+    config and the run folder are decided here, once.
     """
-    clock = time.perf_counter()
     resumed: dict[str, Any] | None = None
     if cfg.get("resume"):
         run_dir, resumed = open_resume(cfg.resume)
         cfg = OmegaConf.create(resumed["config"])
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    ranks = distributed.torchrun_env()
+    if ranks is not None:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise ConfigError("under torchrun dlrun runs one job; sweep with trainer.devices=N instead")
+        distributed.join(ranks)
+        try:
+            ranks.share({"config": to_plain(cfg), "run_dir": str(run_dir), "resumed": resumed is not None})
+            return train(cfg, run_dir, resumed, ranks)
+        finally:
+            distributed.leave()
+    if cfg.trainer.devices > 1:
+        return spawn_ranks(cfg, run_dir, resumed)
+    return train(cfg, run_dir, resumed)
+
+
+def train(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None, ranks: Group = SINGLE,
+          job_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run itself, in this process: rank `ranks.rank` of a DDP run, or the only process.
+
+    Only rank 0 writes (summary, metrics, checkpoints, display) and returns the summary;
+    the other ranks return an empty dict.
+    """
+    clock = time.perf_counter()
+    main = ranks.is_main
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary = start_summary(cfg, run_dir, resumed)
-    write_json(run_dir / "summary.json", summary)
-    jsonl = JsonlSink(run_dir / "metrics.jsonl")
-    sinks: list[Sink] = [ConsoleSink(), jsonl, LogSink()]
+    summary = start_summary(cfg, run_dir, resumed, job_info) if main else {}
+    jsonl = JsonlSink(run_dir / "metrics.jsonl") if main else None
+    sinks: list[Sink] = [ConsoleSink(), jsonl, LogSink()] if main else []
+    if main:
+        write_json(run_dir / "summary.json", summary)
     try:
         with stop_on_signals() as stop, ExitStack() as scope:
             validate(cfg)
             t = cfg.trainer
-            sinks += optional_sinks(cfg, run_dir)
+            if main:
+                sinks += optional_sinks(cfg, run_dir)
             device = resolve_device(cfg.device)
+            if ranks.world > 1:
+                device = distributed.rank_device(device, ranks, cfg.device.threads)
             scope.enter_context(deterministic_algorithms(t.deterministic))
             seed_everything(t.seed)
             data = build_data(instantiate_trusted(cfg.dataset), device)
             data = quick_check_subsets(data, t.overfit_batches * t.batch_size, t.limit_eval_batches * t.eval_batch_size)
+            if ranks.world > 1:
+                check_data_parallel(t, ranks.world, len(data.splits["train"]))
             fit_cfg = fit_config(t, data.spec.task)
             if HydraConfig.initialized() and "direction" in HydraConfig.get().sweeper:  # an Optuna sweep
                 check_search_direction(HydraConfig.get().sweeper.direction, fit_cfg.monitor, fit_cfg.mode)
@@ -99,31 +134,36 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
                 if t.ema_decay > 0 else None,
             )
+            if ranks.world > 1:
+                parts.ddp = distributed.wrap(parts.net, device)
             summary.update(
                 device=device_name(device),
                 threads=torch.get_num_threads(),
                 monitor={"metric": fit_cfg.monitor, "mode": fit_cfg.mode},
                 data={**data.describe(), "sizes": data.sizes()},
                 model={"class": type(model).__name__, "parameters": count_parameters(model)},
+                processes=ranks.world,
             )
-            write_json(run_dir / "summary.json", summary)
+            if main:
+                write_json(run_dir / "summary.json", summary)
 
             def weights() -> dict[str, Any]:
                 return copy.deepcopy({"model": model.state_dict(),
                                       "ema": None if parts.ema is None else parts.ema.state_dict()})
 
             state, best_weights = TrainState(), weights()
-            if resumed is None:
-                jsonl.keep_epochs(0)  # a new run in a folder used before starts a new record
-            else:
+            if resumed is not None:
                 state = checkpoint.restore_training(resumed, parts)
                 best_path = run_dir / "checkpoints" / "best.pt"
                 best_weights = checkpoint.load(best_path) if best_path.is_file() else best_weights
-                jsonl.keep_epochs(state.epoch)  # drop records written after the checkpoint
+            if main:  # a new run in a folder used before starts a new record; a resumed one drops
+                jsonl.keep_epochs(state.epoch)  # the records written after its checkpoint
             plain_cfg = to_plain(cfg)
 
             def save(state: TrainState, is_best: bool) -> None:
                 nonlocal best_weights
+                if not main:
+                    return
                 if is_best:
                     best_weights = weights()
                 if not t.save_checkpoints:
@@ -136,8 +176,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
             train_started = time.perf_counter()
             first_step = state.step
-            state = fit(parts, data, fit_cfg, sinks, save, state, stop)
+            state = fit(parts, data, fit_cfg, sinks, save, state, stop, ranks)
             train_seconds = time.perf_counter() - train_started
+            if not main:
+                return {}
 
             # Final = the weights after the last epoch; best = at the best monitored value.
             final = {**state.last_metrics, **evaluate_split(parts, "test", data.splits["test"], fit_cfg)}
@@ -162,6 +204,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             wall_time_s=time.perf_counter() - clock,
         )
     except BaseException as err:
+        if not main:
+            raise
         # SystemExit: a launcher (submitit) ends the job to requeue it
         interrupted = isinstance(err, (KeyboardInterrupt, Interrupted, SystemExit))
         summary.update(
@@ -169,6 +213,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             error=f"{type(err).__name__}: {err}",
             wall_time_s=time.perf_counter() - clock,
         )
+        if isinstance(err, Interrupted):
+            summary["steps"] = err.step
         write_json(run_dir / "summary.json", summary)
         for sink in sinks:
             sink.close(None)
@@ -178,6 +224,48 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     for sink in sinks:
         sink.close(summary)
     return summary
+
+
+def spawn_ranks(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None) -> dict[str, Any]:
+    """`trainer.devices=N`: train in N new DDP processes on this machine; their rank 0 writes the
+    run folder, and its summary is returned (or its error raised) here."""
+    validate(cfg)  # bad input fails before any process starts
+    job = {"config": to_plain(cfg), "run_dir": str(run_dir), "resumed": resumed is not None, "hydra": hydra_job_info()}
+    try:
+        distributed.spawn(rank_main, cfg.trainer.devices, job)
+    except distributed.WorkerFailed as err:
+        path = run_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        if summary.get("status") == "interrupted" and err.exit_code > 128:
+            raise Interrupted(err.exit_code - 128, summary.get("steps", 0)) from None
+        raise DlrunError(f"the {cfg.trainer.devices}-process run failed: {summary.get('error') or err}") from None
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def rank_main(ranks: Group, job: dict[str, Any] | None = None) -> None:
+    """A DDP rank in its own process: spawned by `spawn_ranks` with the job, or started by torchrun
+    (ranks other than 0), which receive the job from rank 0. Errors that rank 0 records in the
+    summary end the process with an exit code (128 + signal when interrupted)."""
+    distributed.join(ranks)
+    try:
+        job = job or ranks.share(None)
+        run_dir = Path(job["run_dir"])
+        if ranks.is_main:
+            log_to(run_dir / "dlrun.log")
+        resumed = checkpoint.load(run_dir / "checkpoints" / "last.pt") if job["resumed"] else None
+        train(OmegaConf.create(job["config"]), run_dir, resumed, ranks, job.get("hydra"))
+    except DlrunError as err:
+        raise SystemExit(128 + err.signum if isinstance(err, Interrupted) else 1) from None
+    finally:
+        distributed.leave()
+
+
+def log_to(path: Path) -> None:
+    """The run's log for a spawned rank 0 (Hydra configured logging in the launching process only)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
 
 
 def optional_sinks(cfg: DictConfig, run_dir: Path) -> list[Sink]:
@@ -222,8 +310,10 @@ def open_resume(folder: str) -> tuple[Path, dict[str, Any]]:
     return last.parents[1], checkpoint.load(last)
 
 
-def start_summary(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None) -> dict[str, Any]:
-    """The summary as the run starts: status `running`; a resumed run keeps its earlier entries."""
+def start_summary(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None,
+                  job_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary as the run starts: status `running`; a resumed run keeps its earlier entries.
+    `job_info`: the Hydra job's overrides and choices (default: this process's Hydra job, if any)."""
     path = run_dir / "summary.json"
     if resumed is not None and path.is_file():
         summary = json.loads(path.read_text())
@@ -239,7 +329,7 @@ def start_summary(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None
         "status": "running",
         "run_dir": str(run_dir.resolve()),
         "started_at": now(),
-        **hydra_job_info(),
+        **(hydra_job_info() if job_info is None else job_info),
         "versions": {"dlrun": dlrun.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "git_sha": git_sha(),
     }

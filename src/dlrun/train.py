@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from dlrun.config import DlrunError
 from dlrun.data import Batch, Data, Split, batch_generator, epoch_generator, num_batches
+from dlrun.distributed import SINGLE, Group
 from dlrun.optim import Scheduler, steps_per_batch, warmup_factor
 from dlrun.sinks import Sink
 
@@ -36,6 +37,7 @@ class Parts:
     compiled: nn.Module | None = None  # torch.compile(model) when trainer.compile
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     ema: AveragedModel | None = None  # when trainer.ema_decay > 0
+    ddp: nn.Module | None = None  # DistributedDataParallel around `net` when trainer.devices > 1
 
     @property
     def model_device(self) -> torch.device:
@@ -45,6 +47,11 @@ class Parts:
     def net(self) -> nn.Module:
         """The callable that runs the model (compiled or not); same weights as `model`."""
         return self.compiled if self.compiled is not None else self.model
+
+    @property
+    def train_net(self) -> nn.Module:
+        """What training steps run: `net`, or DDP around it (which averages gradients over the ranks)."""
+        return self.ddp if self.ddp is not None else self.net
 
 
 @dataclass
@@ -107,7 +114,7 @@ class StopFlag:
 class Interrupted(DlrunError):
     def __init__(self, signum: int, step: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint was written")
-        self.signum = signum
+        self.signum, self.step = signum, step
 
 
 class NonFiniteLoss(DlrunError):
@@ -151,12 +158,15 @@ def autocast(device_type: str, dtype: torch.dtype | None):
 
 
 def train_step(
-    parts: Parts, group: Sequence[Batch], cfg: FitConfig, totals: torch.Tensor, lr_scale: float = 1.0
+    parts: Parts, group: Sequence[Batch], cfg: FitConfig, totals: torch.Tensor, lr_scale: float = 1.0,
+    samples: int | None = None, world: int = 1,
 ) -> tuple[torch.Tensor | None, int, int]:
     """One optimizer step over a group of micro-batches (one, unless trainer.accumulate > 1).
 
     Each micro-batch's loss is weighted by its share of the group's samples, so k
-    micro-batches give the gradient of one batch k times larger. Each micro-batch's
+    micro-batches give the gradient of one batch k times larger. Under DDP the group is
+    this rank's shards of `samples` samples over `world` ranks; DDP averages the ranks'
+    gradients, so the weight is len(shard) * world / samples. Each micro-batch's
     summed loss and score are added to `totals` ([loss, score] on the device, never
     read here). Returns the last micro-batch's mean loss (None if all were skipped),
     the samples used, and the micro-batches skipped for a non-finite loss
@@ -165,13 +175,13 @@ def train_step(
     changes nothing).
     """
     model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
-    total = sum(len(y) for _, y in group) if len(group) > 1 else None
+    samples = samples or sum(len(y) for _, y in group)
     last, seen, skipped = None, 0, 0
     optimizer.zero_grad(set_to_none=True)
     for x, y in group:
         buffers = [b.detach().clone() for b in model.buffers()] if cfg.skip_nonfinite else []
         with autocast(x.device.type, cfg.amp_dtype):
-            output = parts.net(x)
+            output = parts.train_net(x)
         loss, score = loss_and_score(output, y, cfg.task, cfg.label_smoothing)
         if cfg.skip_nonfinite and not torch.isfinite(loss):
             with torch.no_grad():
@@ -179,7 +189,8 @@ def train_step(
                     live.copy_(saved)
             skipped += 1
             continue
-        weighted = loss if total is None else loss * (len(y) / total)
+        share = len(y) * world / samples
+        weighted = loss if share == 1 else loss * share
         (scaler.scale(weighted) if scaler is not None else weighted).backward()
         last = loss.detach()
         totals[0].add_(last, alpha=len(y))
@@ -276,12 +287,17 @@ def fit(
     save: Callable[[TrainState, bool], None],
     state: TrainState | None = None,
     stop: StopFlag | None = None,
+    ranks: Group = SINGLE,
 ) -> TrainState:
     """Train until `cfg.epochs` epochs are complete (or early stopping), from `state`.
 
     `save(state, is_best)` is called at every epoch end, every `cfg.checkpoint_every`
     steps and when `stop` is set; run.py writes the checkpoints there. The state it
     gets is consistent: continuing from it gives exactly what running on would have.
+
+    Under DDP (`ranks`, see distributed.py) every rank runs this same loop in lockstep on
+    its shard of each batch; running sums are added up over the ranks when read, rank 0
+    evaluates and shares the record, and a stop signal on any rank stops all at one step.
     """
     state = state or TrainState()
     stop = stop or StopFlag()
@@ -298,39 +314,45 @@ def fit(
         epoch = state.epoch + 1
         parts.model.train()
         # Running sums stay on the device; `sync` reads them into `state` when needed.
-        totals = torch.tensor([state.loss_sum, state.score_sum], device=device)  # [loss, score]
+        # [loss, score]; under DDP each rank sums its shards and rank 0 carries the earlier sums
+        totals = torch.tensor([state.loss_sum, state.score_sum] if ranks.is_main else [0.0, 0.0], device=device)
         step_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) references, to name a non-finite one
         started = time.perf_counter() - state.seconds
         lr = optimizer.param_groups[0]["lr"]
 
         def sync() -> None:
-            """Copy the running sums into `state`, failing if the loss went non-finite."""
-            if not torch.isfinite(totals).all():
-                step, loss = next((s, v) for s, v in step_losses if not torch.isfinite(v))
+            """Copy the running sums (of all ranks) into `state`, failing if the loss went non-finite."""
+            sums = ranks.sum(totals)
+            if not torch.isfinite(sums).all():
+                step, loss = next(((s, float(v)) for s, v in step_losses if not torch.isfinite(v)), (None, None))
+                where = f"{loss} at step {step}" if step else "non-finite on another rank"
                 raise NonFiniteLoss(
-                    f"the training loss became {float(loss)} at step {step} (epoch {epoch}); stopped, the last "
+                    f"the training loss became {where} (epoch {epoch}); stopped, the last "
                     "good checkpoint is kept (trainer.on_nonfinite=skip skips such batches instead)"
                 )
-            state.loss_sum, state.score_sum = totals.tolist()
+            state.loss_sum, state.score_sum = sums.tolist()
             state.seconds = time.perf_counter() - started
 
         order = train.batches(cfg.batch_size, epoch_generator(cfg.seed, epoch), start=state.batch)
         for group in grouped(islice(order, micro_per_epoch - state.batch), cfg.accumulate):
-            if stop.signum is not None:  # the previous step is complete: checkpoint and leave
+            signum = ranks.max(stop.signum or 0)  # a signal on any rank stops every rank here
+            if signum:  # the previous step is complete: checkpoint and leave
                 sync()
                 save(state, False)
-                raise Interrupted(stop.signum, state.step)
+                raise Interrupted(signum, state.step)
             if data.augment is not None:
                 group = [(data.augment(x, batch_generator(cfg.seed, epoch, state.batch + i)), y)
                          for i, (x, y) in enumerate(group)]
+            samples = sum(len(y) for _, y in group)
+            group = [ranks.shard(x, y) for x, y in group]  # DDP: this rank's slice of each batch
             scale = warmup_factor(state.step, warmup_steps)
             lr = optimizer.param_groups[0]["lr"] * scale  # the lr this step uses
-            last, seen, skipped = train_step(parts, group, cfg, totals, scale)
+            last, seen, skipped = train_step(parts, group, cfg, totals, scale, samples, ranks.world)
             state.step += 1
             if last is not None:
                 step_losses.append((state.step, last))
             state.batch += len(group)
-            state.seen += seen
+            state.seen += seen if ranks.world == 1 else samples  # DDP never skips batches (config.validate)
             state.skipped += skipped
             if state.step % cfg.log_every == 0 and last is not None:
                 rate = state.seen / (time.perf_counter() - started)
@@ -349,7 +371,8 @@ def fit(
             f"train/{score_name(cfg.task)}": state.score_sum / seen,
         }
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            record.update(evaluate_split(parts, "val", data.splits["val"], cfg))
+            # Rank 0 evaluates and the others take its numbers, so all ranks decide alike below.
+            record.update(ranks.share(evaluate_split(parts, "val", data.splits["val"], cfg) if ranks.is_main else None))
         if state.skipped:
             record["skipped_batches"] = state.skipped
         record.update(lr=lr, seconds=state.seconds, samples_per_s=state.seen / state.seconds)
@@ -372,8 +395,8 @@ def fit(
         for sink in sinks:
             sink.epoch(record)
         save(state, is_best)
-        if stop.signum is not None:
-            raise Interrupted(stop.signum, state.step)
+        if signum := ranks.max(stop.signum or 0):
+            raise Interrupted(signum, state.step)
     return state
 
 

@@ -1,0 +1,172 @@
+"""Multi-process data-parallel training (DDP): ranks, the process group, one shared run folder.
+
+Two ways in, one run folder either way:
+- `dlrun trainer.devices=N ...`: the Hydra job composes the config and makes the run folder,
+  then `spawn` starts N worker processes (ranks 0..N-1) on this machine and waits for them.
+- `torchrun --nproc_per_node=N -m dlrun ...`: rank 0 runs Hydra as usual (config, run folder)
+  and `share_job` sends both to the other ranks, which never compose a config or make a folder
+  (`torchrun_worker`).
+
+Each rank trains a replica of the model on its slice of every global batch (`Group.shard`:
+contiguous slices, so the global batch and the order of samples are the single-process run's;
+losses are weighted so the averaged gradient is the global batch's). Only rank 0 evaluates and
+writes (metrics, checkpoints, summary, progress display); the others get its results through
+`Group.share`. Backend: gloo on the CPU, NCCL (plus gloo for CPU tensors) on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from dlrun.config import ConfigError, cpu_share
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in a data-parallel run. The default, a single process, makes every
+    method a no-op, so the training loop reads the same with or without DDP."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's contiguous slice of a global batch (sizes differ by at most one)."""
+        if self.world == 1:
+            return x, y
+        n = len(y)
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        return x[lo:hi], y[lo:hi]
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of `t` over the ranks (a new tensor; `t` is left as it is)."""
+        if self.world == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def max(self, value: int) -> int:
+        """The largest of the ranks' values (a CPU collective: no device sync on CUDA)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def share(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+SINGLE = Group()
+
+
+def torchrun_env() -> Group | None:
+    """The group torchrun (or another launcher that sets RANK/WORLD_SIZE) started this process in."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return None
+    return Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(group: Group, timeout_min: float = 30.0) -> None:
+    """Join the process group (env:// rendezvous: MASTER_ADDR/MASTER_PORT); on CUDA, bind the rank's GPU."""
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(group.local_rank % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, rank=group.rank, world_size=group.world, timeout=timedelta(minutes=timeout_min))
+
+
+def rank_device(device: torch.device, ranks: Group, threads: int) -> torch.device:
+    """The rank's device: its own GPU (bound by `join`), or the CPU with its share of the cores
+    (unless device.threads says how many)."""
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+        if local > torch.cuda.device_count():
+            raise ConfigError(f"trainer.devices={local} processes on this machine, but it has "
+                              f"{torch.cuda.device_count()} CUDA device(s); one GPU per process")
+        return torch.device("cuda", torch.cuda.current_device())
+    if threads == 0:
+        torch.set_num_threads(cpu_share(int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))))
+    return device
+
+
+def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around the module: gradients averaged over the ranks in backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker: Callable[..., None], world: int, *args: Any) -> None:
+    """Run `worker(group, *args)` in `world` new processes on this machine and wait for all of them.
+
+    SIGTERM sent to this process is passed on to the workers (which stop together at the next
+    step and checkpoint); SIGINT from a terminal reaches them directly, so here it is ignored.
+    Raises `WorkerFailed` with the first failed rank's exit code.
+    """
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    context = mp.start_processes(_entry, args=(worker, world, args), nprocs=world, join=False, start_method="spawn")
+
+    def forward(signum: int, frame: Any) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    handlers = {signal.SIGTERM: forward, signal.SIGINT: signal.SIG_IGN}
+    # Signal handlers can only be set from the main thread (not in a joblib launcher's worker thread).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()} if in_main else {}
+    try:
+        while not context.join(grace_period=30):  # ranks stop together; give the others time to
+            pass  # finish on their own before torch terminates them
+    except mp.ProcessExitedException as err:
+        raise WorkerFailed(err.error_index, err.exit_code) from None
+    except mp.ProcessRaisedException as err:
+        raise WorkerFailed(err.error_index, 1) from err
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class WorkerFailed(Exception):
+    def __init__(self, rank: int, exit_code: int) -> None:
+        super().__init__(f"rank {rank} exited with code {exit_code}")
+        self.rank, self.exit_code = rank, exit_code
+
+
+def _entry(index: int, worker: Callable[..., None], world: int, args: tuple) -> None:
+    worker(Group(rank=index, world=world, local_rank=index), *args)

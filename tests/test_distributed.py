@@ -1,0 +1,115 @@
+"""Multi-process data parallel training: real torch.distributed (gloo) with 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DLRUN, read_metrics, read_summary
+from dlrun.config import ConfigError, check_data_parallel
+from dlrun.distributed import Group
+
+# No dropout and no batch norm: then 2 processes on halves of each batch compute the very
+# gradients of one process on the whole batch, and the runs must agree to float rounding.
+EXACT = ["trainer.epochs=3", "model.dropout=0", "model.batch_norm=false", "device=cpu"]
+
+
+def test_shards_are_contiguous_slices_that_cover_the_batch():
+    x, y = torch.arange(10).view(10, 1), torch.arange(10)
+    shards = [Group(rank, 3).shard(x, y) for rank in range(3)]
+    assert [len(sy) for _, sy in shards] == [3, 3, 4]
+    assert torch.equal(torch.cat([sy for _, sy in shards]), y)
+    assert torch.equal(torch.cat([sx for sx, _ in shards]), x)
+    assert Group().shard(x, y)[1] is y  # one process: the batch itself
+
+
+@pytest.mark.parametrize(
+    "overrides,n_train,message",
+    [
+        ({"on_nonfinite": "skip"}, 128, "trainer.on_nonfinite='skip' is invalid"),
+        ({"batch_size": 64}, 129, "leave a last batch of 1"),
+        ({"batch_size": 1}, 128, "trainer.batch_size=1 is invalid"),
+        ({"devices": 4}, 128, "must be 1 or 2"),
+    ],
+)
+def test_data_parallel_rules(make_cfg, overrides, n_train, message):
+    trainer = make_cfg(*(f"trainer.{k}={v}" for k, v in overrides.items())).trainer
+    with pytest.raises(ConfigError, match=message):
+        check_data_parallel(trainer, 2, n_train)
+    check_data_parallel(make_cfg().trainer, 2, 128)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, data_dir):
+    """The single-process run the DDP runs are compared with."""
+    cwd = tmp_path_factory.mktemp("single")
+    subprocess.run([DLRUN, "hydra.run.dir=run", *EXACT], cwd=cwd, check=True, capture_output=True,
+                   env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)}, timeout=300)
+    return read_summary(cwd / "run")
+
+
+def run_folders(cwd: Path) -> list[Path]:
+    return [p.parent for p in (cwd / "outputs").rglob("summary.json")]
+
+
+def assert_same_run(ddp: dict, single: dict) -> None:
+    assert ddp["status"] == "completed" and ddp["processes"] == 2
+    assert ddp["steps"] == single["steps"]  # the same global batches
+    assert ddp["final"] == pytest.approx(single["final"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_into_one_run_folder(dlrun_cli, tmp_path, single_process):
+    proc = dlrun_cli("trainer.devices=2", *EXACT)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = run_folders(tmp_path)  # one folder for both ranks
+    summary = read_summary(run)
+    assert_same_run(summary, single_process)
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]  # written once, by rank 0
+    assert "trainer.devices=2" in summary["overrides"]
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "dlrun.log").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_config_and_one_run_folder(data_dir, tmp_path, single_process):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "-m", "dlrun", *EXACT], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run,) = run_folders(tmp_path)
+    assert_same_run(read_summary(run), single_process)
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_an_interrupted_ddp_run_resumes_where_it_stopped(dlrun_cli, data_dir, tmp_path, single_process):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([DLRUN, "hydra.run.dir=run", "trainer.devices=2", *EXACT], cwd=tmp_path,
+                            env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "last.pt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # to the launching process, which passes it to both ranks
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = read_summary(run)
+    assert stopped["status"] == "interrupted" and "resume=" in err
+    resumed = dlrun_cli("resume=run")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = read_summary(run)
+    assert summary["resumed"][0]["step"] == stopped["steps"]
+    assert_same_run(summary, single_process)
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
