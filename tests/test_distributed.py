@@ -113,3 +113,14 @@ def test_an_interrupted_ddp_run_resumes_where_it_stopped(dlrun_cli, data_dir, tm
     assert summary["resumed"][0]["step"] == stopped["steps"]
     assert_same_run(summary, single_process)
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_ddp_matches_one_process(dlrun_cli, tmp_path):
+    """Micro-batches accumulate without an all-reduce (DDP's no_sync) until the step's last one."""
+    args = [*EXACT, "trainer.accumulate=2", "trainer.batch_size=32", "trainer.epochs=2"]
+    dlrun_cli("hydra.run.dir=ddp", "trainer.devices=2", *args, check=True)
+    dlrun_cli("hydra.run.dir=one", *args, check=True)
+    ddp, one = read_summary(tmp_path / "ddp"), read_summary(tmp_path / "one")
+    assert ddp["steps"] == one["steps"] == 2 * 20  # ceil(1259 / 32) = 40 micro-batches, 20 steps an epoch
+    assert ddp["final"] == pytest.approx(one["final"], rel=1e-5, abs=1e-6)

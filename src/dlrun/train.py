@@ -178,20 +178,23 @@ def train_step(
     samples = samples or sum(len(y) for _, y in group)
     last, seen, skipped = None, 0, 0
     optimizer.zero_grad(set_to_none=True)
-    for x, y in group:
+    for i, (x, y) in enumerate(group):
         buffers = [b.detach().clone() for b in model.buffers()] if cfg.skip_nonfinite else []
-        with autocast(x.device.type, cfg.amp_dtype):
-            output = parts.train_net(x)
-        loss, score = loss_and_score(output, y, cfg.task, cfg.label_smoothing)
-        if cfg.skip_nonfinite and not torch.isfinite(loss):
-            with torch.no_grad():
-                for live, saved in zip(model.buffers(), buffers):
-                    live.copy_(saved)
-            skipped += 1
-            continue
-        share = len(y) * world / samples
-        weighted = loss if share == 1 else loss * share
-        (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        # DDP averages gradients over the ranks once per step, in the group's last backward
+        accumulating = parts.ddp is not None and i < len(group) - 1
+        with parts.ddp.no_sync() if accumulating else nullcontext():
+            with autocast(x.device.type, cfg.amp_dtype):
+                output = parts.train_net(x)
+            loss, score = loss_and_score(output, y, cfg.task, cfg.label_smoothing)
+            if cfg.skip_nonfinite and not torch.isfinite(loss):
+                with torch.no_grad():
+                    for live, saved in zip(model.buffers(), buffers):
+                        live.copy_(saved)
+                skipped += 1
+                continue
+            share = len(y) * world / samples
+            weighted = loss if share == 1 else loss * share
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
         last = loss.detach()
         totals[0].add_(last, alpha=len(y))
         totals[1].add_(score)
