@@ -25,7 +25,11 @@ def _check_output_dir(key: str, path: str) -> None:
 
 
 class DlrunCallback(Callback):
-    """Checks what Hydra would otherwise fail on with a traceback, before it creates any folder."""
+    """Checks what Hydra would otherwise fail on with a traceback, before it creates any folder;
+    summarises a sweep at its end."""
+
+    def __init__(self) -> None:
+        self.earlier_jobs: set[str] = set()  # job folders a continued sweep (hparams_search) had already
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("resume"):
@@ -34,9 +38,6 @@ class DlrunCallback(Callback):
             except ConfigError as err:
                 raise SystemExit(f"dlrun: error: {err}") from None
         _check_output_dir("hydra.run.dir", config.hydra.run.dir)
-
-    def __init__(self) -> None:
-        self.earlier_jobs: set[str] = set()  # job folders a continued sweep (hparams_search) had already
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_output_dir("hydra.sweep.dir", config.hydra.sweep.dir)

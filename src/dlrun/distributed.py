@@ -39,6 +39,7 @@ class Group:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    rendezvous: str = "env://"  # torchrun's MASTER_ADDR/MASTER_PORT, or spawn's tcp:// address
 
     @property
     def is_main(self) -> bool:
@@ -88,12 +89,13 @@ def torchrun_env() -> Group | None:
 
 
 def join(group: Group, timeout_min: float = 30.0) -> None:
-    """Join the process group (env:// rendezvous: MASTER_ADDR/MASTER_PORT); on CUDA, bind the rank's GPU."""
+    """Join the process group at `group.rendezvous`; on CUDA, bind the rank's GPU."""
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(group.local_rank % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, rank=group.rank, world_size=group.world, timeout=timedelta(minutes=timeout_min))
+    dist.init_process_group(backend, init_method=group.rendezvous, rank=group.rank, world_size=group.world,
+                            timeout=timedelta(minutes=timeout_min))
 
 
 def rank_device(device: torch.device, ranks: Group, threads: int) -> torch.device:
@@ -137,9 +139,9 @@ def spawn(worker: Callable[..., None], world: int, *args: Any) -> None:
     """
     import torch.multiprocessing as mp
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    context = mp.start_processes(_entry, args=(worker, world, args), nprocs=world, join=False, start_method="spawn")
+    rendezvous = f"tcp://127.0.0.1:{free_port()}"
+    context = mp.start_processes(_entry, args=(worker, world, rendezvous, args), nprocs=world, join=False,
+                                 start_method="spawn")
 
     def forward(signum: int, frame: Any) -> None:
         for process in context.processes:
@@ -168,5 +170,5 @@ class WorkerFailed(Exception):
         self.rank, self.exit_code = rank, exit_code
 
 
-def _entry(index: int, worker: Callable[..., None], world: int, args: tuple) -> None:
-    worker(Group(rank=index, world=world, local_rank=index), *args)
+def _entry(index: int, worker: Callable[..., None], world: int, rendezvous: str, args: tuple) -> None:
+    worker(Group(rank=index, world=world, local_rank=index, rendezvous=rendezvous), *args)

@@ -39,10 +39,10 @@ from dlrun.config import (
 from dlrun.cost import model_cost, peak_memory_mb
 from dlrun.data import build_data, channels_last, quick_check_subsets
 from dlrun.device import amp_dtype, deterministic_algorithms, resolve_device, seed_everything
+from dlrun.distributed import SINGLE, Group
 from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.report import learning_curves
-from dlrun.distributed import SINGLE, Group
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink, MLflowSink, Sink, TensorBoardSink, flatten
 from dlrun.train import (
     FitConfig,
@@ -236,8 +236,9 @@ def spawn_ranks(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None) 
     except distributed.WorkerFailed as err:
         path = run_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
-        if summary.get("status") == "interrupted" and err.exit_code > 128:
-            raise Interrupted(err.exit_code - 128, summary.get("steps", 0)) from None
+        if summary.get("status") == "interrupted":  # after a checkpoint (128 + signal), or a second Ctrl-C
+            raise (Interrupted(err.exit_code - 128, summary.get("steps", 0)) if err.exit_code > 128
+                   else KeyboardInterrupt) from None
         raise DlrunError(f"the {cfg.trainer.devices}-process run failed: {summary.get('error') or err}") from None
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -317,7 +318,7 @@ def start_summary(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None
     path = run_dir / "summary.json"
     if resumed is not None and path.is_file():
         summary = json.loads(path.read_text())
-        for stale in ("error", "final", "best", "monitor_value", "train"):
+        for stale in ("error", "final", "best", "monitor_value", "train", "steps"):
             summary.pop(stale, None)
         state = resumed["state"]
         summary.setdefault("resumed", []).append(
