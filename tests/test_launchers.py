@@ -8,6 +8,7 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def test_slurm_preset_generates_the_sbatch_script(dlrun_cli, tmp_path):
         cwd=tmp_path, env={**os.environ, "PATH": env_path, "SBATCH_RECORD": str(record)},
         capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode != 0 and "sbatch: test double" in proc.stderr
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "dlrun: error: Slurm did not take the jobs: sbatch: test double"
     script = record.read_text()
     for line in ("--partition=gpu", "--gpus-per-node=2", "--time=240", "--mem=64GB", "--cpus-per-task=12",
                  "--array=0-1%2", "--signal=USR2@120", "--job-name=dlrun"):
@@ -125,3 +127,12 @@ def test_slurm_preset_generates_the_sbatch_script(dlrun_cli, tmp_path):
         # the job's threads follow the CPUs it asks for
         device = OmegaConf.to_container(submission.function.config.device)  # unresolved
         assert device["threads"] == "${hydra:launcher.cpus_per_task}"
+
+
+def test_slurm_without_slurm_is_a_clear_error(tmp_path):
+    bin_dir = Path(sys.executable).parent  # dlrun's own, without any Slurm tools
+    proc = subprocess.run([DLRUN, "-m", "launcher=slurm", "optimizer=sgd,adam"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert proc.returncode == 1
+    assert "launcher=slurm submits with Slurm's sbatch, which is not on PATH" in proc.stderr
+    assert "Traceback" not in proc.stderr

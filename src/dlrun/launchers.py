@@ -12,8 +12,11 @@ by Hydra at every start, so nothing heavy at module level.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from hydra.core.utils import JobReturn
 
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
@@ -35,4 +38,14 @@ class LocalLauncher(ResumeOnRequeue, submitit_launcher.LocalLauncher):
 
 
 class SlurmLauncher(ResumeOnRequeue, submitit_launcher.SlurmLauncher):
-    pass
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """Hydra's Slurm launch, with one-line errors where Slurm is missing or refuses the jobs."""
+        from submitit.core.utils import FailedJobError
+
+        if shutil.which("sbatch") is None:
+            raise SystemExit("dlrun: error: launcher=slurm submits with Slurm's sbatch, which is not on PATH "
+                             "here; launcher=submitit_local runs the same jobs on this machine")
+        try:
+            return super().launch(job_overrides, initial_job_idx)
+        except FailedJobError as err:
+            raise SystemExit(f"dlrun: error: Slurm did not take the jobs: {str(err).strip()}") from None
