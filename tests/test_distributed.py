@@ -79,15 +79,30 @@ def test_two_processes_train_like_one_into_one_run_folder(dlrun_cli, tmp_path, s
 
 
 @pytest.mark.slow
-def test_torchrun_ranks_share_the_config_and_one_run_folder(data_dir, tmp_path, single_process):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "-m", "dlrun", *EXACT], cwd=tmp_path, capture_output=True, text=True,
-        env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)}, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (run,) = run_folders(tmp_path)
-    assert_same_run(read_summary(run), single_process)
+def test_torchrun_ranks_share_rank_0s_config_and_run_folder_and_resume(data_dir, tmp_path, single_process):
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node=2", "-m", "dlrun"]
+    env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([*torchrun, *EXACT], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((run / "checkpoints" / "last.pt").is_file() for run in run_folders(tmp_path)):
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it to its workers
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    (run,) = run_folders(tmp_path)  # one folder, made by rank 0's Hydra
+    stopped = read_summary(run)
+    assert stopped["status"] == "interrupted"
+    resumed = subprocess.run([*torchrun, f"resume={run}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_folders(tmp_path) == [run]
+    summary = read_summary(run)
+    assert summary["resumed"][0]["step"] == stopped["steps"]
+    assert_same_run(summary, single_process)
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
 
