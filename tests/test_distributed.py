@@ -139,3 +139,18 @@ def test_gradient_accumulation_under_ddp_matches_one_process(dlrun_cli, tmp_path
     ddp, one = read_summary(tmp_path / "ddp"), read_summary(tmp_path / "one")
     assert ddp["steps"] == one["steps"] == 2 * 20  # ceil(1259 / 32) = 40 micro-batches, 20 steps an epoch
     assert ddp["final"] == pytest.approx(one["final"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_errors_in_the_ranks_reach_the_command(dlrun_cli, tmp_path):
+    """A named error is one line, as with one process; anything else keeps the rank's traceback."""
+    named = dlrun_cli("hydra.run.dir=named", "trainer.devices=2", "trainer.batch_size=34", "device=cpu")
+    assert named.returncode == 1
+    assert named.stderr.strip().splitlines()[-1] == (
+        "dlrun: error: the 2-process run failed: ConfigError: trainer.batch_size=34 is invalid: must give every one "
+        "of the 2 processes at least one sample of every batch (1259 training samples leave a last batch of 1)")
+    assert read_summary(tmp_path / "named")["status"] == "failed"
+    unnamed = dlrun_cli("hydra.run.dir=unnamed", "trainer.devices=2", "+model.foo=1", "device=cpu")
+    assert unnamed.returncode == 1
+    assert "rank 0 of the 2-process run failed" in unnamed.stderr
+    assert "unexpected keyword argument 'foo'" in unnamed.stderr and 'File "' in unnamed.stderr

@@ -157,17 +157,17 @@ def spawn(worker: Callable[..., None], world: int, *args: Any) -> None:
             pass  # finish on their own before torch terminates them
     except mp.ProcessExitedException as err:
         raise WorkerFailed(err.error_index, err.exit_code) from None
-    except mp.ProcessRaisedException as err:
-        raise WorkerFailed(err.error_index, 1) from err
+    except mp.ProcessRaisedException as err:  # an unexpected error: keep the rank's traceback
+        raise WorkerFailed(err.error_index, 1, str(err)) from None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
 
 
 class WorkerFailed(Exception):
-    def __init__(self, rank: int, exit_code: int) -> None:
+    def __init__(self, rank: int, exit_code: int, traceback: str = "") -> None:
         super().__init__(f"rank {rank} exited with code {exit_code}")
-        self.rank, self.exit_code = rank, exit_code
+        self.rank, self.exit_code, self.traceback = rank, exit_code, traceback
 
 
 def _entry(index: int, worker: Callable[..., None], world: int, rendezvous: str, args: tuple) -> None:

@@ -239,6 +239,8 @@ def spawn_ranks(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None) 
         if summary.get("status") == "interrupted":  # after a checkpoint (128 + signal), or a second Ctrl-C
             raise (Interrupted(err.exit_code - 128, summary.get("steps", 0)) if err.exit_code > 128
                    else KeyboardInterrupt) from None
+        if err.traceback:  # not an error dlrun names: show where it happened, as one process would
+            raise RuntimeError(f"rank {err.rank} of the {cfg.trainer.devices}-process run failed:{err.traceback}") from None
         raise DlrunError(f"the {cfg.trainer.devices}-process run failed: {summary.get('error') or err}") from None
     return json.loads((run_dir / "summary.json").read_text())
 
