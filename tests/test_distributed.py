@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DLRUN, read_metrics, read_summary
+
 from dlrun.config import ConfigError, check_data_parallel
 from dlrun.distributed import Group
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DLRUN, read_metrics, read_summary
 from omegaconf import OmegaConf
 
-from conftest import DLRUN, read_metrics, read_summary
 from dlrun.config import cpu_share
 
 pytestmark = pytest.mark.slow

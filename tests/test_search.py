@@ -6,8 +6,8 @@ import json
 
 import optuna
 import pytest
-
 from conftest import read_summary
+
 from dlrun.config import ConfigError, check_search_direction
 
 
@@ -53,6 +53,7 @@ def test_search_direction_must_match_the_monitor():
 @pytest.mark.parametrize("preset,direction", [("digits_cnn", "maximize"), ("sequence_rnn", "minimize")])
 def test_search_presets_keep_the_study_in_the_sweep_folder(make_cfg, preset, direction):
     from hydra import compose, initialize_config_dir
+
     from dlrun.cli import config_dir
 
     with initialize_config_dir(config_dir=config_dir()):

@@ -11,9 +11,9 @@ shell completion, which must never import torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
-import os
 from pathlib import Path
 from typing import Any, List, Optional
 

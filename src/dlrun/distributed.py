@@ -22,7 +22,6 @@ import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
 import torch

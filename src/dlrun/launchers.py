@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn
-
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as HydraOptunaSweeper
 from hydra.utils import instantiate
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import (
+    OptunaSweeper as HydraOptunaSweeper,
+)
 from omegaconf import DictConfig, OmegaConf
 
 SQLITE = "sqlite:///"
