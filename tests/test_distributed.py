@@ -154,3 +154,13 @@ def test_errors_in_the_ranks_reach_the_command(dlrun_cli, tmp_path):
     assert unnamed.returncode == 1
     assert re.search(r"RuntimeError: rank [01] of the 2-process run failed", unnamed.stderr)  # the first to fail
     assert "unexpected keyword argument 'foo'" in unnamed.stderr and 'File "' in unnamed.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL data parallel needs 2 CUDA devices")
+def test_two_gpus_train_one_model_with_nccl(dlrun_cli, tmp_path):
+    proc = dlrun_cli("hydra.run.dir=run", "trainer.devices=2", "device=cuda", "trainer.epochs=5")
+    assert proc.returncode == 0, proc.stderr
+    summary = read_summary(tmp_path / "run")
+    assert summary["processes"] == 2 and summary["device"].startswith("cuda")
+    assert summary["final"]["val/acc"] > 0.9
