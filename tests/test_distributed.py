@@ -164,3 +164,13 @@ def test_two_gpus_train_one_model_with_nccl(dlrun_cli, tmp_path):
     summary = read_summary(tmp_path / "run")
     assert summary["processes"] == 2 and summary["device"].startswith("cuda")
     assert summary["final"]["val/acc"] > 0.9
+
+
+@pytest.mark.slow
+def test_ddp_jobs_in_joblib_workers_are_a_clear_error(dlrun_cli, tmp_path):
+    proc = dlrun_cli("-m", "launcher=local_parallel", "hydra.launcher.n_jobs=2", "trainer.devices=2", "optimizer.lr=1e-3,1e-2",
+                     "hydra.sweep.dir=sweep")
+    assert proc.returncode == 1
+    assert "cannot start its processes inside launcher=local_parallel's workers" in proc.stderr
+    for job in ("0", "1"):  # recorded in each job's folder, so the sweep summary lists them
+        assert read_summary(tmp_path / "sweep" / job)["status"] == "failed"

@@ -136,8 +136,13 @@ def spawn(worker: Callable[..., None], world: int, *args: Any) -> None:
     step and checkpoint); SIGINT from a terminal reaches them directly, so here it is ignored.
     Raises `WorkerFailed` with the first failed rank's exit code.
     """
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
+    if multiprocessing.get_start_method(allow_none=True) == "loky":  # a joblib worker's children cannot start
+        raise ConfigError(f"trainer.devices={world} cannot start its processes inside launcher=local_parallel's "
+                          "workers; sweep DDP runs with the default launcher or launcher=submitit_local / slurm")
     rendezvous = f"tcp://127.0.0.1:{free_port()}"
     context = mp.start_processes(_entry, args=(worker, world, rendezvous, args), nprocs=world, join=False,
                                  start_method="spawn")

@@ -229,10 +229,15 @@ def train(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None, ranks:
 def spawn_ranks(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None) -> dict[str, Any]:
     """`trainer.devices=N`: train in N new DDP processes on this machine; their rank 0 writes the
     run folder, and its summary is returned (or its error raised) here."""
-    validate(cfg)  # bad input fails before any process starts
     job = {"config": to_plain(cfg), "run_dir": str(run_dir), "resumed": resumed is not None, "hydra": hydra_job_info()}
     try:
+        validate(cfg)  # bad input fails before any process starts
         distributed.spawn(rank_main, cfg.trainer.devices, job)
+    except DlrunError as err:  # raised here, before any rank started: recorded as a rank 0 would
+        summary = {**start_summary(cfg, run_dir, resumed), "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "summary.json", summary)
+        raise
     except distributed.WorkerFailed as err:
         path = run_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
