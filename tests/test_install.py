@@ -23,6 +23,11 @@ def test_wheel_runs_from_another_directory(tmp_path, data_dir):
     target = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, capture_output=True)
     assert (target / "dlrun" / "conf" / "config.yaml").is_file()
+    # Hydra finds dlrun's sweeper and launchers through the wheel's entry points
+    (entry_points,) = target.glob("dlrun-*.dist-info/entry_points.txt")
+    plugins = entry_points.read_text().split("[hydra.plugins]")[1]
+    for plugin in ("dlrun.search:OptunaSweeper", "dlrun.launchers:LocalLauncher", "dlrun.launchers:SlurmLauncher"):
+        assert plugin in plugins
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
