@@ -8,6 +8,7 @@ import logging
 import platform
 import signal
 import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -258,8 +259,7 @@ def rank_main(ranks: Group, job: dict[str, Any] | None = None) -> None:
     try:
         job = job or ranks.share(None)
         run_dir = Path(job["run_dir"])
-        if ranks.is_main:
-            log_to(run_dir / "dlrun.log")
+        rank_logging(ranks, run_dir / "dlrun.log")
         resumed = checkpoint.load(run_dir / "checkpoints" / "last.pt") if job["resumed"] else None
         train(OmegaConf.create(job["config"]), run_dir, resumed, ranks, job.get("hydra"))
     except DlrunError as err:
@@ -268,12 +268,20 @@ def rank_main(ranks: Group, job: dict[str, Any] | None = None) -> None:
         distributed.leave()
 
 
-def log_to(path: Path) -> None:
-    """The run's log for a spawned rank 0 (Hydra configured logging in the launching process only)."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
+def rank_logging(ranks: Group, path: Path) -> None:
+    """Logging in a rank's own process (Hydra configured the launching process only): rank 0 logs
+    as a Hydra job does, to the run's log with warnings also on the console; the others stay quiet."""
+    root = logging.getLogger()
+    if not ranks.is_main:
+        root.addHandler(logging.NullHandler())
+        return
+    form = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    file, console = logging.FileHandler(path), logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    for handler in (file, console):
+        handler.setFormatter(form)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def optional_sinks(cfg: DictConfig, run_dir: Path) -> list[Sink]:
