@@ -158,7 +158,8 @@ def summary_table(summary: dict[str, Any]):
                   f"{latency[full]:.3f} ms")
     table.add_row("peak memory", f"{cost['peak_memory_mb']:,.0f} MiB", cost["memory"])
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s", f"{summary['train']['samples_per_s']:,.0f} samples/s")
-    table.add_row("device", summary["device"], "")
+    processes = summary.get("processes", 1)
+    table.add_row("device", summary["device"], f"{processes} processes (DDP)" if processes > 1 else "")
     table.add_row("run folder", summary["run_dir"], "")
     return table
 
