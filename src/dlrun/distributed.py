@@ -4,8 +4,8 @@ Two ways in, one run folder either way:
 - `dlrun trainer.devices=N ...`: the Hydra job composes the config and makes the run folder,
   then `spawn` starts N worker processes (ranks 0..N-1) on this machine and waits for them.
 - `torchrun --nproc_per_node=N -m dlrun ...`: rank 0 runs Hydra as usual (config, run folder)
-  and `share_job` sends both to the other ranks, which never compose a config or make a folder
-  (`torchrun_worker`).
+  and sends both to the other ranks with `Group.share`; those never compose a config or make a
+  folder (cli.main hands them straight to `run.rank_main`).
 
 Each rank trains a replica of the model on its slice of every global batch (`Group.shard`:
 contiguous slices, so the global batch and the order of samples are the single-process run's;
