@@ -300,7 +300,8 @@ def fit(
 
     Under DDP (`ranks`, see distributed.py) every rank runs this same loop in lockstep on
     its shard of each batch; running sums are added up over the ranks when read, rank 0
-    evaluates and shares the record, and a stop signal on any rank stops all at one step.
+    evaluates and shares the record, and a stop signal on any rank stops all at one step
+    (within `log_every` steps).
     """
     state = state or TrainState()
     stop = stop or StopFlag()
@@ -338,7 +339,9 @@ def fit(
 
         order = train.batches(cfg.batch_size, epoch_generator(cfg.seed, epoch), start=state.batch)
         for group in grouped(islice(order, micro_per_epoch - state.batch), cfg.accumulate):
-            signum = ranks.max(stop.signum or 0)  # a signal on any rank stops every rank here
+            signum = stop.signum or 0
+            if ranks.world > 1:  # all ranks stop at one step; agreeing costs an all-reduce, so every log_every
+                signum = ranks.max(signum) if state.step % cfg.log_every == 0 else 0
             if signum:  # the previous step is complete: checkpoint and leave
                 sync()
                 save(state, False)
