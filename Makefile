@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/ddp_overhead.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist src/*.egg-info

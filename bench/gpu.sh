@@ -10,3 +10,7 @@ PY=${PYTHON:-.venv/bin/python}
 "$PY" bench/loop_overhead.py --device cuda --samples 60000 --epochs 4
 "$PY" bench/data_pipeline.py --device cuda
 "$PY" bench/end_to_end.py --device cuda
+# NCCL data parallel on two GPUs, where there are two (not yet run: no multi-GPU machine so far)
+if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  "$PY" bench/ddp_overhead.py --device cuda --processes 2 --samples 60000 --epochs 4
+fi

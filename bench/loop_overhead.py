@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dlrun.data import Data, DataSpec, TensorSplit, epoch_generator
+from dlrun.distributed import SINGLE
 from dlrun.models import CNN, MLP, RNN
 from dlrun.train import FitConfig, Parts, fit
 
@@ -54,11 +55,11 @@ def plain_epoch(model, opt, x, y, batch_size, epoch, sync):
     return time.perf_counter() - started
 
 
-def dlrun_epoch(parts, data, cfg, epoch, sync):
+def dlrun_epoch(parts, data, cfg, epoch, sync, ranks=SINGLE):
     from dlrun.train import TrainState
 
     started = time.perf_counter()
-    fit(parts, data, cfg, [], lambda s, b: None, state=TrainState(epoch=epoch - 1, step=0))
+    fit(parts, data, cfg, [], lambda s, b: None, state=TrainState(epoch=epoch - 1, step=0), ranks=ranks)
     sync()
     return time.perf_counter() - started
 

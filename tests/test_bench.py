@@ -47,3 +47,11 @@ def test_startup():
 def test_sweep():
     result, _ = bench("sweep.py", "--jobs", "2", "--epochs", "1")
     assert result["jobs"] == 2 and result["ratio"] > 0
+
+
+def test_ddp_overhead():
+    result, out = bench("ddp_overhead.py", "--samples", "512", "--epochs", "2", "--models", "mlp")
+    assert result["processes"] == 2 and [r["model"] for r in result["results"]] == ["mlp"]
+    (r,) = result["results"]
+    assert r["ratio"] == pytest.approx(r["dlrun_samples_per_s"] / r["plain_samples_per_s"])
+    assert "plain DDP samples/s" in out
