@@ -77,7 +77,11 @@ def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch
 
 
 def rank(ranks, args) -> None:
-    distributed.join(ranks)
+    with distributed.process_group(ranks):
+        measure_all(ranks, args)
+
+
+def measure_all(ranks, args) -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -93,7 +97,6 @@ def rank(ranks, args) -> None:
                   f"{r['ratio']:>8.3f}")
         print(json.dumps({"bench": "ddp_overhead", "device": device.type, "processes": ranks.world,
                           "results": results}), flush=True)
-    distributed.leave()
 
 
 def main(argv: list[str] | None = None) -> None:

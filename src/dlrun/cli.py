@@ -95,11 +95,10 @@ def main() -> None:
         sys.path.append(os.getcwd())
     if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun's other ranks: the job (config and run folder) comes from rank 0, which runs Hydra
-        from dlrun.distributed import torchrun_env
+        from dlrun.distributed import end_process, torchrun_env
         from dlrun.run import rank_main
 
-        rank_main(torchrun_env())
-        return
+        end_process(rank_main, torchrun_env())  # ends the process
     args = sys.argv[1:]
     if "--help" in args or "-h" in args:
         try:
@@ -109,7 +108,12 @@ def main() -> None:
         return
     # Hydra 1.4 instantiates the callbacks in conf/config.yaml under the caller's whitelist.
     with execution_whitelist(["dlrun.callbacks.DlrunCallback"]):
-        _app()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's rank 0 (see distributed.end_process)
+            from dlrun.distributed import end_process
+
+            end_process(_app)
+        else:
+            _app()
 
 
 if __name__ == "__main__":

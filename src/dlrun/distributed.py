@@ -16,18 +16,21 @@ writes (metrics, checkpoints, summary, progress display); the others get its res
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
+import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
 
-from dlrun.config import ConfigError, cpu_share
+from dlrun.config import ConfigError, DlrunError, cpu_share
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,24 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
-def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+@contextmanager
+def process_group(group: Group) -> Iterator[None]:
+    """In the process group for the block. The ranks leave it together (a barrier first: a rank
+    that tears down early can make gloo abort the others), at the end or when they all raise
+    the same dlrun error (they stop at the same step). After any other error a rank leaves as
+    it is: the others may be inside another collective, and the launcher ends them."""
+    join(group)
+    try:
+        yield
+    except DlrunError:
+        _leave()
+        raise
+    _leave()
+
+
+def _leave() -> None:
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -175,4 +193,23 @@ class WorkerFailed(Exception):
 
 
 def _entry(index: int, worker: Callable[..., None], world: int, rendezvous: str, args: tuple) -> None:
-    worker(Group(rank=index, world=world, local_rank=index, rendezvous=rendezvous), *args)
+    end_process(worker, Group(rank=index, world=world, local_rank=index, rendezvous=rendezvous), *args)
+
+
+def end_process(fn: Callable[..., Any], *args: Any) -> NoReturn:
+    """Run a rank's `fn(*args)`, then end its process with fn's exit code (0, or SystemExit's),
+    skipping the interpreter's teardown: there torch can abort a rank that has already left its
+    process group cleanly ("terminate called without an active exception", about one run in 30
+    on this machine), which would turn a finished run into a failed one. Other exceptions
+    propagate (torch.multiprocessing reports them with their traceback)."""
+    try:
+        fn(*args)
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -77,12 +77,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if ranks is not None:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise ConfigError("under torchrun dlrun runs one job; sweep with trainer.devices=N instead")
-        distributed.join(ranks)
-        try:
+        with distributed.process_group(ranks):
             ranks.share({"config": to_plain(cfg), "run_dir": str(run_dir), "resumed": resumed is not None})
             return train(cfg, run_dir, resumed, ranks)
-        finally:
-            distributed.leave()
     if cfg.trainer.devices > 1:
         return spawn_ranks(cfg, run_dir, resumed)
     return train(cfg, run_dir, resumed)
@@ -242,6 +239,9 @@ def spawn_ranks(cfg: DictConfig, run_dir: Path, resumed: dict[str, Any] | None) 
     except distributed.WorkerFailed as err:
         path = run_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.is_file() else {}
+        if summary.get("status") == "completed" and not err.traceback:  # the run ended; a rank then died
+            log.warning("%s after the run had completed; its results are kept", err)  # in gloo's teardown
+            return summary
         if summary.get("status") == "interrupted":  # after a checkpoint (128 + signal), or a second Ctrl-C
             raise (Interrupted(err.exit_code - 128, summary.get("steps", 0)) if err.exit_code > 128
                    else KeyboardInterrupt) from None
@@ -255,17 +255,15 @@ def rank_main(ranks: Group, job: dict[str, Any] | None = None) -> None:
     """A DDP rank in its own process: spawned by `spawn_ranks` with the job, or started by torchrun
     (ranks other than 0), which receive the job from rank 0. Errors that rank 0 records in the
     summary end the process with an exit code (128 + signal when interrupted)."""
-    distributed.join(ranks)
     try:
-        job = job or ranks.share(None)
-        run_dir = Path(job["run_dir"])
-        rank_logging(ranks, run_dir / "dlrun.log")
-        resumed = checkpoint.load(run_dir / "checkpoints" / "last.pt") if job["resumed"] else None
-        train(OmegaConf.create(job["config"]), run_dir, resumed, ranks, job.get("hydra"))
+        with distributed.process_group(ranks):
+            job = job or ranks.share(None)
+            run_dir = Path(job["run_dir"])
+            rank_logging(ranks, run_dir / "dlrun.log")
+            resumed = checkpoint.load(run_dir / "checkpoints" / "last.pt") if job["resumed"] else None
+            train(OmegaConf.create(job["config"]), run_dir, resumed, ranks, job.get("hydra"))
     except DlrunError as err:
         raise SystemExit(128 + err.signum if isinstance(err, Interrupted) else 1) from None
-    finally:
-        distributed.leave()
 
 
 def rank_logging(ranks: Group, path: Path) -> None:
