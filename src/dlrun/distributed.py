@@ -123,8 +123,8 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 @contextmanager
 def process_group(group: Group) -> Iterator[None]:
-    """In the process group for the block. The ranks leave it together (a barrier first: a rank
-    that tears down early can make gloo abort the others), at the end or when they all raise
+    """In the process group for the block. The ranks leave it together (a barrier first, so no
+    rank tears down while another still talks to it), at the end or when they all raise
     the same dlrun error (they stop at the same step). After any other error a rank leaves as
     it is: the others may be inside another collective, and the launcher ends them."""
     join(group)
