@@ -21,11 +21,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from loop_overhead import DEFAULT_SAMPLES, MODELS, dlrun_epoch
+from loop_overhead import DEFAULT_SAMPLES, MODELS, dlrun_epoch, synthetic
 
 from dlrun import distributed
 from dlrun.config import cpu_share
-from dlrun.data import Data, DataSpec, TensorSplit, epoch_generator
+from dlrun.data import epoch_generator
 from dlrun.train import FitConfig, Parts
 
 
@@ -52,11 +52,7 @@ def plain_epoch(model, opt, x, y, batch_size, epoch, ranks, sync):
 
 
 def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch.device, ranks) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(samples, 1, 28, 28, generator=gen).to(device)
-    y = torch.randint(0, 10, (samples,), generator=gen).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    data = Data(DataSpec((1, 28, 28), 10), {"train": TensorSplit(x, y), "val": TensorSplit(x[:1], y[:1])})
+    x, y, data, sync = synthetic(samples, device)
     torch.manual_seed(0)
     plain_model = distributed.wrap(MODELS[name]().to(device), device)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)

@@ -64,12 +64,18 @@ def dlrun_epoch(parts, data, cfg, epoch, sync, ranks=SINGLE):
     return time.perf_counter() - started
 
 
-def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch.device) -> dict:
+def synthetic(samples: int, device: torch.device):
+    """MNIST-shaped random data on the device (a one-sample val split), and the device's sync."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(samples, 1, 28, 28, generator=gen).to(device)
     y = torch.randint(0, 10, (samples,), generator=gen).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     data = Data(DataSpec((1, 28, 28), 10), {"train": TensorSplit(x, y), "val": TensorSplit(x[:1], y[:1])})
+    return x, y, data, sync
+
+
+def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch.device) -> dict:
+    x, y, data, sync = synthetic(samples, device)
     torch.manual_seed(0)
     plain_model = MODELS[name]().to(device)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
