@@ -2,7 +2,7 @@
 
 The presets in conf/hparams_search/ select Hydra's Optuna sweeper with this subclass as its
 `_target_` (registered as a Hydra plugin through the `hydra.plugins` entry point in
-pyproject.toml). It changes two things:
+pyproject.toml). It changes three things:
 
 - the SQLite file's folder is created before Optuna opens it (the study lives inside the sweep
   folder, which Hydra would create only when the first job starts);
