@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from dlrun.data import Data, DataSpec, TensorSplit, epoch_generator
 from dlrun.distributed import SINGLE
 from dlrun.models import CNN, MLP, RNN
-from dlrun.train import FitConfig, Parts, fit
+from dlrun.train import LoopSettings, Parts, fit
 
 MODELS = {
     # the classic small CNN: conv32-pool-conv64-pool-fc128
@@ -55,11 +55,11 @@ def plain_epoch(model, opt, x, y, batch_size, epoch, sync):
     return time.perf_counter() - started
 
 
-def dlrun_epoch(parts, data, cfg, epoch, sync, ranks=SINGLE):
+def dlrun_epoch(parts, data, settings, epoch, sync, ranks=SINGLE):
     from dlrun.train import TrainState
 
     started = time.perf_counter()
-    fit(parts, data, cfg, [], lambda s, b: None, state=TrainState(epoch=epoch - 1, step=0), ranks=ranks)
+    fit(parts, data, settings, [], lambda s, b: None, state=TrainState(epoch=epoch - 1, step=0), ranks=ranks)
     sync()
     return time.perf_counter() - started
 
@@ -84,10 +84,10 @@ def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch
     parts = Parts(ours, torch.optim.Adam(ours.parameters(), lr=1e-3))
     plain_times, ours_times = [], []
     for epoch in range(1, epochs + 1):
-        cfg = FitConfig(epochs=epoch, batch_size=batch_size, eval_batch_size=batch_size, seed=0, eval_every=10**9,
-                        log_every=50, monitor="train/loss", mode="min")
+        settings = LoopSettings(epochs=epoch, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
+                                eval_every=10**9, log_every=50, monitor="train/loss", monitor_mode="min")
         runs = [lambda: plain_times.append(plain_epoch(plain_model, plain_opt, x, y, batch_size, epoch, sync)),
-                lambda: ours_times.append(dlrun_epoch(parts, data, cfg, epoch, sync))]
+                lambda: ours_times.append(dlrun_epoch(parts, data, settings, epoch, sync))]
         for run in runs if epoch % 2 else runs[::-1]:  # alternate who goes first: the machine drifts
             run()
     plain, ours_t = samples / min(plain_times), samples / min(ours_times)

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dlrun.cli import config_dir
-from dlrun.config import register_configs
+from dlrun.config.schema import register_configs
 
 DLRUN = str(Path(sys.executable).with_name("dlrun"))
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from dlrun import checkpoint
-from dlrun.config import ConfigError
+from dlrun import checkpoint, rundir
+from dlrun.errors import ConfigError
 
 
 def test_roundtrip(tmp_path):
@@ -31,10 +31,11 @@ def test_replace_keeps_the_old_file_until_the_new_one_is_complete(tmp_path, monk
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed between the temp write and the rename
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(rundir.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save({"model": {}, "epoch": 2}, path)
     assert checkpoint.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temp file is gone too
 
 
 def test_killed_between_temp_write_and_rename(tmp_path):
@@ -43,15 +44,16 @@ def test_killed_between_temp_write_and_rename(tmp_path):
     code = f"""
 import os, signal, torch
 from pathlib import Path
-from dlrun import checkpoint
+from dlrun import checkpoint, rundir
 path = Path({str(path)!r})
 checkpoint.save({{"model": {{"w": torch.zeros(3)}}, "epoch": 1}}, path)
-checkpoint.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+rundir.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.save({{"model": {{"w": torch.ones(3)}}, "epoch": 2}}, path)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert proc.returncode == -signal.SIGKILL
-    assert (tmp_path / ".last.pt.tmp").is_file()  # the new checkpoint was complete in its temp file
+    (tmp,) = tmp_path.glob(".last.pt.*.tmp")  # the new checkpoint was complete in its temp file
+    assert torch.equal(torch.load(tmp, weights_only=True)["model"]["w"], torch.ones(3))
     loaded = checkpoint.load(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.zeros(3))
 

@@ -9,7 +9,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from dlrun.cli import config_dir
-from dlrun.config import GROUPS, ConfigError, resolve_monitor, validate
+from dlrun.config.schema import GROUPS
+from dlrun.config.validate import resolve_monitor, validate
+from dlrun.errors import ConfigError
 
 OPTIONS = [(group, name) for group, options in GROUPS.items() for name in options]
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import read_metrics, read_summary
 from datafiles import write_cifar, write_image_folder, write_mnist
-from dlrun.config import ConfigError
+from dlrun.errors import ConfigError
 from dlrun.data import (
     Augment,
     StreamSplit,

@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import DLRUN, read_metrics, read_summary
 
-from dlrun.config import ConfigError, check_data_parallel
-from dlrun.distributed import Group
+from dlrun.config.validate import check_data_parallel
+from dlrun.errors import ConfigError
+from dlrun.distributed import Ranks
 
 # No dropout and no batch norm: then 2 processes on halves of each batch compute the very
 # gradients of one process on the whole batch, and the runs must agree to float rounding.
@@ -24,11 +25,11 @@ EXACT = ["trainer.epochs=3", "model.dropout=0", "model.batch_norm=false", "devic
 
 def test_shards_are_contiguous_slices_that_cover_the_batch():
     x, y = torch.arange(10).view(10, 1), torch.arange(10)
-    shards = [Group(rank, 3).shard(x, y) for rank in range(3)]
+    shards = [Ranks(rank, 3).shard(x, y) for rank in range(3)]
     assert [len(sy) for _, sy in shards] == [3, 3, 4]
     assert torch.equal(torch.cat([sy for _, sy in shards]), y)
     assert torch.equal(torch.cat([sx for sx, _ in shards]), x)
-    assert Group().shard(x, y)[1] is y  # one process: the batch itself
+    assert Ranks().shard(x, y)[1] is y  # one process: the batch itself
 
 
 @pytest.mark.parametrize(
@@ -150,10 +151,13 @@ def test_errors_in_the_ranks_reach_the_command(dlrun_cli, tmp_path):
         "dlrun: error: the 2-process run failed: ConfigError: trainer.batch_size=34 is invalid: must give every one "
         "of the 2 processes at least one sample of every batch (1259 training samples leave a last batch of 1)")
     assert read_summary(tmp_path / "named")["status"] == "failed"
-    unnamed = dlrun_cli("hydra.run.dir=unnamed", "trainer.devices=2", "+model.foo=1", "device=cpu")
+    (tmp_path / "broken.py").write_text(
+        "class Broken:\n    def __init__(self, in_shape, num_outputs):\n        raise ValueError('broken model')\n")
+    unnamed = dlrun_cli("hydra.run.dir=unnamed", "trainer.devices=2", "model=custom", "model._target_=broken.Broken",
+                        "device=cpu")
     assert unnamed.returncode == 1
     assert re.search(r"RuntimeError: rank [01] of the 2-process run failed", unnamed.stderr)  # the first to fail
-    assert "unexpected keyword argument 'foo'" in unnamed.stderr and 'File "' in unnamed.stderr
+    assert "ValueError: broken model" in unnamed.stderr and 'File "' in unnamed.stderr
 
 
 @pytest.mark.gpu

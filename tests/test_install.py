@@ -26,7 +26,8 @@ def test_wheel_runs_from_another_directory(tmp_path, data_dir):
     # Hydra finds dlrun's sweeper and launchers through the wheel's entry points
     (entry_points,) = target.glob("dlrun-*.dist-info/entry_points.txt")
     plugins = entry_points.read_text().split("[hydra.plugins]")[1]
-    for plugin in ("dlrun.search:OptunaSweeper", "dlrun.launchers:LocalLauncher", "dlrun.launchers:SlurmLauncher"):
+    for plugin in ("dlrun.hydra_ext.search:OptunaSweeper", "dlrun.hydra_ext.launchers:LocalLauncher",
+                   "dlrun.hydra_ext.launchers:SlurmLauncher", "dlrun.hydra_ext.launchers:JoblibLauncher"):
         assert plugin in plugins
 
     elsewhere = tmp_path / "elsewhere"

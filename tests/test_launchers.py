@@ -16,7 +16,7 @@ import pytest
 from conftest import DLRUN, read_metrics, read_summary
 from omegaconf import OmegaConf
 
-from dlrun.config import cpu_share
+from dlrun.config.schema import cpu_share
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,7 @@ def test_slurm_preset_generates_the_sbatch_script(dlrun_cli, tmp_path):
     assert sorted(s.args[0][-1] for s in submissions) == ["optimizer=adam", "optimizer=sgd"]
     for submission in submissions:
         assert type(submission.function).__qualname__ == "SlurmLauncher"
-        assert type(submission.function).__module__ == "dlrun.launchers"
+        assert type(submission.function).__module__ == "dlrun.hydra_ext.launchers"
         assert submission._timeout_countdown == 3
         # the job's threads follow the CPUs it asks for
         device = OmegaConf.to_container(submission.function.config.device)  # unresolved

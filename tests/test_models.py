@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlrun.config import ConfigError
+from dlrun.errors import ConfigError
 from dlrun.data import DataSpec
 from dlrun.models import CNN, MLP, RNN, build_model, count_parameters
 
@@ -70,3 +70,32 @@ def test_user_module_by_target(make_cfg):
     cfg.model = {"_target_": "torch.nn.Bilinear", "in1_features": 3, "in2_features": 3, "out_features": 2}
     with pytest.raises(TypeError, match="in_shape"):
         build_model(cfg.model, SPECS["digits"])  # the contract: the class must accept in_shape and num_outputs
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "rnn"])
+def test_schema_defaults_are_the_constructor_defaults(name):
+    """Every default is declared in the schema and repeated in the class signature (so the classes
+    work from Python alone); the two must never disagree."""
+    import dataclasses
+    import inspect
+
+    from dlrun.config.schema import GROUPS
+
+    schema = GROUPS["model"][name]
+    model_class = {"cnn": CNN, "mlp": MLP, "rnn": RNN}[name]
+    signature = inspect.signature(model_class).parameters
+    for f in dataclasses.fields(schema):
+        if f.name == "_target_":
+            assert f.default == f"dlrun.models.{model_class.__name__}"
+            continue
+        declared = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        in_code = signature[f.name].default  # a schema key the constructor does not take fails here
+        declared = declared.value if hasattr(declared, "value") else declared  # enums are str-valued
+        assert list(in_code) == declared if isinstance(declared, list) else in_code == declared, (name, f.name)
+    assert set(signature) - {f.name for f in dataclasses.fields(schema)} == {"in_shape", "num_outputs"}
+
+
+def test_a_key_the_model_does_not_take_is_named(make_cfg):
+    cfg = make_cfg("+model.nonexistent_field=3")
+    with pytest.raises(ConfigError, match=r"model.nonexistent_field is not a parameter of CNN; it takes: channels, "):
+        build_model(cfg.model, SPECS["digits"])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dlrun.config import GROUPS
+from dlrun.config.schema import GROUPS
 from dlrun.optim import build_optimizer, build_scheduler, steps_per_batch, warmup_factor
 
 

@@ -12,9 +12,9 @@ import torch
 
 from conftest import read_summary
 from datafiles import write_image_folder
-from dlrun.config import ConfigError
+from dlrun.errors import ConfigError
 from dlrun.data import load_digits
-from dlrun.predict import load_model, predict, read_inputs
+from dlrun.tools.predict import load_model, predict, read_inputs
 from dlrun.run import run
 
 DLRUN_PREDICT = str(Path(sys.executable).with_name("dlrun-predict"))
@@ -25,7 +25,7 @@ def folder_run(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     from dlrun.cli import config_dir
-    from dlrun.config import register_configs
+    from dlrun.config.schema import register_configs
 
     base = tmp_path_factory.mktemp("predict")
     root = write_image_folder(base / "images", classes=3, per_class=30, size=16)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dlrun.report import pareto_front
+from dlrun.tools.report import pareto_front
 
 DLRUN_REPORT = str(Path(sys.executable).with_name("dlrun-report"))
 

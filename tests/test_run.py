@@ -11,7 +11,8 @@ from omegaconf import open_dict
 
 from conftest import read_summary
 from dlrun.cli import _app
-from dlrun.config import ConfigError, cpu_share
+from dlrun.config.schema import cpu_share
+from dlrun.errors import ConfigError, RunFolderError
 from dlrun.run import run
 
 
@@ -58,9 +59,12 @@ def test_run_reports_final_and_best(make_cfg, tmp_path):
         assert png.format == "PNG" and png.width > 2 * png.height
 
 
-def test_a_new_run_in_a_used_folder_starts_a_new_record(make_cfg, tmp_path):
-    for _ in range(2):
-        run(make_cfg("trainer.epochs=2", "device=cpu"), run_dir=tmp_path)
+def test_a_new_run_never_starts_in_a_folder_that_holds_another_run(make_cfg, tmp_path):
+    run(make_cfg("trainer.epochs=2", "device=cpu"), run_dir=tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(RunFolderError, match="holds another run"):
+        run(make_cfg("trainer.epochs=1", "device=cpu"), run_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 

@@ -8,7 +8,8 @@ import optuna
 import pytest
 from conftest import read_summary
 
-from dlrun.config import ConfigError, check_search_direction
+from dlrun.config.validate import check_search_direction
+from dlrun.errors import ConfigError
 
 
 def study_trials(sweep) -> list[optuna.trial.FrozenTrial]:
@@ -59,7 +60,7 @@ def test_search_presets_keep_the_study_in_the_sweep_folder(make_cfg, preset, dir
     with initialize_config_dir(config_dir=config_dir()):
         cfg = compose(config_name="config", overrides=[f"hparams_search={preset}"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "dlrun.search.OptunaSweeper" and sweeper.direction == direction
+    assert sweeper._target_ == "dlrun.hydra_ext.search.OptunaSweeper" and sweeper.direction == direction
     assert cfg.hydra.sweep.dir == f"outputs/search/{preset}"
     assert sweeper.storage == f"sqlite:///outputs/search/{preset}/optuna.db"
     assert set(sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "trainer.batch_size",

@@ -14,7 +14,7 @@ from dlrun.data import batches, build_data, channels_last, epoch_generator, load
 from dlrun.models import CNN, MLP
 from dlrun.optim import build_optimizer
 from dlrun.run import run
-from dlrun.train import FitConfig, Parts, TrainState, early_stop, fit, train_step
+from dlrun.train import LoopSettings, Parts, TrainState, early_stop, fit, train_step
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def digits():
 
 def cfg(**kw):
     base = dict(epochs=1, batch_size=64, eval_batch_size=256, seed=0, eval_every=1, log_every=5,
-                monitor="val/acc", mode="max")
-    return FitConfig(**{**base, **kw})
+                monitor="val/acc", monitor_mode="max")
+    return LoopSettings(**{**base, **kw})
 
 
 def plain_mlp(seed=0):
@@ -53,7 +53,7 @@ def test_clipping_bounds_the_gradient_norm(digits):
     assert grads(model).norm().item() == pytest.approx(0.05, rel=1e-4)
     model = plain_mlp()
     train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)), first_batch(digits),
-               cfg(grad_clip=1e-3, clip_by_value=True), torch.zeros(2))
+               cfg(grad_clip=1e-3, grad_clip_mode="value"), torch.zeros(2))
     assert grads(model).abs().max().item() <= 1e-3 + 1e-9
 
 
@@ -115,7 +115,7 @@ def test_early_stopping_ends_fit(digits):
     # train/loss falls every epoch, so in "max" mode it never improves after epoch 1
     model = plain_mlp()
     state = fit(Parts(model, torch.optim.Adam(model.parameters(), 1e-3)), digits,
-                cfg(epochs=10, monitor="train/loss", mode="max", patience=2), [], lambda s, b: None)
+                cfg(epochs=10, monitor="train/loss", monitor_mode="max", early_stopping={"patience": 2}), [], lambda s, b: None)
     assert state.stopped_early == 3 and state.epoch == 3 and state.best_epoch == 1
 
 
@@ -126,9 +126,9 @@ def test_label_smoothing_follows_the_formula(digits):
     with torch.no_grad():
         logp = F.log_softmax(model(x), dim=1)
     expected = ((1 - eps) * -logp.gather(1, y[:, None]).squeeze(1) + eps * -logp.mean(dim=1)).mean()
-    last, seen, _ = train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+    last, skipped_samples, _ = train_step(Parts(model, torch.optim.SGD(model.parameters(), lr=0.1)),
                                first_batch(digits), cfg(label_smoothing=eps), torch.zeros(2))
-    assert last.item() == pytest.approx(expected.item(), rel=1e-5) and seen == 64
+    assert last.item() == pytest.approx(expected.item(), rel=1e-5) and skipped_samples == 0
     assert abs(expected - F.nll_loss(logp, y)) > 1e-3  # and differs from the unsmoothed loss
 
 
@@ -180,7 +180,8 @@ def test_mixed_precision_runs_on_cpu(digits, dtype):
     parts = Parts(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler)
     before = model.net[1].weight.detach().clone()
     totals = torch.zeros(2)
-    last, seen, _ = train_step(parts, first_batch(digits), cfg(amp_dtype=dtype), totals)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    last, skipped_samples, _ = train_step(parts, first_batch(digits), cfg(precision=precision), totals)
     assert seen_dtypes == [dtype]  # the forward ran in reduced precision
     assert torch.isfinite(last) and totals[0] == pytest.approx(64 * last.item(), rel=1e-4)
     assert not torch.equal(model.net[1].weight, before)

@@ -12,7 +12,8 @@ from dlrun import checkpoint
 from dlrun.data import TensorSplit, build_data, epoch_generator, load_digits
 from dlrun.models import CNN
 from dlrun.optim import cosine_lr
-from dlrun.train import FitConfig, Interrupted, NonFiniteLoss, Parts, StopFlag, evaluate, fit, improved
+from dlrun.errors import Interrupted, NonFiniteLoss
+from dlrun.train import LoopSettings, Parts, StopFlag, at_least_as_good, evaluate, fit, improved
 
 TIMING = {"seconds", "samples_per_s"}
 
@@ -44,8 +45,8 @@ class Recorder:
 
 
 def fit_config(epochs=3, monitor="val/acc", mode="max", eval_every=1, **kw):
-    return FitConfig(epochs=epochs, batch_size=64, eval_batch_size=256, seed=0, eval_every=eval_every,
-                     log_every=kw.pop("log_every", 5), monitor=monitor, mode=mode, **kw)
+    return LoopSettings(epochs=epochs, batch_size=64, eval_batch_size=256, seed=0, eval_every=eval_every,
+                        log_every=kw.pop("log_every", 5), monitor=monitor, monitor_mode=mode, **kw)
 
 
 def build(digits, seed=0, lr=3e-3, dropout=0.0, scheduler=False, epochs=3):
@@ -159,7 +160,7 @@ def test_huge_lr_is_caught(digits):
 def test_nonfinite_batches_can_be_skipped(digits):
     model, opt, _ = build(digits)
     rec = Recorder()
-    fit(Parts(model, opt), poisoned(digits), fit_config(epochs=1, skip_nonfinite=True), [rec], lambda s, b: None)
+    fit(Parts(model, opt), poisoned(digits), fit_config(epochs=1, on_nonfinite="skip"), [rec], lambda s, b: None)
     (record,) = rec.records
     assert 1 <= record["skipped_batches"] <= 20
     assert torch.isfinite(torch.tensor([record["train/loss"], record["val/loss"]])).all()
@@ -181,3 +182,6 @@ def test_evaluate_matches_a_direct_computation(digits):
 def test_improved():
     assert improved(0.5, None, "max") and improved(0.6, 0.5, "max") and not improved(0.5, 0.5, "max")
     assert improved(0.4, 0.5, "min") and not improved(0.6, 0.5, "min")
+    # the best epoch: ties go to the later epoch; NaN never becomes the best
+    assert at_least_as_good(0.5, 0.5, "max") and at_least_as_good(0.5, 0.5, "min") and at_least_as_good(1.0, None, "max")
+    assert not at_least_as_good(0.4, 0.5, "max") and not at_least_as_good(float("nan"), 0.5, "max")

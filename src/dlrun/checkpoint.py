@@ -1,9 +1,10 @@
-"""Checkpoints: plain dicts of tensors and Python values, written atomically, loaded safely."""
+"""Checkpoints: plain dicts of tensors and Python values, written atomically, loaded safely;
+`Checkpointer` owns a run's best.pt and last.pt."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -11,27 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dlrun.config import ConfigError
+from dlrun.errors import ConfigError
+from dlrun.rundir import RunDir, atomic_write
 from dlrun.train import Parts, TrainState
 
 
 def save(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the previous file or the new one, never a torn one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """torch.save through the run folder's atomic write: a crash leaves the old file or the new one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -92,3 +80,51 @@ def restore_training(ckpt: dict[str, Any], parts: Parts) -> TrainState:
             obj.load_state_dict(ckpt[name])
     set_rng_state(ckpt["rng"])
     return TrainState(**ckpt["state"])
+
+
+class Checkpointer:
+    """Owns a run's checkpoints (written by rank 0 only) and the best epoch's weights in memory.
+
+    An improving epoch writes best.pt before last.pt. Killed between the two, the run resumes
+    from the previous last.pt, which does not know of the new best yet, and replaying the epoch
+    rewrites best.pt with the same weights: every kill point resumes to the uninterrupted result.
+    (Written the other way round, last.pt would name an epoch as best whose weights never
+    reached best.pt.)
+    """
+
+    def __init__(self, run_dir: RunDir, parts: Parts, extra: dict[str, Any], write: bool = True,
+                 main: bool = True) -> None:
+        self.run_dir, self.parts, self.extra = run_dir, parts, extra  # extra: config, data, run id, version
+        self.write, self.main = write, main
+        self.best_weights = self.weights()
+
+    def weights(self) -> dict[str, Any]:
+        """A copy of the model's (and EMA's) weights as they are now."""
+        ema = self.parts.ema
+        return copy.deepcopy({"model": self.parts.model.state_dict(), "ema": None if ema is None else ema.state_dict()})
+
+    def restore(self, resumed: dict[str, Any]) -> TrainState:
+        """Continue from a loaded last.pt: parts, RNGs and the best weights so far."""
+        state = restore_training(resumed, self.parts)
+        if self.run_dir.best.is_file():
+            self.best_weights = load(self.run_dir.best)
+        return state
+
+    def save(self, state: TrainState, is_best: bool) -> None:
+        """`fit`'s save point: remember the best weights; write best.pt (if improved), then last.pt."""
+        if not self.main:
+            return
+        if is_best:
+            self.best_weights = self.weights()
+        if not self.write:
+            return
+        if is_best:
+            save({**self.best_weights, "epoch": state.best_epoch, "metrics": state.best_metrics, **self.extra},
+                 self.run_dir.best)
+        save(training_checkpoint(self.parts, state, **self.extra), self.run_dir.last)
+
+    def load_best(self) -> None:
+        """Put the best epoch's weights into the model (and EMA)."""
+        self.parts.model.load_state_dict(self.best_weights["model"])
+        if self.parts.ema is not None:
+            self.parts.ema.load_state_dict(self.best_weights["ema"])

@@ -8,7 +8,6 @@ it) is imported only when a job actually runs.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import hydra
 from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
-from dlrun.config import register_configs
+from dlrun.config.schema import register_configs
 
 
 def config_dir() -> str:
@@ -35,31 +34,31 @@ register_configs()
 def _app(cfg: DictConfig) -> float:
     """One job. Returns the monitored metric, which sweepers (Optuna, ...) optimise.
 
-    Errors the user can act on become one line and a non-zero exit (summary.json
+    Errors the user can act on become one line and their exit status (the run's summary
     already records the status and the error). In a multirun a failed job does not
     stop the sweep: it returns NaN and the sweep summary lists it.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from dlrun.config import DlrunError
+    from dlrun.errors import DlrunError, Interrupted, exit_code
     from dlrun.run import run
-    from dlrun.train import Interrupted
 
     try:
         return run(cfg)["monitor_value"]
     except Interrupted as err:
         print(f"dlrun: {err}; continue with: dlrun resume={HydraConfig.get().runtime.output_dir}", file=sys.stderr)
-        raise SystemExit(128 + err.signum) from None
-    except KeyboardInterrupt:
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt as err:
         print("dlrun: interrupted; the run folder keeps what was written so far", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
+        raise SystemExit(exit_code(err)) from None
     except Exception as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             print(f"dlrun: job {HydraConfig.get().job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
             return float("nan")
         if isinstance(err, DlrunError):
-            raise SystemExit(f"dlrun: error: {err}") from None
+            print(f"dlrun: error: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
         raise
 
 
@@ -107,7 +106,7 @@ def main() -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     # Hydra 1.4 instantiates the callbacks in conf/config.yaml under the caller's whitelist.
-    with execution_whitelist(["dlrun.callbacks.DlrunCallback"]):
+    with execution_whitelist(["dlrun.hydra_ext.callbacks.DlrunCallback"]):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's rank 0 (see distributed.end_process)
             from dlrun.distributed import end_process
 

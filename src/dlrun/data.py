@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Protocol, Sequence, Union
 import numpy as np
 import torch
 
-from dlrun.config import ConfigError
+from dlrun.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dlrun.config import ConfigError, DeviceType, Precision
+from dlrun.config.schema import DeviceType, Precision
+from dlrun.errors import ConfigError
 
 
 def resolve_device(cfg: DictConfig) -> torch.device:

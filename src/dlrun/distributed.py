@@ -4,14 +4,14 @@ Two ways in, one run folder either way:
 - `dlrun trainer.devices=N ...`: the Hydra job composes the config and makes the run folder,
   then `spawn` starts N worker processes (ranks 0..N-1) on this machine and waits for them.
 - `torchrun --nproc_per_node=N -m dlrun ...`: rank 0 runs Hydra as usual (config, run folder)
-  and sends both to the other ranks with `Group.share`; those never compose a config or make a
+  and sends both to the other ranks with `Ranks.share`; those never compose a config or make a
   folder (cli.main hands them straight to `run.rank_main`).
 
-Each rank trains a replica of the model on its slice of every global batch (`Group.shard`:
+Each rank trains a replica of the model on its slice of every global batch (`Ranks.shard`:
 contiguous slices, so the global batch and the order of samples are the single-process run's;
 losses are weighted so the averaged gradient is the global batch's). Only rank 0 evaluates and
 writes (metrics, checkpoints, summary, progress display); the others get its results through
-`Group.share`. Backend: gloo on the CPU, NCCL (plus gloo for CPU tensors) on CUDA.
+`Ranks.share`. Backend: gloo on the CPU, NCCL (plus gloo for CPU tensors) on CUDA.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from typing import Any, Callable, Iterator, NoReturn
 import torch
 import torch.distributed as dist
 
-from dlrun.config import ConfigError, DlrunError, cpu_share
+from dlrun.config.schema import cpu_share
+from dlrun.errors import ConfigError, DlrunError, WorkerFailed
 
 
 @dataclass(frozen=True)
-class Group:
+class Ranks:
     """This process's place in a data-parallel run. The default, a single process, makes every
     method a no-op, so the training loop reads the same with or without DDP."""
 
@@ -71,6 +72,13 @@ class Group:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def agree_on_stop(self, signum: int, step: int, every: int) -> int:
+        """The signal to stop for before `step`: this process's own at once; under DDP the
+        largest of the ranks', agreed every `every` steps (an all-reduce costs ~0.24 ms on gloo)."""
+        if self.world == 1:
+            return signum
+        return self.max(signum) if step % every == 0 else 0
+
     def share(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         if self.world == 1:
@@ -80,27 +88,27 @@ class Group:
         return box[0]
 
 
-SINGLE = Group()
+SINGLE = Ranks()
 
 
-def torchrun_env() -> Group | None:
+def torchrun_env() -> Ranks | None:
     """The group torchrun (or another launcher that sets RANK/WORLD_SIZE) started this process in."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
         return None
-    return Group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def join(group: Group, timeout_min: float = 30.0) -> None:
-    """Join the process group at `group.rendezvous`; on CUDA, bind the rank's GPU."""
+def join(ranks: Ranks, timeout_min: float = 30.0) -> None:
+    """Join the process group at `ranks.rendezvous`; on CUDA, bind the rank's GPU."""
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(group.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, init_method=group.rendezvous, rank=group.rank, world_size=group.world,
+    dist.init_process_group(backend, init_method=ranks.rendezvous, rank=ranks.rank, world_size=ranks.world,
                             timeout=timedelta(minutes=timeout_min))
 
 
-def rank_device(device: torch.device, ranks: Group, threads: int) -> torch.device:
+def rank_device(device: torch.device, ranks: Ranks, threads: int) -> torch.device:
     """The rank's device: its own GPU (bound by `join`), or the CPU with its share of the cores
     (unless device.threads says how many)."""
     if device.type == "cuda":
@@ -122,12 +130,12 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 @contextmanager
-def process_group(group: Group) -> Iterator[None]:
+def process_group(ranks: Ranks) -> Iterator[None]:
     """In the process group for the block. The ranks leave it together (a barrier first, so no
     rank tears down while another still talks to it), at the end or when they all raise
     the same dlrun error (they stop at the same step). After any other error a rank leaves as
     it is: the others may be inside another collective, and the launcher ends them."""
-    join(group)
+    join(ranks)
     try:
         yield
     except DlrunError:
@@ -148,7 +156,7 @@ def free_port() -> int:
 
 
 def spawn(worker: Callable[..., None], world: int, *args: Any) -> None:
-    """Run `worker(group, *args)` in `world` new processes on this machine and wait for all of them.
+    """Run `worker(ranks, *args)` in `world` new processes on this machine and wait for all of them.
 
     SIGTERM sent to this process is passed on to the workers (which stop together at the next
     step and checkpoint); SIGINT from a terminal reaches them directly, so here it is ignored.
@@ -186,14 +194,8 @@ def spawn(worker: Callable[..., None], world: int, *args: Any) -> None:
             signal.signal(s, h)
 
 
-class WorkerFailed(Exception):
-    def __init__(self, rank: int, exit_code: int, traceback: str = "") -> None:
-        super().__init__(f"rank {rank} exited with code {exit_code}")
-        self.rank, self.exit_code, self.traceback = rank, exit_code, traceback
-
-
 def _entry(index: int, worker: Callable[..., None], world: int, rendezvous: str, args: tuple) -> None:
-    end_process(worker, Group(rank=index, world=world, local_rank=index, rendezvous=rendezvous), *args)
+    end_process(worker, Ranks(rank=index, world=world, local_rank=index, rendezvous=rendezvous), *args)
 
 
 def end_process(fn: Callable[..., Any], *args: Any) -> NoReturn:

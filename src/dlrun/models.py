@@ -1,25 +1,44 @@
 """Model families. Classes take plain numbers; shapes come from the DataSpec.
 
+Their keyword defaults are the schema's (config/schema.py: CNNConfig, MLPConfig, RNNConfig);
+tests/test_models.py fails if the two disagree.
+
 Any `nn.Module` whose constructor accepts `in_shape` and `num_outputs` keyword
 arguments can be named by `model._target_`; `build_model` supplies both.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from dlrun.config import ConfigError, instantiate_trusted
+from dlrun.config.targets import instantiate_trusted
 from dlrun.data import DataSpec
+from dlrun.errors import ConfigError
 
 
 def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
+    """`cfg._target_(in_shape=..., num_outputs=..., **keys)`; every key must be a constructor parameter."""
     factory = instantiate_trusted(cfg, cfg._target_, _partial_=True, _convert_="all")
+    check_keys(factory.func, [k for k in cfg if k != "_target_"], "model")
     return factory(in_shape=tuple(spec.input_shape), num_outputs=spec.num_outputs)
+
+
+def check_keys(constructor: Callable[..., Any], keys: list[str], group: str) -> None:
+    """Config keys the constructor does not take are a clear error (as torchtune checks them), not a TypeError."""
+    params = inspect.signature(constructor).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    taken = [name for name in params if name not in ("in_shape", "num_outputs")]
+    unknown = [k for k in keys if k not in params]
+    if unknown:
+        name = getattr(constructor, "__qualname__", str(constructor))
+        raise ConfigError(f"{group}.{unknown[0]} is not a parameter of {name}; it takes: {', '.join(taken)}")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -44,7 +63,7 @@ class CNN(nn.Module):
         kernel_size: int = 3,
         pool: str = "max",
         batch_norm: bool = True,
-        dropout: float = 0.0,
+        dropout: float = 0.1,
         hidden: int = 128,
     ) -> None:
         super().__init__()
@@ -98,7 +117,7 @@ class MLP(nn.Module):
         num_outputs: int,
         hidden: Sequence[int] = (256, 128),
         batch_norm: bool = True,
-        dropout: float = 0.0,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         width = math.prod(in_shape)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
-from dlrun.config import instantiate_trusted
+from dlrun.config.targets import instantiate_trusted
 
 Scheduler = LRScheduler | ReduceLROnPlateau | None
 

@@ -1,4 +1,4 @@
-"""Where metrics go: the rich console display, metrics.jsonl, the log, TensorBoard and MLflow.
+"""Where metrics go: the rich console display, the run's metrics file, the log, TensorBoard and MLflow.
 
 A sink has four methods, called by the training loop:
   start(epochs, total_steps, done_steps)  once, before the first step (done_steps > 0 when resuming)
@@ -14,6 +14,8 @@ import logging
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from dlrun.rundir import append_line, atomic_write
 
 log = logging.getLogger("dlrun")
 
@@ -35,7 +37,7 @@ def format_record(record: dict[str, Any]) -> str:
 
 
 class JsonlSink:
-    """Appends one JSON object per epoch to metrics.jsonl, flushed at once."""
+    """Appends one JSON object per epoch to the run's metrics file (one line, one write)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -47,7 +49,8 @@ class JsonlSink:
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
         if kept != lines:
-            self.path.write_text("".join(kept))
+            data = "".join(kept).encode()
+            atomic_write(self.path, lambda f: f.write(data))
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         pass
@@ -56,8 +59,7 @@ class JsonlSink:
         pass
 
     def epoch(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
 
     def close(self, summary: dict[str, Any] | None) -> None:
         pass

@@ -7,24 +7,70 @@ on the device once per batch.
 
 from __future__ import annotations
 
-import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 
-from dlrun.config import DlrunError
+from dlrun.config.schema import (
+    ClipMode,
+    EarlyStoppingConfig,
+    MonitorMode,
+    OnNonFinite,
+    Precision,
+    TrainerConfig,
+    score_name,
+    trainer_config,
+)
+from dlrun.config.validate import resolve_monitor
 from dlrun.data import Batch, Data, Split, batch_generator, epoch_generator, num_batches
-from dlrun.distributed import SINGLE, Group
+from dlrun.device import amp_dtype
+from dlrun.distributed import SINGLE, Ranks
+from dlrun.errors import Interrupted, NonFiniteLoss
 from dlrun.optim import Scheduler, steps_per_batch, warmup_factor
 from dlrun.sinks import Sink
+
+
+@dataclass
+class LoopSettings(TrainerConfig):
+    """`cfg.trainer` as the loop reads it: every field of the schema, the task, and `monitor` /
+    `monitor_mode` resolved for that task. The one route from the config to the loop: a new
+    trainer switch is a field of `TrainerConfig` and is read here as `settings.<field>`."""
+
+    task: str = "classification"  # or "regression"
+
+    def __post_init__(self) -> None:
+        # values from a saved config or written by hand arrive as plain strings and dicts
+        self.precision, self.grad_clip_mode = Precision(self.precision), ClipMode(self.grad_clip_mode)
+        self.on_nonfinite = OnNonFinite(self.on_nonfinite)
+        if not isinstance(self.early_stopping, EarlyStoppingConfig):
+            self.early_stopping = EarlyStoppingConfig(**self.early_stopping)
+        monitor, mode = resolve_monitor(self, self.task)
+        self.monitor, self.monitor_mode = monitor, MonitorMode(mode)
+
+    @classmethod
+    def of(cls, trainer: TrainerConfig | DictConfig | dict, task: str, **changes: Any) -> "LoopSettings":
+        """From `cfg.trainer` (checked against the schema by `trainer_config`), with `changes` on top."""
+        checked = trainer_config(trainer)
+        values = {f.name: getattr(checked, f.name) for f in fields(TrainerConfig)}
+        return cls(**{**values, **changes}, task=task)
+
+    @property
+    def mode(self) -> str:
+        """`max` or `min`: how the monitored metric is ranked."""
+        return self.monitor_mode.value
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return amp_dtype(self.precision)
 
 
 @dataclass
@@ -37,21 +83,21 @@ class Parts:
     compiled: nn.Module | None = None  # torch.compile(model) when trainer.compile
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     ema: AveragedModel | None = None  # when trainer.ema_decay > 0
-    ddp: nn.Module | None = None  # DistributedDataParallel around `net` when trainer.devices > 1
+    ddp: nn.Module | None = None  # DistributedDataParallel around `eval_module` when trainer.devices > 1
 
     @property
-    def model_device(self) -> torch.device:
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @property
-    def net(self) -> nn.Module:
-        """The callable that runs the model (compiled or not); same weights as `model`."""
+    def eval_module(self) -> nn.Module:
+        """What evaluation runs: the compiled model, or the model (the same weights)."""
         return self.compiled if self.compiled is not None else self.model
 
     @property
-    def train_net(self) -> nn.Module:
-        """What training steps run: `net`, or DDP around it (which averages gradients over the ranks)."""
-        return self.ddp if self.ddp is not None else self.net
+    def train_module(self) -> nn.Module:
+        """What training steps run: `eval_module`, or DDP around it (which averages gradients over the ranks)."""
+        return self.ddp if self.ddp is not None else self.eval_module
 
 
 @dataclass
@@ -78,47 +124,11 @@ class TrainState:
         self.batch, self.loss_sum, self.score_sum, self.seen, self.skipped, self.seconds = 0, 0.0, 0.0, 0, 0, 0.0
 
 
-@dataclass
-class FitConfig:
-    """The plain values `fit` needs (taken from cfg.trainer by run.py)."""
-
-    epochs: int
-    batch_size: int
-    eval_batch_size: int
-    seed: int
-    eval_every: int
-    log_every: int
-    monitor: str
-    mode: str  # "max" or "min"
-    task: str = "classification"  # or "regression"
-    checkpoint_every: int = 0  # steps; 0 = at epoch ends only
-    skip_nonfinite: bool = False
-    amp_dtype: torch.dtype | None = None  # autocast dtype; None = fp32
-    grad_clip: float = 0.0
-    clip_by_value: bool = False
-    accumulate: int = 1
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 0.0
-    patience: int = 0
-    min_delta: float = 0.0
-    limit_train_batches: int = 0
-
-
 class StopFlag:
     """Set (to a signal number) by a signal handler; `fit` checks it between steps."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-
-
-class Interrupted(DlrunError):
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint was written")
-        self.signum, self.step = signum, step
-
-
-class NonFiniteLoss(DlrunError):
-    pass
 
 
 @contextmanager
@@ -137,11 +147,6 @@ def scaled_lr(optimizer: Optimizer, scale: float) -> Iterator[None]:
             group["lr"] = lr
 
 
-def score_name(task: str) -> str:
-    """The second metric next to the loss: accuracy, or mean absolute error for regression."""
-    return "mae" if task == "regression" else "acc"
-
-
 def loss_and_score(output: torch.Tensor, y: torch.Tensor, task: str, label_smoothing: float = 0.0,
                    reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (cross-entropy or MSE) and the batch's score sum (correct predictions or absolute errors)."""
@@ -158,39 +163,39 @@ def autocast(device_type: str, dtype: torch.dtype | None):
 
 
 def train_step(
-    parts: Parts, group: Sequence[Batch], cfg: FitConfig, totals: torch.Tensor, lr_scale: float = 1.0,
-    samples: int | None = None, world: int = 1,
+    parts: Parts, micro_batches: Sequence[Batch], settings: LoopSettings, totals: torch.Tensor,
+    lr_scale: float = 1.0, samples: int | None = None, world: int = 1,
 ) -> tuple[torch.Tensor | None, int, int]:
-    """One optimizer step over a group of micro-batches (one, unless trainer.accumulate > 1).
+    """One optimizer step over micro-batches (one, unless trainer.accumulate > 1).
 
-    Each micro-batch's loss is weighted by its share of the group's samples, so k
-    micro-batches give the gradient of one batch k times larger. Under DDP the group is
+    Each micro-batch's loss is weighted by its share of the step's samples, so k
+    micro-batches give the gradient of one batch k times larger. Under DDP they are
     this rank's shards of `samples` samples over `world` ranks; DDP averages the ranks'
     gradients, so the weight is len(shard) * world / samples. Each micro-batch's
     summed loss and score are added to `totals` ([loss, score] on the device, never
     read here). Returns the last micro-batch's mean loss (None if all were skipped),
-    the samples used, and the micro-batches skipped for a non-finite loss
-    (`cfg.skip_nonfinite`: this mode copies the buffers, such as batch-norm statistics,
-    and reads the loss, one host-device sync per micro-batch, so that a skipped batch
-    changes nothing).
+    and the samples and micro-batches skipped for a non-finite loss (trainer.on_nonfinite=skip:
+    this mode copies the buffers, such as batch-norm statistics, and reads the loss, one
+    host-device sync per micro-batch, so that a skipped batch changes nothing).
     """
-    model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
-    samples = samples or sum(len(y) for _, y in group)
-    last, seen, skipped = None, 0, 0
-    optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(group):
-        buffers = [b.detach().clone() for b in model.buffers()] if cfg.skip_nonfinite else []
-        # DDP averages gradients over the ranks once per step, in the group's last backward
-        accumulating = parts.ddp is not None and i < len(group) - 1
+    model, scaler = parts.model, parts.scaler
+    skip_nonfinite = settings.on_nonfinite is OnNonFinite.skip
+    samples = samples or sum(len(y) for _, y in micro_batches)
+    last, skipped_samples, skipped = None, 0, 0
+    parts.optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(micro_batches):
+        buffers = [b.detach().clone() for b in model.buffers()] if skip_nonfinite else []
+        # DDP averages gradients over the ranks once per step, in the last micro-batch's backward
+        accumulating = parts.ddp is not None and i < len(micro_batches) - 1
         with parts.ddp.no_sync() if accumulating else nullcontext():
-            with autocast(x.device.type, cfg.amp_dtype):
-                output = parts.train_net(x)
-            loss, score = loss_and_score(output, y, cfg.task, cfg.label_smoothing)
-            if cfg.skip_nonfinite and not torch.isfinite(loss):
+            with autocast(x.device.type, settings.amp_dtype):
+                output = parts.train_module(x)
+            loss, score = loss_and_score(output, y, settings.task, settings.label_smoothing)
+            if skip_nonfinite and not torch.isfinite(loss):
                 with torch.no_grad():
                     for live, saved in zip(model.buffers(), buffers):
                         live.copy_(saved)
-                skipped += 1
+                skipped, skipped_samples = skipped + 1, skipped_samples + len(y)
                 continue
             share = len(y) * world / samples
             weighted = loss if share == 1 else loss * share
@@ -198,17 +203,22 @@ def train_step(
         last = loss.detach()
         totals[0].add_(last, alpha=len(y))
         totals[1].add_(score)
-        seen += len(y)
-    if last is None:
-        return None, seen, skipped
+    if last is not None:
+        optimizer_step(parts, settings, lr_scale)
+    return last, skipped_samples, skipped
 
+
+def optimizer_step(parts: Parts, settings: LoopSettings, lr_scale: float) -> None:
+    """Clip the accumulated gradients, step the optimizer (through the GradScaler in fp16) at
+    `lr_scale` times the scheduled lr, then the per-batch scheduler and the EMA."""
+    model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
-    if cfg.grad_clip > 0:
-        if cfg.clip_by_value:
-            nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
+    if settings.grad_clip > 0:
+        if settings.grad_clip_mode is ClipMode.value:
+            nn.utils.clip_grad_value_(model.parameters(), settings.grad_clip)
         else:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
     with scaled_lr(optimizer, lr_scale):
         if scaler is not None:
             scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
@@ -219,7 +229,6 @@ def train_step(
         parts.scheduler.step()
     if parts.ema is not None:
         parts.ema.update_parameters(model)
-    return last, seen, skipped
 
 
 @torch.no_grad()
@@ -242,17 +251,25 @@ def evaluate(
     return {"loss": loss_sum.item() / n, score_name(task): score_sum.item() / n}
 
 
-def evaluate_split(parts: Parts, name: str, split: Split, cfg: FitConfig) -> dict[str, float]:
+def evaluate_split(parts: Parts, name: str, split: Split, settings: LoopSettings) -> dict[str, float]:
     """`<name>/loss`, `<name>/acc` (or mae), and `<name>_ema/...` for the averaged weights when EMA is on."""
-    out = {f"{name}/{k}": v for k, v in evaluate(parts.net, split, cfg.eval_batch_size, cfg.amp_dtype, cfg.task).items()}
+    def scores(module: nn.Module) -> dict[str, float]:
+        return evaluate(module, split, settings.eval_batch_size, settings.amp_dtype, settings.task)
+
+    out = {f"{name}/{k}": v for k, v in scores(parts.eval_module).items()}
     if parts.ema is not None:
-        ema = evaluate(parts.ema.module, split, cfg.eval_batch_size, cfg.amp_dtype, cfg.task)
-        out.update({f"{name}_ema/{k}": v for k, v in ema.items()})
+        out.update({f"{name}_ema/{k}": v for k, v in scores(parts.ema.module).items()})
     return out
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Strictly better than `best` by more than `min_delta` (early stopping's test)."""
     return best is None or (value > best + min_delta if mode == "max" else value < best - min_delta)
+
+
+def at_least_as_good(value: float, best: float | None, mode: str) -> bool:
+    """Better than or equal to `best` (the best epoch's test: ties go to the later epoch)."""
+    return best is None or (value >= best if mode == "max" else value <= best)
 
 
 def early_stop(state: TrainState, value: float, patience: int, min_delta: float, mode: str) -> bool:
@@ -266,35 +283,63 @@ def early_stop(state: TrainState, value: float, patience: int, min_delta: float,
     return state.patience_used >= patience
 
 
-def micro_batches_per_epoch(n_train: int, cfg: FitConfig) -> int:
-    n = num_batches(n_train, cfg.batch_size)
-    return min(n, cfg.limit_train_batches) if cfg.limit_train_batches else n
+def micro_batches_per_epoch(n_train: int, settings: LoopSettings) -> int:
+    n = num_batches(n_train, settings.batch_size)
+    return min(n, settings.limit_train_batches) if settings.limit_train_batches else n
 
 
-def steps_per_epoch(n_train: int, cfg: FitConfig) -> int:
-    """Optimizer steps per epoch: micro-batches grouped by `cfg.accumulate`."""
-    return num_batches(micro_batches_per_epoch(n_train, cfg), cfg.accumulate)
+def steps_per_epoch(n_train: int, settings: LoopSettings) -> int:
+    """Optimizer steps per epoch: micro-batches grouped by `settings.accumulate`."""
+    return num_batches(micro_batches_per_epoch(n_train, settings), settings.accumulate)
 
 
 def grouped(items: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
     it = iter(items)
-    while group := list(islice(it, size)):
-        yield group
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+class RunningSums:
+    """The epoch's [loss, score] sums on the device, read into the state only when needed
+    (log, checkpoint and stop points, the epoch's end). Under DDP each rank sums its shards
+    and rank 0 carries the sums from before a resume."""
+
+    def __init__(self, state: TrainState, ranks: Ranks, device: torch.device) -> None:
+        self.totals = torch.tensor([state.loss_sum, state.score_sum] if ranks.is_main else [0.0, 0.0], device=device)
+        self.losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) references, to name a non-finite one
+        self.started = time.perf_counter() - state.seconds
+        self.ranks = ranks
+
+    def read_into(self, state: TrainState) -> None:
+        """Copy the sums (of all ranks) into `state`; fails if the loss went non-finite."""
+        sums = self.ranks.sum(self.totals)
+        if not torch.isfinite(sums).all():
+            step, loss = next(((s, float(v)) for s, v in self.losses if not torch.isfinite(v)), (None, None))
+            where = f"{loss} at step {step}" if step else "non-finite on another rank"
+            raise NonFiniteLoss(
+                f"the training loss became {where} (epoch {state.epoch + 1}); stopped, the last "
+                "good checkpoint is kept (trainer.on_nonfinite=skip skips such batches instead)"
+            )
+        state.loss_sum, state.score_sum = sums.tolist()
+        state.seconds = time.perf_counter() - self.started
+
+
+Save = Callable[[TrainState, bool], None]
 
 
 def fit(
     parts: Parts,
     data: Data,
-    cfg: FitConfig,
+    settings: LoopSettings,
     sinks: Sequence[Sink],
-    save: Callable[[TrainState, bool], None],
+    save: Save,
     state: TrainState | None = None,
     stop: StopFlag | None = None,
-    ranks: Group = SINGLE,
+    ranks: Ranks = SINGLE,
 ) -> TrainState:
-    """Train until `cfg.epochs` epochs are complete (or early stopping), from `state`.
+    """Train until `settings.epochs` epochs are complete (or early stopping), from `state`.
 
-    `save(state, is_best)` is called at every epoch end, every `cfg.checkpoint_every`
+    `save(state, is_best)` is called at every epoch end, every `settings.checkpoint_every`
     steps and when `stop` is set; run.py writes the checkpoints there. The state it
     gets is consistent: continuing from it gives exactly what running on would have.
 
@@ -305,105 +350,94 @@ def fit(
     """
     state = state or TrainState()
     stop = stop or StopFlag()
-    optimizer, scheduler = parts.optimizer, parts.scheduler
-    train = data.splits["train"]
-    device = parts.model_device
-    micro_per_epoch = micro_batches_per_epoch(len(train), cfg)
-    steps = steps_per_epoch(len(train), cfg)
-    warmup_steps = round(cfg.warmup_epochs * steps)
+    steps = steps_per_epoch(len(data.splits["train"]), settings)
     for sink in sinks:
-        sink.start(cfg.epochs, cfg.epochs * steps, state.step)
-
-    while state.epoch < cfg.epochs and state.stopped_early is None:
-        epoch = state.epoch + 1
-        parts.model.train()
-        # Running sums stay on the device; `sync` reads them into `state` when needed.
-        # [loss, score]; under DDP each rank sums its shards and rank 0 carries the earlier sums
-        totals = torch.tensor([state.loss_sum, state.score_sum] if ranks.is_main else [0.0, 0.0], device=device)
-        step_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) references, to name a non-finite one
-        started = time.perf_counter() - state.seconds
-        lr = optimizer.param_groups[0]["lr"]
-
-        def sync() -> None:
-            """Copy the running sums (of all ranks) into `state`, failing if the loss went non-finite."""
-            sums = ranks.sum(totals)
-            if not torch.isfinite(sums).all():
-                step, loss = next(((s, float(v)) for s, v in step_losses if not torch.isfinite(v)), (None, None))
-                where = f"{loss} at step {step}" if step else "non-finite on another rank"
-                raise NonFiniteLoss(
-                    f"the training loss became {where} (epoch {epoch}); stopped, the last "
-                    "good checkpoint is kept (trainer.on_nonfinite=skip skips such batches instead)"
-                )
-            state.loss_sum, state.score_sum = sums.tolist()
-            state.seconds = time.perf_counter() - started
-
-        order = train.batches(cfg.batch_size, epoch_generator(cfg.seed, epoch), start=state.batch)
-        for group in grouped(islice(order, micro_per_epoch - state.batch), cfg.accumulate):
-            signum = stop.signum or 0
-            if ranks.world > 1:  # all ranks stop at one step; agreeing costs an all-reduce, so every log_every
-                signum = ranks.max(signum) if state.step % cfg.log_every == 0 else 0
-            if signum:  # the previous step is complete: checkpoint and leave
-                sync()
-                save(state, False)
-                raise Interrupted(signum, state.step)
-            if data.augment is not None:
-                group = [(data.augment(x, batch_generator(cfg.seed, epoch, state.batch + i)), y)
-                         for i, (x, y) in enumerate(group)]
-            samples = sum(len(y) for _, y in group)
-            group = [ranks.shard(x, y) for x, y in group]  # DDP: this rank's slice of each batch
-            scale = warmup_factor(state.step, warmup_steps)
-            lr = optimizer.param_groups[0]["lr"] * scale  # the lr this step uses
-            last, seen, skipped = train_step(parts, group, cfg, totals, scale, samples, ranks.world)
-            state.step += 1
-            if last is not None:
-                step_losses.append((state.step, last))
-            state.batch += len(group)
-            state.seen += seen if ranks.world == 1 else samples  # DDP never skips batches (config.validate)
-            state.skipped += skipped
-            if state.step % cfg.log_every == 0 and last is not None:
-                rate = state.seen / (time.perf_counter() - started)
-                for sink in sinks:
-                    sink.step(epoch, state.step, float(last), rate)
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < micro_per_epoch:
-                sync()
-                save(state, False)
-        sync()
-
-        seen = max(state.seen, 1)
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "step": state.step,
-            "train/loss": state.loss_sum / seen,
-            f"train/{score_name(cfg.task)}": state.score_sum / seen,
-        }
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            # Rank 0 evaluates and the others take its numbers, so all ranks decide alike below.
-            record.update(ranks.share(evaluate_split(parts, "val", data.splits["val"], cfg) if ranks.is_main else None))
-        if state.skipped:
-            record["skipped_batches"] = state.skipped
-        record.update(lr=lr, seconds=state.seconds, samples_per_s=state.seen / state.seconds)
-
-        is_best = False
-        if cfg.monitor in record:
-            value = record[cfg.monitor]
-            if scheduler is not None and not steps_per_batch(scheduler):
-                scheduler.step(value)  # ReduceLROnPlateau
-            # Ties go to the later epoch: a coarse metric such as accuracy often plateaus
-            # while the model keeps improving.
-            if state.best_value is None or not improved(state.best_value, value, cfg.mode):
-                state.best_value, state.best_epoch, is_best = value, epoch, True
-                state.best_metrics = metrics_of(record)
-            if early_stop(state, value, cfg.patience, cfg.min_delta, cfg.mode):
-                state.stopped_early = epoch
-        state.epoch = epoch
-        state.last_metrics = metrics_of(record)
-        state.start_epoch()
+        sink.start(settings.epochs, settings.epochs * steps, state.step)
+    while state.epoch < settings.epochs and state.stopped_early is None:
+        sums = RunningSums(state, ranks, parts.device)
+        lr = train_epoch(parts, data, settings, state, sums, sinks, save, stop, ranks)
+        sums.read_into(state)
+        record, is_best = end_epoch(parts, data, settings, state, lr, ranks)
         for sink in sinks:
             sink.epoch(record)
         save(state, is_best)
         if signum := ranks.max(stop.signum or 0):
             raise Interrupted(signum, state.step)
     return state
+
+
+def train_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainState, sums: RunningSums,
+                sinks: Sequence[Sink], save: Save, stop: StopFlag, ranks: Ranks) -> float | None:
+    """The current epoch's remaining steps (from micro-batch `state.batch`); returns the lr of its last step."""
+    epoch, train = state.epoch + 1, data.splits["train"]
+    micro_per_epoch = micro_batches_per_epoch(len(train), settings)
+    warmup_steps = round(settings.warmup_epochs * steps_per_epoch(len(train), settings))
+    parts.model.train()
+    order = train.batches(settings.batch_size, epoch_generator(settings.seed, epoch), start=state.batch)
+    lr = None
+    for micro in grouped(islice(order, micro_per_epoch - state.batch), settings.accumulate):
+        if signum := ranks.agree_on_stop(stop.signum or 0, state.step, settings.log_every):
+            sums.read_into(state)  # the previous step is complete: checkpoint and leave
+            save(state, False)
+            raise Interrupted(signum, state.step)
+        if data.augment is not None:
+            micro = [(data.augment(x, batch_generator(settings.seed, epoch, state.batch + i)), y)
+                     for i, (x, y) in enumerate(micro)]
+        samples = sum(len(y) for _, y in micro)
+        scale = warmup_factor(state.step, warmup_steps)
+        lr = parts.optimizer.param_groups[0]["lr"] * scale  # the lr this step uses
+        shards = [ranks.shard(x, y) for x, y in micro]  # DDP: this rank's slice of each batch
+        last, skipped_samples, skipped = train_step(parts, shards, settings, sums.totals, scale, samples, ranks.world)
+        state.step += 1
+        state.batch += len(micro)
+        state.seen += samples - skipped_samples  # DDP never skips batches (config.validate)
+        state.skipped += skipped
+        if last is not None:
+            sums.losses.append((state.step, last))
+            if state.step % settings.log_every == 0:
+                rate = state.seen / (time.perf_counter() - sums.started)
+                for sink in sinks:
+                    sink.step(epoch, state.step, float(last), rate)
+        if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and state.batch < micro_per_epoch:
+            sums.read_into(state)
+            save(state, False)
+    return lr
+
+
+def end_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainState, lr: float | None,
+              ranks: Ranks) -> tuple[dict[str, Any], bool]:
+    """The epoch's record (training sums, validation when due, lr, speed); keeps track of the best
+    epoch and early stopping, and moves the state on to the next epoch. Returns the record and
+    whether this epoch is the best so far."""
+    epoch, seen = state.epoch + 1, max(state.seen, 1)
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "step": state.step,
+        "train/loss": state.loss_sum / seen,
+        f"train/{score_name(settings.task)}": state.score_sum / seen,
+    }
+    if epoch % settings.eval_every == 0 or epoch == settings.epochs:
+        # Rank 0 evaluates and the others take its numbers, so all ranks decide alike below.
+        record.update(ranks.share(evaluate_split(parts, "val", data.splits["val"], settings) if ranks.is_main else None))
+    if state.skipped:
+        record["skipped_batches"] = state.skipped
+    record.update(lr=lr, seconds=state.seconds, samples_per_s=state.seen / state.seconds)
+
+    is_best = False
+    if settings.monitor in record:
+        value = record[settings.monitor]
+        if parts.scheduler is not None and not steps_per_batch(parts.scheduler):
+            parts.scheduler.step(value)  # ReduceLROnPlateau
+        # Ties go to the later epoch: a coarse metric such as accuracy often plateaus while the model improves.
+        if at_least_as_good(value, state.best_value, settings.mode):
+            state.best_value, state.best_epoch, is_best = value, epoch, True
+            state.best_metrics = metrics_of(record)
+        if early_stop(state, value, settings.early_stopping.patience, settings.early_stopping.min_delta, settings.mode):
+            state.stopped_early = epoch
+    state.epoch = epoch
+    state.last_metrics = metrics_of(record)
+    state.start_epoch()
+    return record, is_best
 
 
 def metrics_of(record: dict[str, Any]) -> dict[str, float]:

@@ -20,9 +20,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dlrun import checkpoint
-from dlrun.config import ConfigError, DlrunError, instantiate_trusted
+from dlrun.config.targets import instantiate_trusted
 from dlrun.data import IMAGE_SUFFIXES, DataSpec, build_data, decode_image
+from dlrun.errors import ConfigError, DlrunError
 from dlrun.models import build_model
+from dlrun.rundir import RunDir
 from dlrun.train import evaluate
 
 CPU = torch.device("cpu")
@@ -32,7 +34,7 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The model of a run folder (its best checkpoint) or of a checkpoint file, in eval mode, with
     the checkpoint's config and data description."""
     path = Path(path)
-    ckpt = checkpoint.load(path / "checkpoints" / "best.pt" if path.is_dir() else path)
+    ckpt = checkpoint.load(RunDir(path).best if path.is_dir() else path)
     if "data" not in ckpt:
         raise ConfigError(f"{path}: the checkpoint has no data description (written by an older dlrun)")
     data = ckpt["data"]
@@ -78,7 +80,7 @@ def predict(model: nn.Module, x: torch.Tensor, topk: int) -> tuple[torch.Tensor,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dlrun-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="a run folder (its checkpoints/best.pt) or a checkpoint file")
+    parser.add_argument("model", type=Path, help="a run folder (its best checkpoint) or a checkpoint file")
     parser.add_argument("inputs", nargs="*", type=Path, help="image files, or .pt/.npy tensor files")
     parser.add_argument("--topk", type=int, default=3)
     parser.add_argument("--evaluate", action="store_true", help="evaluate on the dataset's test split")

@@ -12,7 +12,7 @@ import torch
 
 from dlrun.data import build_data, load_digits
 from dlrun.models import MLP
-from dlrun.optimize import load_variant, optimize, prune_globally, sparsity_of
+from dlrun.tools.compress import compress, load_variant, prune_globally, sparsity_of
 from dlrun.run import run
 from dlrun.train import evaluate
 
@@ -32,7 +32,7 @@ def trained_run(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     from dlrun.cli import config_dir
-    from dlrun.config import register_configs
+    from dlrun.config.schema import register_configs
 
     register_configs()
     run_dir = tmp_path_factory.mktemp("run")
@@ -43,7 +43,7 @@ def trained_run(tmp_path_factory):
 
 
 def test_variants_are_measured_saved_and_loadable(trained_run):
-    result = optimize(trained_run, [0.5, 0.9], finetune_epochs=1, half=True, quantize=True, log=lambda s: None)
+    result = compress(trained_run, [0.5, 0.9], finetune_epochs=1, half=True, quantize=True, log=lambda s: None)
     names = [v["name"] for v in result["variants"]]
     assert names == ["original", "pruned-0.5", "pruned-0.9", "int8-dynamic", "bf16", "fp16"]
     by = {v["name"]: v for v in result["variants"]}
@@ -55,7 +55,7 @@ def test_variants_are_measured_saved_and_loadable(trained_run):
     assert abs(by["int8-dynamic"]["delta"]) <= 0.02  # int8 keeps the accuracy on digits
     assert by["int8-dynamic"]["size_mb"] < 0.5 * by["original"]["size_mb"]
     assert abs(by["bf16"]["delta"]) <= 0.02 and abs(by["fp16"]["delta"]) <= 0.01
-    assert json.loads((trained_run / "optimize.json").read_text())["variants"][0]["name"] == "original"
+    assert json.loads((trained_run / "compress.json").read_text())["variants"][0]["name"] == "original"
 
     data = build_data(load_digits(0.2, 0.1, 0), torch.device("cpu"))
     for name in ("pruned-0.9", "int8-dynamic", "bf16"):
@@ -64,10 +64,11 @@ def test_variants_are_measured_saved_and_loadable(trained_run):
 
 
 @pytest.mark.slow
-def test_the_command(trained_run):
-    command = str(Path(sys.executable).with_name("dlrun-optimize"))
+@pytest.mark.parametrize("name", ["dlrun-compress", "dlrun-optimize"])  # dlrun-optimize: the earlier name
+def test_the_command(trained_run, name):
+    command = str(Path(sys.executable).with_name(name))
     out = subprocess.run([command, str(trained_run), "--sparsity", "0.6", "--no-half"], capture_output=True,
                          text=True, check=True).stdout
     assert "pruned-0.6" in out and "int8-dynamic" in out and "bf16" not in out
     bad = subprocess.run([command, str(trained_run), "--sparsity", "1.5"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "must be in [0, 1)" in bad.stderr
+    assert bad.returncode != 0 and f"{name}: error: --sparsity '1.5': each must be in [0, 1)" in bad.stderr

@@ -1,10 +1,16 @@
-"""`launcher=submitit_local` and `launcher=slurm`: Hydra's submitit launchers, with requeued jobs that resume.
+"""Hydra's launchers, as dlrun runs them.
+
+`launcher=local_parallel`: Hydra's joblib launcher. When one of its worker processes dies
+(killed, out of memory), joblib ends the whole pool; `JoblibLauncher` then records every job
+left without an end as failed, writes the sweep summary and exits with one line.
+
+`launcher=submitit_local` and `launcher=slurm`: Hydra's submitit launchers, with requeued jobs that resume.
 
 When a job times out (or is preempted), submitit catches the scheduler's signal, asks the
 launcher's `checkpoint(...)` for what to run next and requeues it. Hydra's launcher resubmits the
 job's original arguments, so the job would start over in its folder; these subclasses add
 `resume=<the job's run folder>` once that folder has a checkpoint, so the requeued job continues
-from checkpoints/last.pt (written at every epoch end and every `trainer.checkpoint_every` steps).
+from its last checkpoint (written at every epoch end and every `trainer.checkpoint_every` steps).
 
 Registered as Hydra plugins through the `hydra.plugins` entry points in pyproject.toml; imported
 by Hydra at every start, so nothing heavy at module level.
@@ -17,7 +23,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_joblib_launcher import joblib_launcher
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+
+from dlrun.rundir import RunDir
+
+
+class JoblibLauncher(joblib_launcher.JoblibLauncher):
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from dlrun.hydra_ext.callbacks import write_sweep_summary
+
+        try:
+            return super().launch(job_overrides, initial_job_idx)
+        except Exception as err:  # jobs' own errors come back as failed JobReturns; this is the pool's
+            sweep_dir = Path(str(self.config.hydra.sweep.dir))
+            write_sweep_summary(sweep_dir)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise SystemExit(f"dlrun: error: the parallel sweep stopped ({type(err).__name__}: {reason}); "
+                             f"its jobs are recorded in {sweep_dir}") from None
 
 
 class ResumeOnRequeue:
@@ -27,7 +50,7 @@ class ResumeOnRequeue:
 
         if HydraConfig.initialized():  # the job had started (the signal may come earlier)
             run_dir = HydraConfig.get().runtime.output_dir
-            if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+            if RunDir(Path(run_dir)).last.is_file():
                 overrides = [o for o in overrides if not o.startswith("resume=")] + [f"resume={run_dir}"]
         return submitit.helpers.DelayedSubmission(self, overrides, *args, **kwargs)
 

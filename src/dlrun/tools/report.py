@@ -6,13 +6,15 @@ import json
 import os
 from pathlib import Path
 
+from dlrun.rundir import RunDir, find_runs, read_summary
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+
+def read_metrics(run_dir: Path | RunDir) -> list[dict]:
+    path = (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).metrics
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def learning_curves(run_dir: Path) -> Path | None:
+def learning_curves(run_dir: RunDir) -> Path | None:
     """plots/learning_curves.png: loss and the second metric (accuracy or MAE) per epoch, train and val."""
     records = read_metrics(run_dir)
     if not records:
@@ -34,9 +36,9 @@ def learning_curves(run_dir: Path) -> Path | None:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(Path(run_dir).name)
+    fig.suptitle(run_dir.path.name)
     fig.tight_layout()
-    out = Path(run_dir) / "plots" / "learning_curves.png"
+    out = run_dir.plots / "learning_curves.png"
     out.parent.mkdir(exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -46,18 +48,6 @@ def learning_curves(run_dir: Path) -> Path | None:
 # ------------------------------------------------------------------ dlrun-report
 
 COLUMNS = ("run", "overrides", "status", "monitor", "best", "test", "final_test", "params", "flops", "time_s")
-
-
-def find_runs(folders: list[str]) -> list[Path]:
-    """Run folders (with a summary.json) given directly or found under sweep folders."""
-    runs: list[Path] = []
-    for folder in map(Path, folders):
-        if (folder / "summary.json").is_file():
-            runs.append(folder)
-        else:  # a sweep: its numbered job folders, in numeric order
-            runs += sorted((p.parent for p in folder.rglob("summary.json")),
-                           key=lambda p: (str(p.parent), len(p.name), p.name))
-    return runs
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -72,7 +62,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def rows_of(runs: list[Path]) -> list[dict]:
-    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    summaries = [read_summary(run) for run in runs]
     common = set.intersection(*(set(s.get("overrides", [])) for s in summaries)) if summaries else set()
     base = Path(os.path.commonpath([r.resolve() for r in runs])) if len(runs) > 1 else runs[0].resolve().parent
     rows = []
@@ -213,7 +203,7 @@ def report(argv: list[str] | None) -> None:
         raise SystemExit(f"dlrun-report: error: no such folder: {', '.join(missing)}")
     runs = find_runs(args.folders)
     if not runs:
-        raise SystemExit(f"dlrun-report: error: no run folders (with a summary.json) under {' '.join(args.folders)}")
+        raise SystemExit(f"dlrun-report: error: no run folders (with a summary) under {' '.join(args.folders)}")
     rows = sort_rows(rows_of(runs), args.sort, args.desc)
     runs = [Path(r["path"]) for r in rows]
 
@@ -234,5 +224,5 @@ def report(argv: list[str] | None) -> None:
         if path is not None:
             write_table(rows, path)
             print(f"wrote {path}")
-    for path in plot_runs(rows, runs, args.plots or Path(args.folders[0]) / "plots", args.cost):
+    for path in plot_runs(rows, runs, args.plots or RunDir(Path(args.folders[0])).plots, args.cost):
         print(f"wrote {path}")

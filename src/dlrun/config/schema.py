@@ -3,7 +3,7 @@
 Every default is declared here once. The YAML files under ``conf/`` only pick a
 schema (``defaults: [/schema/<group>/<option>@_here_]``), so a typo or a wrong type in a YAML file
 or on the command line fails at composition with Hydra's message naming the key.
-``validate`` adds the cross-field and range rules that types cannot express.
+``dlrun.config.validate`` adds the cross-field and range rules that types cannot express.
 
 This module must stay light: the CLI imports it for ``--help``, ``--cfg`` and
 shell completion, which must never import torch.
@@ -14,19 +14,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-
-
-class DlrunError(Exception):
-    """A failure the user can act on: the CLI reports it as one clear line, never as a traceback."""
-
-
-class ConfigError(DlrunError, ValueError):
-    """Bad user input (a value, a path, a pairing that cannot work)."""
 
 
 # Enums subclass str so that models and summaries see plain strings.
@@ -68,6 +59,11 @@ class Precision(str, Enum):
 class ClipMode(str, Enum):
     norm = "norm"  # clip the global L2 norm of all gradients
     value = "value"  # clamp every gradient element
+
+
+def score_name(task: str) -> str:
+    """The metric reported next to the loss: accuracy, or mean absolute error for regression."""
+    return "mae" if task == "regression" else "acc"
 
 
 class MonitorMode(str, Enum):
@@ -338,11 +334,11 @@ class TrainerConfig:
     seed: int = 0
     eval_every: int = 1  # validate every N epochs (and always after the last)
     log_every: int = 10  # steps between progress-display refreshes (each one reads the loss)
-    # selects checkpoints/best.pt and is what a sweep optimises; auto: val/acc, or val/loss for regression
+    # selects the best checkpoint and is what a sweep optimises; auto: val/acc, or val/loss for regression
     monitor: str = "auto"
     monitor_mode: MonitorMode = MonitorMode.auto
     save_checkpoints: bool = True
-    checkpoint_every: int = 0  # also write checkpoints/last.pt every N steps; 0 = at epoch ends only
+    checkpoint_every: int = 0  # also write the last checkpoint every N steps; 0 = at epoch ends only
     on_nonfinite: OnNonFinite = OnNonFinite.stop  # what a NaN/inf training loss does
     # loop features
     precision: Precision = Precision.fp32
@@ -418,19 +414,6 @@ def cpu_share(n_jobs: int) -> int:
     return max(1, cores // jobs)
 
 
-# What a config's `_target_` may name (Hydra 1.4 asks every instantiate call for an execution
-# whitelist): dlrun's and PyTorch's callables. A model's own target is allowed by name, since
-# `model=custom model._target_=my_pkg.MyNet` exists to run the user's code.
-TRUSTED_TARGETS = ("dlrun.*", "torch.*")
-
-
-def instantiate_trusted(cfg: Any, *also: str, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate` limited to TRUSTED_TARGETS and the targets in `also`."""
-    from hydra.utils import instantiate
-
-    return instantiate(cfg, _execution_whitelist_=[*TRUSTED_TARGETS, *also], **kwargs)
-
-
 def register_configs(cs: ConfigStore | None = None) -> None:
     """Store each schema as `schema/<group>/<option>` and the top level as `schema/config`.
 
@@ -449,148 +432,12 @@ def register_configs(cs: ConfigStore | None = None) -> None:
             cs.store(group=f"schema/{group}", name=name, node=node, replace=True)
 
 
-# ---------------------------------------------------------------- validation
-
-def resolve_monitor(trainer: DictConfig | TrainerConfig, task: str) -> tuple[str, str]:
-    """The monitored metric (`auto`: val/acc, or val/loss for regression) and `max` or `min`
-    (`monitor_mode: auto` decides by the name: accuracy is maximised, losses and errors minimised)."""
-    monitor = trainer.monitor
-    if monitor == "auto":
-        monitor = "val/loss" if task == "regression" else "val/acc"
-    metric = monitor.rsplit("/", 1)[-1]
-    reported = ("loss", "mae") if task == "regression" else ("loss", "acc")
-    if metric not in reported:
-        raise ConfigError(f"trainer.monitor={monitor!r} is invalid: a {task} dataset reports {', '.join(reported)}")
-    mode = MonitorMode(trainer.monitor_mode)
-    return monitor, mode.value if mode is not MonitorMode.auto else ("max" if metric == "acc" else "min")
-
-
-def check_search_direction(direction: Any, monitor: str, mode: str) -> None:
-    """An Optuna sweep (`hydra.sweeper.direction`) must rank trials the way the run ranks its epochs."""
-    expected = "maximize" if mode == "max" else "minimize"
-    if isinstance(direction, str) and direction != expected:
-        raise ConfigError(
-            f"hydra.sweeper.direction={direction} does not match the monitored metric: {monitor} is "
-            f"{'maximised' if mode == 'max' else 'minimised'} (trainer.monitor); set hydra.sweeper.direction={expected}"
-        )
-
-
-def check_data_parallel(trainer: DictConfig, world: int, n_train: int | None = None) -> None:
-    """What DDP over `world` ranks needs: no skipped batches, and a shard for every rank in every
-    batch (checked once the number of training samples, `n_train`, is known)."""
-    _require(trainer.devices in (1, world), "trainer.devices", f"must be 1 or {world} (torchrun's world size)",
-             trainer.devices)
-    _require(OnNonFinite(trainer.on_nonfinite) is OnNonFinite.stop, "trainer.on_nonfinite",
-             f"must be stop with {world} processes (a batch skipped on one rank only would stall the others)",
-             OnNonFinite(trainer.on_nonfinite).value)
-    _require(trainer.batch_size >= world, "trainer.batch_size", f"must be >= {world} (a sample per process)",
-             trainer.batch_size)
-    if n_train is None:
-        return
-    tail = n_train % trainer.batch_size
-    _require(tail == 0 or tail >= world,
-             "trainer.batch_size", f"must give every one of the {world} processes at least one sample of every "
-             f"batch ({n_train} training samples leave a last batch of {tail})", trainer.batch_size)
-
-
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: {rule}")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Range and cross-field rules, checked before any tensor exists."""
-    t = cfg.trainer
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
-        _require(t[key] > 0, f"trainer.{key}", "must be a positive integer", t[key])
-    for key in ("checkpoint_every", "limit_train_batches", "limit_eval_batches", "overfit_batches", "grad_clip",
-                "warmup_epochs"):
-        _require(t[key] >= 0, f"trainer.{key}", "must be >= 0 (0 = off)", t[key])
-    _require(t.accumulate >= 1, "trainer.accumulate", "must be >= 1", t.accumulate)
-    _require(t.devices >= 1, "trainer.devices", "must be >= 1 (processes training one model together)", t.devices)
-    if t.devices > 1:
-        check_data_parallel(t, t.devices)
-    _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", "must be in [0, 1)", t.label_smoothing)
-    _require(0 <= t.ema_decay < 1, "trainer.ema_decay", "must be in [0, 1) (0 = off)", t.ema_decay)
-    _require(t.early_stopping.patience >= 0, "trainer.early_stopping.patience", "must be >= 0 (0 = off)",
-             t.early_stopping.patience)
-    _require(t.early_stopping.min_delta >= 0, "trainer.early_stopping.min_delta", "must be >= 0",
-             t.early_stopping.min_delta)
-    splits = ("train", "val", "val_ema") if t.ema_decay > 0 else ("train", "val")
-    split, _, metric = t.monitor.partition("/")
-    _require(
-        t.monitor == "auto" or (split in splits and metric in ("loss", "acc", "mae")),
-        "trainer.monitor",
-        f"allowed: auto, or one of {', '.join(splits)} / loss, acc (classification), mae (regression)",
-        t.monitor,
-    )
-
-    opt = cfg.optimizer
-    _require(opt.get("lr", 1.0) > 0, "optimizer.lr", "must be > 0", opt.get("lr"))
-    _require(opt.get("weight_decay", 0.0) >= 0, "optimizer.weight_decay", "must be >= 0", opt.get("weight_decay"))
-
-    model = cfg.model
-    if "dropout" in model:
-        _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
-    for key in ("hidden_size", "num_layers", "kernel_size"):
-        if key in model:
-            _require(model[key] > 0, f"model.{key}", "must be a positive integer", model[key])
-    if "channels" in model:
-        _require(
-            len(model.channels) > 0 and all(c > 0 for c in model.channels),
-            "model.channels",
-            "must be a non-empty list of positive integers",
-            list(model.channels),
-        )
-    if OmegaConf.is_list(model.get("hidden")):
-        _require(all(h > 0 for h in model.hidden), "model.hidden", "must be positive integers", list(model.hidden))
-
-    ds = cfg.dataset
-    for key in ("val_fraction", "test_fraction"):
-        if key in ds:
-            _require(0 < ds[key] < 1, f"dataset.{key}", "must be in (0, 1)", ds[key])
-    if "val_fraction" in ds and "test_fraction" in ds:
-        total = ds.val_fraction + ds.test_fraction
-        _require(total < 1, "dataset.val_fraction", "val_fraction + test_fraction must be < 1", total)
-    for key in ("data_dir", "cache_dir"):
-        if key in ds:
-            problem = dir_problem(ds[key])
-            _require(problem is None, f"dataset.{key}", f"cannot be used as a data directory: {problem}", ds[key])
-    if "root" in ds:
-        _require(Path(ds.root).expanduser().is_dir(), "dataset.root", "no such directory", ds.root)
-    if "crop_padding" in ds:
-        _require(ds.crop_padding >= 0, "dataset.crop_padding", "must be >= 0 (0 = off)", ds.crop_padding)
-    if "channels" in ds:
-        _require(ds.channels in (1, 3), "dataset.channels", "allowed: 1 (grayscale), 3 (RGB)", ds.channels)
-    if "image_size" in ds:
-        _require(len(ds.image_size) == 2 and min(ds.image_size) > 0, "dataset.image_size",
-                 "must be [height, width], both positive", list(ds.image_size))
-
-    _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
-
-
-def dir_problem(path: str | Path) -> str | None:
-    """Why `path` cannot be (created and) written as a directory, or None if it can."""
-    path = Path(path).expanduser().resolve()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
-
-
-def resume_checkpoint(folder: str) -> Path:
-    """The checkpoint that `resume=<folder>` continues from; a clear error if there is none."""
-    run_dir = Path(folder).expanduser().resolve()
-    if not run_dir.is_dir():
-        raise ConfigError(f"resume={folder}: no such run folder")
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
-        raise ConfigError(f"resume={folder}: {last} does not exist (was trainer.save_checkpoints=false?)")
-    return last
+def trainer_config(node: DictConfig | dict | TrainerConfig) -> TrainerConfig:
+    """`cfg.trainer` as the schema object, checked against the schema: keys added since a config
+    was saved take their defaults, unknown keys and wrong types are refused."""
+    if isinstance(node, TrainerConfig):
+        return node
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), node))
 
 
 def to_plain(cfg: DictConfig) -> dict:

@@ -1,18 +1,19 @@
-"""`dlrun-optimize <run folder>`: smaller and faster variants of a run's best model, each re-evaluated.
+"""`dlrun-compress <run folder>` (also `dlrun-optimize`, its earlier name): smaller and faster
+variants of a run's best model, each re-evaluated.
 
 Variants: global magnitude pruning at the given sparsities (optionally fine-tuned, the pruning
 then made permanent), dynamic int8 quantisation of Linear/LSTM/GRU layers, and bf16/fp16
 copies. Every variant is evaluated on the run's test split on the CPU (where dynamic int8
 quantisation runs), next to the original: score and its change, size, latency. Results go to
-<run>/optimize.json and a table; each variant's weights to <run>/variants/<name>.pt.
+<run>/compress.json and a table; each variant's weights to <run>/variants/<name>.pt.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import io
-import json
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -22,13 +23,16 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import prune
 
-from dlrun import checkpoint
-from dlrun.config import DlrunError, instantiate_trusted, resolve_monitor
+from dlrun import checkpoint, rundir
+from dlrun.config.schema import score_name
+from dlrun.config.targets import instantiate_trusted
 from dlrun.cost import latency_ms
 from dlrun.data import Data, DataSpec, build_data
+from dlrun.errors import DlrunError
 from dlrun.models import build_model
 from dlrun.optim import build_optimizer
-from dlrun.train import FitConfig, Parts, evaluate, fit, score_name
+from dlrun.rundir import RunDir
+from dlrun.train import LoopSettings, Parts, evaluate, fit
 
 CPU = torch.device("cpu")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -92,9 +96,10 @@ def sparsity_of(targets: list[tuple[nn.Module, str]]) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def optimize(run_dir: Path, sparsities: list[float], finetune_epochs: int, half: bool, quantize: bool,
+def compress(run_dir: Path, sparsities: list[float], finetune_epochs: int, half: bool, quantize: bool,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    best = checkpoint.load(run_dir / "checkpoints" / "best.pt")
+    folder = RunDir(run_dir)
+    best = checkpoint.load(folder.best)
     cfg = OmegaConf.create(best["config"])
     torch.manual_seed(cfg.trainer.seed)
     data = build_data(instantiate_trusted(cfg.dataset), CPU)
@@ -107,7 +112,7 @@ def optimize(run_dir: Path, sparsities: list[float], finetune_epochs: int, half:
     def measure(name: str, model: nn.Module, state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         scores = evaluate(model, data.splits["test"], cfg.trainer.eval_batch_size, task=task)
         size, compressed = serialized_mb(state)
-        out_file = run_dir / "variants" / f"{name}.pt"
+        out_file = folder.variant(name)
         checkpoint.save({"model": state, "variant": name, "config": best["config"], "input_shape": list(shape),
                          "num_outputs": data.spec.num_outputs, "task": task, **extra}, out_file)
         log(f"{name}: {metric} {scores[score_name(task)]:.4f}")
@@ -137,18 +142,18 @@ def optimize(run_dir: Path, sparsities: list[float], finetune_epochs: int, half:
     for v in variants:
         v["delta"] = v[metric] - base
     result = {"run_dir": str(run_dir), "metric": metric, "device": "cpu", "variants": variants}
-    (run_dir / "optimize.json").write_text(json.dumps(result, indent=2) + "\n")
+    rundir.write_json(folder.compress_report, result)
     return result
 
 
 def finetune(model: nn.Module, data: Data, cfg, epochs: int) -> None:
-    """A short fine-tune of a pruned model with the run's optimizer; the masks keep pruned weights at zero."""
-    monitor, mode = resolve_monitor(cfg.trainer, data.spec.task)
-    fit_cfg = FitConfig(epochs=epochs, batch_size=cfg.trainer.batch_size, eval_batch_size=cfg.trainer.eval_batch_size,
-                        seed=cfg.trainer.seed, eval_every=epochs, log_every=10**9, monitor=monitor, mode=mode,
-                        task=data.spec.task)
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.trainer.get("decay_norm_and_bias", True))
-    fit(Parts(model, optimizer), data, fit_cfg, [], lambda state, is_best: None)
+    """A short fine-tune of a pruned model with the run's optimizer and the run's loop settings
+    (accumulation, precision, clipping, label smoothing, warmup, ...); the masks keep pruned
+    weights at zero."""
+    settings = LoopSettings.of(cfg.trainer, data.spec.task, epochs=epochs, eval_every=epochs, log_every=10**9)
+    optimizer = build_optimizer(cfg.optimizer, model, settings.decay_norm_and_bias)
+    scaler = torch.amp.GradScaler("cpu") if settings.amp_dtype is torch.float16 else None
+    fit(Parts(model, optimizer, scaler=scaler), data, settings, [], lambda state, is_best: None)
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -156,7 +161,7 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     metric = result["metric"]
-    table = Table(title=f"dlrun-optimize: {result['run_dir']} (on the CPU)", header_style="bold")
+    table = Table(title=f"dlrun-compress: {result['run_dir']} (on the CPU)", header_style="bold")
     for column in ("variant", metric, "change", "size MiB", "zlib MiB", "latency b1 ms", "latency batch ms", "sparsity"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for v in result["variants"]:
@@ -169,9 +174,10 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dlrun-optimize", description=__doc__,
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name if argv is None else "dlrun-compress",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a finished run folder (with checkpoints/best.pt)")
+    parser.add_argument("run_dir", type=Path, help="a finished run folder (with its best checkpoint)")
     parser.add_argument("--sparsity", default="0.5,0.8,0.9", help="comma-separated pruning sparsities ('' for none)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model this long")
     parser.add_argument("--no-quantize", action="store_true", help="skip dynamic int8 quantisation")
@@ -180,13 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
     except ValueError:
-        raise SystemExit(f"dlrun-optimize: error: --sparsity {args.sparsity!r}: comma-separated numbers in [0, 1)") from None
+        raise SystemExit(f"{parser.prog}: error: --sparsity {args.sparsity!r}: comma-separated numbers in [0, 1)") from None
     if any(not 0 <= s < 1 for s in sparsities):
-        raise SystemExit(f"dlrun-optimize: error: --sparsity {args.sparsity!r}: each must be in [0, 1)")
+        raise SystemExit(f"{parser.prog}: error: --sparsity {args.sparsity!r}: each must be in [0, 1)")
     try:
-        result = optimize(args.run_dir, sparsities, args.finetune_epochs, not args.no_half, not args.no_quantize,
+        result = compress(args.run_dir, sparsities, args.finetune_epochs, not args.no_half, not args.no_quantize,
                           log=lambda line: None)
     except DlrunError as err:
-        raise SystemExit(f"dlrun-optimize: error: {err}") from None
+        raise SystemExit(f"{parser.prog}: error: {err}") from None
     print_table(result)
-    print(f"wrote {args.run_dir / 'optimize.json'} and {args.run_dir / 'variants'}")
+    print(f"wrote {RunDir(args.run_dir).compress_report} and {RunDir(args.run_dir).variants}")

@@ -1,0 +1,151 @@
+"""Range and cross-field rules that types cannot express, checked before any tensor exists.
+
+Each failure names the key, the value and what is allowed (`ConfigError`). Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dlrun.config.schema import MonitorMode, OnNonFinite, TrainerConfig, score_name
+from dlrun.errors import ConfigError
+
+
+def resolve_monitor(trainer: DictConfig | TrainerConfig, task: str) -> tuple[str, str]:
+    """The monitored metric (`auto`: val/acc, or val/loss for regression) and `max` or `min`
+    (`monitor_mode: auto` decides by the name: accuracy is maximised, losses and errors minimised)."""
+    monitor = trainer.monitor
+    if monitor == "auto":
+        monitor = "val/loss" if task == "regression" else "val/acc"
+    metric = monitor.rsplit("/", 1)[-1]
+    reported = ("loss", score_name(task))
+    if metric not in reported:
+        raise ConfigError(f"trainer.monitor={monitor!r} is invalid: a {task} dataset reports {', '.join(reported)}")
+    mode = MonitorMode(trainer.monitor_mode)
+    return monitor, mode.value if mode is not MonitorMode.auto else ("max" if metric == "acc" else "min")
+
+
+def check_search_direction(direction: Any, monitor: str, mode: str) -> None:
+    """An Optuna sweep (`hydra.sweeper.direction`) must rank trials the way the run ranks its epochs."""
+    expected = "maximize" if mode == "max" else "minimize"
+    if isinstance(direction, str) and direction != expected:
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction} does not match the monitored metric: {monitor} is "
+            f"{'maximised' if mode == 'max' else 'minimised'} (trainer.monitor); set hydra.sweeper.direction={expected}"
+        )
+
+
+def check_data_parallel(trainer: DictConfig, world: int, n_train: int | None = None) -> None:
+    """What DDP over `world` ranks needs: no skipped batches, and a shard for every rank in every
+    batch (checked once the number of training samples, `n_train`, is known)."""
+    _require(trainer.devices in (1, world), "trainer.devices", f"must be 1 or {world} (torchrun's world size)",
+             trainer.devices)
+    _require(OnNonFinite(trainer.on_nonfinite) is OnNonFinite.stop, "trainer.on_nonfinite",
+             f"must be stop with {world} processes (a batch skipped on one rank only would stall the others)",
+             OnNonFinite(trainer.on_nonfinite).value)
+    _require(trainer.batch_size >= world, "trainer.batch_size", f"must be >= {world} (a sample per process)",
+             trainer.batch_size)
+    if n_train is None:
+        return
+    tail = n_train % trainer.batch_size
+    _require(tail == 0 or tail >= world,
+             "trainer.batch_size", f"must give every one of the {world} processes at least one sample of every "
+             f"batch ({n_train} training samples leave a last batch of {tail})", trainer.batch_size)
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {rule}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and cross-field rules, checked before any tensor exists."""
+    validate_trainer(cfg.trainer)
+    opt = cfg.optimizer
+    _require(opt.get("lr", 1.0) > 0, "optimizer.lr", "must be > 0", opt.get("lr"))
+    _require(opt.get("weight_decay", 0.0) >= 0, "optimizer.weight_decay", "must be >= 0", opt.get("weight_decay"))
+    validate_model(cfg.model)
+    validate_dataset(cfg.dataset)
+    _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
+
+
+def validate_trainer(t: DictConfig) -> None:
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "log_every"):
+        _require(t[key] > 0, f"trainer.{key}", "must be a positive integer", t[key])
+    for key in ("checkpoint_every", "limit_train_batches", "limit_eval_batches", "overfit_batches", "grad_clip",
+                "warmup_epochs"):
+        _require(t[key] >= 0, f"trainer.{key}", "must be >= 0 (0 = off)", t[key])
+    _require(t.accumulate >= 1, "trainer.accumulate", "must be >= 1", t.accumulate)
+    _require(t.devices >= 1, "trainer.devices", "must be >= 1 (processes training one model together)", t.devices)
+    if t.devices > 1:
+        check_data_parallel(t, t.devices)
+    _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", "must be in [0, 1)", t.label_smoothing)
+    _require(0 <= t.ema_decay < 1, "trainer.ema_decay", "must be in [0, 1) (0 = off)", t.ema_decay)
+    _require(t.early_stopping.patience >= 0, "trainer.early_stopping.patience", "must be >= 0 (0 = off)",
+             t.early_stopping.patience)
+    _require(t.early_stopping.min_delta >= 0, "trainer.early_stopping.min_delta", "must be >= 0",
+             t.early_stopping.min_delta)
+    splits = ("train", "val", "val_ema") if t.ema_decay > 0 else ("train", "val")
+    split, _, metric = t.monitor.partition("/")
+    _require(
+        t.monitor == "auto" or (split in splits and metric in ("loss", "acc", "mae")),
+        "trainer.monitor",
+        f"allowed: auto, or one of {', '.join(splits)} / loss, acc (classification), mae (regression)",
+        t.monitor,
+    )
+
+
+def validate_model(model: DictConfig) -> None:
+    if "dropout" in model:
+        _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
+    for key in ("hidden_size", "num_layers", "kernel_size"):
+        if key in model:
+            _require(model[key] > 0, f"model.{key}", "must be a positive integer", model[key])
+    if "channels" in model:
+        _require(
+            len(model.channels) > 0 and all(c > 0 for c in model.channels),
+            "model.channels",
+            "must be a non-empty list of positive integers",
+            list(model.channels),
+        )
+    if OmegaConf.is_list(model.get("hidden")):
+        _require(all(h > 0 for h in model.hidden), "model.hidden", "must be positive integers", list(model.hidden))
+
+
+def validate_dataset(ds: DictConfig) -> None:
+    for key in ("val_fraction", "test_fraction"):
+        if key in ds:
+            _require(0 < ds[key] < 1, f"dataset.{key}", "must be in (0, 1)", ds[key])
+    if "val_fraction" in ds and "test_fraction" in ds:
+        total = ds.val_fraction + ds.test_fraction
+        _require(total < 1, "dataset.val_fraction", "val_fraction + test_fraction must be < 1", total)
+    for key in ("data_dir", "cache_dir"):
+        if key in ds:
+            problem = dir_problem(ds[key])
+            _require(problem is None, f"dataset.{key}", f"cannot be used as a data directory: {problem}", ds[key])
+    if "root" in ds:
+        _require(Path(ds.root).expanduser().is_dir(), "dataset.root", "no such directory", ds.root)
+    if "crop_padding" in ds:
+        _require(ds.crop_padding >= 0, "dataset.crop_padding", "must be >= 0 (0 = off)", ds.crop_padding)
+    if "channels" in ds:
+        _require(ds.channels in (1, 3), "dataset.channels", "allowed: 1 (grayscale), 3 (RGB)", ds.channels)
+    if "image_size" in ds:
+        _require(len(ds.image_size) == 2 and min(ds.image_size) > 0, "dataset.image_size",
+                 "must be [height, width], both positive", list(ds.image_size))
+
+
+def dir_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be (created and) written as a directory, or None if it can."""
+    path = Path(path).expanduser().resolve()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

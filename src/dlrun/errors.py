@@ -1,0 +1,67 @@
+"""Every error a user can act on, and the exit status of the process for each (and for signals).
+
+A `DlrunError` is reported as one line (`dlrun: error: ...`), never as a traceback; anything
+else is a bug and keeps its traceback. Light on purpose: the CLI and the Hydra plugins import it.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class DlrunError(Exception):
+    """A failure the user can act on: the commands report it as one line and exit with `exit_code`."""
+
+    exit_code = 1
+
+
+class ConfigError(DlrunError, ValueError):
+    """Bad user input (a value, a path, a pairing that cannot work)."""
+
+
+class RunFolderError(DlrunError):
+    """A run folder that cannot be used as asked: another process owns it, it holds another run,
+    or a checkpoint in it belongs to a different run."""
+
+
+class NonFiniteLoss(DlrunError):
+    """The training loss became NaN or infinite (trainer.on_nonfinite=stop)."""
+
+
+class Interrupted(DlrunError):
+    """SIGINT/SIGTERM stopped the run after a complete step; a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint was written")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return signal_exit_code(self.signum)
+
+
+class WorkerFailed(DlrunError):
+    """A DDP rank's process ended with a non-zero exit code (`traceback`: an unexpected error's)."""
+
+    def __init__(self, rank: int, exit_code: int, traceback: str = "") -> None:
+        super().__init__(f"rank {rank} exited with code {exit_code}")
+        self.rank, self.worker_exit_code, self.traceback = rank, exit_code, traceback
+
+    @property
+    def signum(self) -> int | None:
+        """The signal the rank stopped for, when its exit code says so (128 + signal)."""
+        return self.worker_exit_code - 128 if self.worker_exit_code > 128 else None
+
+
+def signal_exit_code(signum: int) -> int:
+    """The shell's convention: a process ended by a signal exits with 128 + its number."""
+    return 128 + signum
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit status for an error that ends a dlrun command."""
+    if isinstance(err, DlrunError):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return signal_exit_code(signal.SIGINT)
+    return 1

@@ -1,0 +1,345 @@
+"""The run folder: its layout, the one atomic write, and who may write into it.
+
+This module alone knows the names inside a run folder. Rules it enforces:
+
+- every JSON file and checkpoint is written atomically (`atomic_write`: a unique temp file in
+  the same folder, fsync, rename, fsync of the folder): readers never see a half-written file;
+- one process owns a run folder at a time (`own`: an flock on `.dlrun.lock`, released by the
+  kernel when the process ends, even by SIGKILL, so a crash never leaves it stuck);
+- a fresh run gets a fresh folder (`claim_fresh`: an atomic mkdir, `-1`, `-2`, ... appended
+  when another run took the name in the same second); a new run never starts in a folder that
+  holds another run (`check_fresh`), and a resumed run only continues its own checkpoint
+  (`check_belongs`);
+- a summary says `running` only while its owner is alive (`read_summary` reports a run whose
+  process is gone as failed; `settle` writes that down).
+
+Imported by the Hydra plugins at every start: no torch here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import tempfile
+import uuid
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from dlrun.errors import ConfigError, Interrupted, RunFolderError
+
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run folder."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    summary = property(lambda self: self.path / SUMMARY)
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    last = property(lambda self: self.checkpoints / "last.pt")
+    best = property(lambda self: self.checkpoints / "best.pt")
+    plots = property(lambda self: self.path / "plots")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    log = property(lambda self: self.path / "dlrun.log")
+    hydra_config = property(lambda self: self.path / ".hydra" / "config.yaml")
+    hydra_overrides = property(lambda self: self.path / ".hydra" / "overrides.yaml")
+    variants = property(lambda self: self.path / "variants")
+    compress_report = property(lambda self: self.path / "compress.json")
+    lock = property(lambda self: self.path / ".dlrun.lock")
+
+    def variant(self, name: str) -> Path:
+        return self.variants / f"{name}.pt"
+
+    def holds_run(self) -> bool:
+        """Whether a run has started here (its record exists)."""
+        return self.summary.is_file()
+
+    def read_summary(self) -> dict[str, Any]:
+        return read_summary(self.path)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.summary, summary)
+
+
+def sweep_summary(sweep_dir: Path) -> Path:
+    return Path(sweep_dir) / "sweep_summary.json"
+
+
+# ------------------------------------------------------------ the summary
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunRecord:
+    """A run's summary as the run goes: `running` (with the owning process's pid and host), then
+    `completed`, `failed` or `interrupted`. Every change is written at once (atomically). With
+    `write=False` (DDP ranks other than 0) it keeps nothing and writes nothing.
+
+    A new run starts a new record with a fresh `run_id` (which its checkpoints carry too); a
+    resumed run continues its record, keeps its `run_id`, drops the results of the earlier
+    attempt and notes where it resumed.
+    """
+
+    STALE = ("error", "final", "best", "monitor_value", "train", "steps")
+
+    def __init__(self, run_dir: RunDir, entries: dict[str, Any], resumed_at: dict[str, Any] | None = None,
+                 run_id: str | None = None, write: bool = True) -> None:
+        self.run_dir, self.write = run_dir, write
+        self.summary: dict[str, Any] = {}
+        if not write:
+            return
+        if resumed_at is not None and run_dir.holds_run():
+            self.summary = json.loads(run_dir.summary.read_text())
+            for stale in self.STALE:
+                self.summary.pop(stale, None)
+            self.summary.setdefault("resumed", []).append({"at": now(), **resumed_at})
+        else:
+            self.summary = {"started_at": now(), **entries}
+        self.update(status="running", run_id=run_id or self.summary.get("run_id") or uuid.uuid4().hex,
+                    run_dir=str(run_dir.path.resolve()), pid=os.getpid(), host=socket.gethostname())
+
+    @property
+    def run_id(self) -> str | None:
+        return self.summary.get("run_id")
+
+    def update(self, **entries: Any) -> None:
+        if self.write:
+            self.summary.update(entries)
+            self.run_dir.write_summary(self.summary)
+
+    def fail(self, err: BaseException, **entries: Any) -> None:
+        """Record how the run ended early: `interrupted` (a signal, Ctrl-C, a launcher ending the
+        job to requeue it) or `failed`, with the error."""
+        stopped = isinstance(err, (KeyboardInterrupt, Interrupted, SystemExit))
+        if isinstance(err, Interrupted):
+            entries["steps"] = err.step
+        self.update(status="interrupted" if stopped else "failed", error=f"{type(err).__name__}: {err}", **entries)
+
+
+# ------------------------------------------------------------------ writing
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """`write(file)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder.
+
+    A crash at any moment leaves the previous file or the new one, never a torn one; the temp
+    name is unique, so two writers never trip over each other's temp file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself durable
+    finally:
+        os.close(folder)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line with a single write (O_APPEND): a reader sees whole lines only."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- ownership
+
+
+def _holder(run_dir: RunDir) -> str:
+    try:
+        who = json.loads(run_dir.lock.read_text())
+        return f"pid {who['pid']} on {who['host']}"
+    except (OSError, ValueError, KeyError):
+        return "an unknown process"
+
+
+@contextmanager
+def own(run_dir: RunDir) -> Iterator[None]:
+    """Hold the run folder's lock for the block; a clear error if another live process holds it."""
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunFolderError(f"{run_dir.path} is in use by another dlrun process ({_holder(run_dir)}); "
+                             "wait for it to end, or use another folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def is_owned(run_dir: RunDir) -> bool | None:
+    """Whether a live process holds the folder's lock (None: the folder has no lock file)."""
+    try:
+        fd = os.open(run_dir.lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def check_not_in_use(run_dir: RunDir) -> None:
+    if is_owned(run_dir):
+        raise RunFolderError(f"{run_dir.path} is in use by another dlrun process ({_holder(run_dir)}); "
+                             "wait for it to end, or use another folder")
+
+
+def process_alive(pid: int, host: str | None) -> bool | None:
+    """Whether process `pid` exists (None: it runs on another host, so this cannot tell)."""
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------ fresh folders
+
+
+def claim_fresh(path: Path) -> Path:
+    """Create `path` as a new folder, or `path-1`, `path-2`, ... if another run has the name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        candidate = path if n == 0 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RunFolderError(f"no free folder name next to {path}")
+
+
+def check_fresh(run_dir: RunDir, key: str = "hydra.run.dir") -> None:
+    """A new run may not start in a folder that holds another run."""
+    if run_dir.holds_run():
+        raise RunFolderError(
+            f"{key}={run_dir.path} holds another run ({read_summary(run_dir.path).get('status')}); "
+            f"continue it with resume={run_dir.path}, or choose another folder")
+
+
+# ----------------------------------------------------------------- resuming
+
+
+def resume_checkpoint(folder: str | Path) -> Path:
+    """The checkpoint that `resume=<folder>` continues from; a clear error if there is none."""
+    run_dir = RunDir(Path(folder).expanduser().resolve())
+    if not run_dir.path.is_dir():
+        raise ConfigError(f"resume={folder}: no such run folder")
+    if not run_dir.last.is_file():
+        raise ConfigError(f"resume={folder}: {run_dir.last} does not exist (was trainer.save_checkpoints=false?)")
+    return run_dir.last
+
+
+def check_belongs(run_dir: RunDir, ckpt: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint written by another run than the folder's own.
+
+    Checkpoints and summaries carry the run's `run_id`; where one of them was written before
+    dlrun recorded it, the checkpoint's config is compared with the folder's (model and dataset)."""
+    summary = json.loads(run_dir.summary.read_text()) if run_dir.holds_run() else {}
+    ours, theirs = summary.get("run_id"), ckpt.get("run_id")
+    if ours is not None and theirs is not None:
+        foreign = ours != theirs
+    else:
+        foreign = not _same_model_and_data(run_dir, ckpt.get("config", {}))
+    if foreign:
+        raise RunFolderError(f"{path} does not belong to the run in {run_dir.path} (it was written by another run); "
+                             "copy it back or resume the run it came from")
+
+
+def _same_model_and_data(run_dir: RunDir, config: dict[str, Any]) -> bool:
+    if not run_dir.hydra_config.is_file():
+        return True  # nothing to compare with
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir.hydra_config), resolve=False)
+    return (saved.get("model") == config.get("model")
+            and saved.get("dataset", {}).get("_target_") == config.get("dataset", {}).get("_target_"))
+
+
+# ------------------------------------------------------------------ reading
+
+
+def read_summary(folder: str | Path) -> dict[str, Any]:
+    """A run's summary; a run recorded as `running` whose process is gone reads as `failed`."""
+    run_dir = RunDir(Path(folder))
+    summary = json.loads(run_dir.summary.read_text())
+    if summary.get("status") == "running" and not _alive(run_dir, summary):
+        summary["status"] = "failed"
+        summary["error"] = (f"the process that ran it (pid {summary.get('pid')} on {summary.get('host')}) "
+                            "ended without recording an end (killed?)")
+    return summary
+
+
+def _alive(run_dir: RunDir, summary: dict[str, Any]) -> bool:
+    owned = is_owned(run_dir)
+    if owned is not None:
+        return owned
+    if "pid" in summary:  # no lock file: go by the process id
+        return process_alive(summary["pid"], summary.get("host")) is not False
+    return True  # written before dlrun recorded its process: cannot tell
+
+
+def settle(folder: str | Path) -> dict[str, Any]:
+    """Write down what `read_summary` found: a run whose process is gone is recorded as failed."""
+    run_dir = RunDir(Path(folder))
+    summary = read_summary(run_dir.path)
+    if summary.get("status") == "failed" and json.loads(run_dir.summary.read_text()).get("status") == "running":
+        with suppress(RunFolderError), own(run_dir):  # a process that took it over meanwhile writes its own
+            run_dir.write_summary(summary)
+    return summary
+
+
+def find_runs(folders: list[str]) -> list[Path]:
+    """Run folders (with a summary) given directly or found under sweep folders, in job order."""
+    runs: list[Path] = []
+    for folder in map(Path, folders):
+        if RunDir(folder).holds_run():
+            runs.append(folder)
+        else:  # a sweep: its numbered job folders, in numeric order
+            runs += sorted((p.parent for p in folder.rglob(SUMMARY)),
+                           key=lambda p: (str(p.parent), len(p.name), p.name))
+    return runs

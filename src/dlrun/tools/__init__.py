@@ -1,0 +1,1 @@
+"""The `dlrun-*` commands that work on finished run folders: report, predict, compress."""
