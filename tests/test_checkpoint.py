@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import os
 import signal
 import subprocess
 import sys
@@ -84,3 +85,15 @@ def test_foreign_file_is_a_clear_error(tmp_path):
         checkpoint.load(path)
     with pytest.raises(ConfigError, match="does not exist"):
         checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    from dlrun.rundir import write_json
+
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        checkpoint.save({"model": {}}, tmp_path / "b.pt")
+    finally:
+        os.umask(previous)
+    assert [oct((tmp_path / name).stat().st_mode & 0o777) for name in ("a.json", "b.pt")] == ["0o644", "0o644"]

@@ -22,7 +22,6 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import uuid
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -140,7 +139,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -1,0 +1,495 @@
+"""Run-folder integrity through the real CLI: one folder per run, one process per folder, checkpoints
+that belong to their run, and statuses that never say "running" for a process that is gone.
+
+Real `dlrun` subprocesses started at the same moment, real signals (SIGTERM, SIGKILL), and a test
+hook (HOOK: a sitecustomize.py put on PYTHONPATH) that can SIGKILL a run between two checkpoint
+writes, or make processes started together read the clock for their folder names at one instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DLRUN, read_metrics, read_summary
+
+pytestmark = pytest.mark.slow
+
+DLRUN_REPORT = str(Path(DLRUN).with_name("dlrun-report"))
+CPU = ["device=cpu", "device.threads=1"]
+TIMING = {"seconds", "samples_per_s"}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "DLRUN_DATA_DIR": str(data_dir), "COLUMNS": "200", **extra}
+
+
+def start(args: list[str], cwd: Path, env: dict[str, str], exe: str = DLRUN) -> subprocess.Popen:
+    return subprocess.Popen([exe, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_together(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> list[subprocess.Popen]:
+    """Start the commands back to back."""
+    return [start(args, cwd, env) for args in commands]
+
+
+def same_second(commands: list[list[str]], tmp_path: Path, env: dict[str, str], folders_of):
+    """Start the commands together, each made to read the clock for its folder's name at one common
+    instant: the hook's DLRUN_TEST_NOW_AT, mid-second, 2.5 to 3.5 s ahead. (Left alone, a process
+    reads it about 0.6 to 1.2 s after its start and two processes drift apart by up to half a
+    second, so even when started just after a second boundary they named their folders in different
+    seconds 2 times in 8.) Returns (processes, results, folders)."""
+    sentinel = tmp_path / "hook-notes"
+    at = int(time.time()) + 3.5
+    env = hook_env(tmp_path, env, DLRUN_TEST_NOW_AT=str(at), DLRUN_TEST_HOOK_SENTINEL=str(sentinel))
+    procs = start_together(commands, tmp_path, env)
+    try:
+        results = finish(procs)
+    finally:
+        stop_all(procs)
+    notes = sentinel.read_text() if sentinel.is_file() else ""
+    assert all(f"{p.pid} now" in notes for p in procs), f"the clock hook did not run in both processes:\n{notes}"
+    folders = folders_of(tmp_path)
+    assert len({f.name[:8] for f in folders}) == 1, f"the folders were named in different seconds: {folders}"
+    return procs, results, folders
+
+
+def hook_env(tmp_path: Path, env: dict[str, str], **variables: str) -> dict[str, str]:
+    """`env` with the test hook (HOOK, as sitecustomize.py) first on PYTHONPATH, ahead of any
+    PYTHONPATH already set, and `variables`, which switch its parts on."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HOOK)
+    pythonpath = os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": pythonpath, **variables}
+
+
+HOOK = '''
+"""Test hook (tests/test_integrity.py), imported at start-up from PYTHONPATH. Each part runs only
+when its environment variable is set, and notes this process id in $DLRUN_TEST_HOOK_SENTINEL.
+
+DLRUN_TEST_KILL_AFTER=N: SIGKILL this process right after the N-th os.replace onto
+checkpoints/last.pt or checkpoints/best.pt.
+DLRUN_TEST_NOW_AT=T: Hydra's `now` resolver (which names fresh run and sweep folders) first waits
+until wall-clock time T, so that processes started together name their folders at one instant.
+"""
+import os
+import signal
+import time
+
+
+def _note(what):
+    with open(os.environ["DLRUN_TEST_HOOK_SENTINEL"], "a") as f:
+        f.write(f"{os.getpid()} {what} {time.time():.3f}\\n")
+
+
+if os.environ.get("DLRUN_TEST_KILL_AFTER"):
+    _limit = int(os.environ["DLRUN_TEST_KILL_AFTER"])
+    _count = 0
+    _replace = os.replace
+    _note("kill-hook")
+
+    def _replace_then_maybe_die(src, dst, *args, **kwargs):
+        global _count
+        _replace(src, dst, *args, **kwargs)
+        path = os.path.abspath(os.fsdecode(os.fspath(dst)))
+        folder = os.path.basename(os.path.dirname(path))
+        if os.path.basename(path) in ("last.pt", "best.pt") and folder == "checkpoints":
+            _count += 1
+            if _count == _limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = _replace_then_maybe_die
+
+if os.environ.get("DLRUN_TEST_NOW_AT"):
+    from omegaconf import OmegaConf
+
+    _at = float(os.environ["DLRUN_TEST_NOW_AT"])
+
+    def _waiting(register):
+        def _register(name, resolver, *args, **kwargs):
+            if name == "now":
+                real = resolver
+
+                def resolver(pattern):
+                    time.sleep(max(0.0, _at - time.time()))
+                    _note("now")
+                    return real(pattern)
+            return register(name, resolver, *args, **kwargs)
+        return _register
+
+    for _name in ("register_resolver", "register_new_resolver"):
+        if hasattr(OmegaConf, _name):
+            setattr(OmegaConf, _name, _waiting(getattr(OmegaConf, _name)))
+'''
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """Wait for each process; (returncode, stdout, stderr) per process."""
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        out.append((proc.returncode, stdout, stderr))
+    return out
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Test cleanup: kill what the test started and is still running."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and mtimes of the files a refused command must leave alone."""
+    paths = [run / "summary.json", run / "metrics.jsonl", run / ".hydra" / "config.yaml",
+             *sorted((run / "checkpoints").glob("*.pt"))]
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in paths if p.is_file()}
+
+
+def assert_refused(proc: subprocess.CompletedProcess | tuple[int, str, str], words: str) -> None:
+    """A refusal: exit status 1 and one line on stderr, `dlrun: error: ...`, naming the reason; no traceback."""
+    code, stderr = (proc.returncode, proc.stderr) if hasattr(proc, "returncode") else (proc[0], proc[2])
+    assert code == 1, f"expected a refusal (exit 1), got exit {code}; stderr:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dlrun: error:"), f"not a one-line refusal:\n{stderr[-3000:]}"
+    assert words in lines[0], lines[0]
+
+
+def wait_for(condition, proc: subprocess.Popen | None, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc is None or proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def has_epoch(run: Path) -> bool:
+    path = run / "metrics.jsonl"
+    return path.is_file() and bool(path.read_text().strip())
+
+
+def epochs_of(run: Path) -> list[int]:
+    return [m["epoch"] for m in read_metrics(run)]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    got, want = weights(a), weights(b)
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def run_folders(cwd: Path) -> list[Path]:
+    """Run folders made by the default pattern outputs/<date>/<time>."""
+    return sorted(p for p in (cwd / "outputs").glob("*/*") if p.parent.name != "multirun" and p.is_dir())
+
+
+def sweep_folders(cwd: Path) -> list[Path]:
+    return sorted(p for p in (cwd / "outputs" / "multirun").glob("*/*") if p.is_dir())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in path.read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def process_using(folder: Path, candidates: list[int]) -> int | None:
+    """The candidate process holding a file in `folder` open (a job keeps its dlrun.log open)."""
+    folder = folder.resolve()
+    for pid in candidates:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = Path(os.readlink(fd))
+            except OSError:
+                continue
+            if target.parent == folder:
+                return pid
+    return None
+
+
+# ------------------------------------------------------------------ 8a, 8b: one folder per run
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, data_dir):
+    run = ["trainer.epochs=2", *CPU]
+    procs, results, folders = same_second([run, run], tmp_path, cli_env(data_dir), run_folders)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert len(folders) == 2, f"two runs started in the same second share a folder: {folders}"
+    summaries = [read_summary(f) for f in folders]
+    for folder, summary in zip(folders, summaries):
+        assert summary["status"] == "completed"
+        assert summary["run_dir"] == str(folder.resolve())
+        assert epochs_of(folder) == [1, 2], folder
+        last = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
+        assert last["state"]["epoch"] == 2
+        assert last["run_id"] == summary["run_id"]
+    assert summaries[0]["run_id"] != summaries[1]["run_id"]
+    assert {s["pid"] for s in summaries} == {p.pid for p in procs}
+    assert all(s["host"] == socket.gethostname() for s in summaries)
+
+
+def test_two_sweeps_started_in_the_same_second_get_their_own_folders(tmp_path, data_dir):
+    # The same sweep twice; the seeds tell the two sweeps' jobs apart.
+    sweep = ["-m", "trainer.epochs=1", *CPU, "optimizer=sgd,adam"]
+    _, results, folders = same_second([[*sweep, "trainer.seed=1"], [*sweep, "trainer.seed=2"]], tmp_path,
+                                      cli_env(data_dir), sweep_folders)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert len(folders) == 2, f"two sweeps started in the same second share a folder: {folders}"
+    seeds = set()
+    for folder in folders:
+        jobs = json.loads((folder / "sweep_summary.json").read_text())["jobs"]
+        assert [j["job"] for j in jobs] == ["0", "1"], jobs
+        (seed,) = {o for j in jobs for o in j["overrides"] if o.startswith("trainer.seed=")}
+        seeds.add(seed)
+        assert [sorted(j["overrides"]) for j in jobs] == [
+            sorted(["trainer.epochs=1", *CPU, f"optimizer={opt}", seed]) for opt in ("sgd", "adam")
+        ]
+        assert all(j["status"] == "completed" for j in jobs)
+        for job in ("0", "1"):
+            summary = read_summary(folder / job)
+            assert summary["status"] == "completed"
+            assert Path(summary["run_dir"]).parent == folder.resolve()
+            assert sorted(summary["overrides"]) == sorted(jobs[int(job)]["overrides"])
+    assert seeds == {"trainer.seed=1", "trainer.seed=2"}
+
+
+# ------------------------------------------------------------------ 8c: an explicit folder holding a run
+
+
+def test_an_explicit_run_dir_holding_a_run_is_refused_but_resumable(dlrun_cli, tmp_path):
+    dlrun_cli("hydra.run.dir=run", "trainer.epochs=1", *CPU, check=True)
+    run = tmp_path / "run"
+    before = snapshot(run)
+
+    proc = dlrun_cli("hydra.run.dir=run", "trainer.epochs=1", *CPU)
+    assert_refused(proc, "holds another run")
+    assert snapshot(run) == before
+
+    proc = dlrun_cli("resume=run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_summary(run)["status"] == "completed"
+    assert epochs_of(run) == [1]
+
+
+# ------------------------------------------------------------------ 9: one process per run folder
+
+
+def test_a_running_folder_cannot_be_resumed_by_another_process(tmp_path, data_dir):
+    env = cli_env(data_dir)
+    run = tmp_path / "run"
+    first = start(["hydra.run.dir=run", "trainer.epochs=25", "trainer.batch_size=8", *CPU], tmp_path, env)
+    try:
+        wait_for(lambda: (run / "checkpoints" / "last.pt").is_file(), first, "its first checkpoint")
+        second = subprocess.run([DLRUN, "resume=run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert_refused(second, "in use")
+        assert first.poll() is None, "the first run ended before the resume was refused: make it longer"
+        _, err = first.communicate(timeout=300)
+    finally:
+        stop_all([first])
+    assert first.returncode == 0, err[-3000:]
+    assert read_summary(run)["status"] == "completed"
+    assert epochs_of(run) == list(range(1, 26))
+
+
+def test_two_resumes_at_once_one_wins(tmp_path, data_dir):
+    env = cli_env(data_dir)
+    run = tmp_path / "run"
+    epochs = 12
+    proc = start(["hydra.run.dir=run", f"trainer.epochs={epochs}", "trainer.batch_size=8", *CPU], tmp_path, env)
+    try:
+        wait_for(lambda: has_epoch(run), proc, "it could be interrupted")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop_all([proc])
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert read_summary(run)["status"] == "interrupted"
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["epoch"] < epochs
+
+    procs = start_together([["resume=run"], ["resume=run"]], tmp_path, env)
+    try:
+        results = finish(procs)
+    finally:
+        stop_all(procs)
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], "two resumes of one folder at once: exit statuses %s\n%s" % (
+        [code for code, _, _ in results], "\n---\n".join(err[-2000:] for _, _, err in results))
+    assert_refused(next(r for r in results if r[0] == 1), "in use")
+    assert read_summary(run)["status"] == "completed"
+    assert epochs_of(run) == list(range(1, epochs + 1))
+
+
+# ------------------------------------------------------------------ 10: killed between two checkpoint writes
+
+VAL_LOSS = ["trainer.monitor=val/loss", *CPU]
+
+
+@pytest.fixture(scope="module")
+def straight_val_loss(tmp_path_factory, data_dir):
+    """Uninterrupted runs monitored by val/loss, 2 and 3 epochs (run side by side): {epochs: run folder}."""
+    cwd = tmp_path_factory.mktemp("straight_val_loss")
+    env = cli_env(data_dir)
+    procs = {e: start([f"hydra.run.dir=run{e}", f"trainer.epochs={e}", *VAL_LOSS], cwd, env) for e in (2, 3)}
+    try:
+        for e, (code, _, err) in zip(procs, finish(list(procs.values()))):
+            assert code == 0, err[-3000:]
+    finally:
+        stop_all(list(procs.values()))
+    runs = {e: cwd / f"run{e}" for e in procs}
+    for e, run in runs.items():
+        losses = [m["val/loss"] for m in read_metrics(run)]
+        assert len(losses) == e and all(b < a for a, b in zip(losses, losses[1:])), (
+            f"val/loss must improve at every epoch, so that every epoch writes last.pt and best.pt: {losses}")
+        assert read_summary(run)["best"]["epoch"] == e
+    return runs
+
+
+@pytest.mark.parametrize("epochs,kill_after", [(3, 5), (2, 3)], ids=["epoch3", "epoch2"])
+def test_killed_between_the_two_checkpoint_writes_resumes_to_the_uninterrupted_result(
+        straight_val_loss, tmp_path, data_dir, epochs, kill_after):
+    # Each epoch improves val/loss, so each writes both checkpoints (2 replaces an epoch): the kill
+    # comes right after the first of the two writes of the last epoch.
+    straight = straight_val_loss[epochs]
+    sentinel = tmp_path / "hook-notes"
+    env = hook_env(tmp_path, cli_env(data_dir), DLRUN_TEST_KILL_AFTER=str(kill_after),
+                   DLRUN_TEST_HOOK_SENTINEL=str(sentinel))
+    run = tmp_path / "run"
+    proc = start([f"hydra.run.dir={run}", f"trainer.epochs={epochs}", *VAL_LOSS], tmp_path, env)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        stop_all([proc])
+    assert sentinel.is_file() and f"{proc.pid} kill-hook" in sentinel.read_text(), "the kill hook was not imported"
+    assert proc.returncode == -signal.SIGKILL, f"the kill hook did not fire (exit {proc.returncode}):\n{err[-3000:]}"
+
+    proc = subprocess.run([DLRUN, f"resume={run}"], cwd=tmp_path, env=cli_env(data_dir), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, want = read_summary(run), read_summary(straight)
+    assert summary["status"] == "completed"
+    assert summary["best"] == want["best"]
+    assert summary["final"] == want["final"]
+    assert without_timing(read_metrics(run)) == without_timing(read_metrics(straight))
+    for name in ("best.pt", "last.pt"):
+        assert same_weights(run / "checkpoints" / name, straight / "checkpoints" / name), name
+
+
+# ------------------------------------------------------------------ 11: a checkpoint from another run
+
+
+def test_resume_refuses_a_checkpoint_from_another_run(tmp_path, data_dir):
+    env = cli_env(data_dir)
+    procs = [
+        start(["hydra.run.dir=gru", "model=rnn", "model.cell=gru", "dataset=mnist1d", "trainer.epochs=1", *CPU],
+              tmp_path, env),
+        start(["hydra.run.dir=cnn", "trainer.epochs=1", *CPU], tmp_path, env),
+    ]
+    try:
+        for code, _, err in finish(procs):
+            assert code == 0, err[-3000:]
+    finally:
+        stop_all(procs)
+    cnn = tmp_path / "cnn"
+    shutil.copy2(tmp_path / "gru" / "checkpoints" / "last.pt", cnn / "checkpoints" / "last.pt")
+    before = snapshot(cnn)
+
+    proc = subprocess.run([DLRUN, f"resume={cnn}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert_refused(proc, "does not belong")
+    assert snapshot(cnn) == before
+
+
+# ------------------------------------------------------------------ 12: dead processes never show as running
+
+
+def test_a_killed_parallel_sweep_worker_leaves_no_running_job(tmp_path, data_dir):
+    env = cli_env(data_dir)
+    sweep = tmp_path / "sweep"
+    proc = start(["-m", "launcher=local_parallel", "hydra.launcher.n_jobs=2", "trainer.seed=0,1",
+                  "trainer.epochs=300", "trainer.batch_size=8", *CPU, "hydra.sweep.dir=sweep"], tmp_path, env)
+    try:
+        def both_running() -> bool:
+            return all((sweep / j / "summary.json").is_file() and read_summary(sweep / j)["status"] == "running"
+                       and has_epoch(sweep / j) for j in ("0", "1"))
+
+        wait_for(both_running, proc, "both jobs were training")
+        pid = read_summary(sweep / "0").get("pid")
+        if pid is None:  # a summary without the owner's pid: the worker process that holds job 0's files open
+            pid = process_using(sweep / "0", children(proc.pid))
+        assert pid is not None and pid != proc.pid, f"job 0's process was not found (got {pid})"
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop_all([proc])
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err[-3000:]
+
+    killed, other = read_summary(sweep / "0"), read_summary(sweep / "1")
+    assert killed["status"] == "failed" and killed.get("error"), killed
+    assert other["status"] in ("failed", "interrupted", "completed"), other
+    if other["status"] != "completed":
+        assert other.get("error"), other
+    report = subprocess.run([DLRUN_REPORT, str(sweep)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "running" not in report.stdout, report.stdout
+
+
+def test_report_does_not_show_running_for_a_dead_owner(dlrun_cli, tmp_path):
+    dlrun_cli("hydra.run.dir=run", "trainer.epochs=1", *CPU, check=True)
+    run = tmp_path / "run"
+    gone = subprocess.Popen(["sleep", "0"])
+    gone.wait()
+    assert not pid_alive(gone.pid)
+    summary = read_summary(run)
+    summary.update(status="running", pid=gone.pid, host=socket.gethostname())
+    for key in ("final", "best", "monitor_value", "train", "wall_time_s"):
+        summary.pop(key, None)
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    report = subprocess.run([DLRUN_REPORT, str(run)], cwd=tmp_path, env={**os.environ, "COLUMNS": "200"},
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "running" not in report.stdout, report.stdout
+    assert "failed" in report.stdout, report.stdout
