@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -68,7 +69,7 @@ class LoopSettings(TrainerConfig):
         """`max` or `min`: how the monitored metric is ranked."""
         return self.monitor_mode.value
 
-    @property
+    @cached_property  # read at every step
     def amp_dtype(self) -> torch.dtype | None:
         return amp_dtype(self.precision)
 
