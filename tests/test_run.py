@@ -79,3 +79,5 @@ def test_failed_run_records_status_and_error(make_cfg, tmp_path):
         run(make_cfg("model.channels=[4,4,4,4]", "device=cpu"), run_dir=tmp_path)  # pools 8x8 below 1 pixel
     summary = read_summary(tmp_path)
     assert summary["status"] == "failed" and "model.channels" in summary["error"]
+    # it trained nothing: the corrected command may start again in the same folder
+    assert run(make_cfg("trainer.epochs=1", "device=cpu"), run_dir=tmp_path)["status"] == "completed"

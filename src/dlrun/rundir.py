@@ -254,11 +254,16 @@ def claim_fresh(path: Path) -> Path:
 
 
 def check_fresh(run_dir: RunDir, key: str = "hydra.run.dir") -> None:
-    """A new run may not start in a folder that holds another run."""
-    if run_dir.holds_run():
-        raise RunFolderError(
-            f"{key}={run_dir.path} holds another run ({read_summary(run_dir.path).get('status')}); "
-            f"continue it with resume={run_dir.path}, or choose another folder")
+    """A new run may not start in a folder that holds another run: one that completed, or wrote
+    metrics or a checkpoint. A run that ended before it trained anything (bad input, a job killed
+    at start and requeued) may be started again in its folder."""
+    if not run_dir.holds_run():
+        return
+    status = read_summary(run_dir.path).get("status")
+    trained = run_dir.last.is_file() or (run_dir.metrics.is_file() and run_dir.metrics.stat().st_size > 0)
+    if trained or status == "completed":
+        raise RunFolderError(f"{key}={run_dir.path} holds another run ({status}); "
+                             f"continue it with resume={run_dir.path}, or choose another folder")
 
 
 # ----------------------------------------------------------------- resuming
