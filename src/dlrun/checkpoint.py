@@ -7,13 +7,15 @@ import copy
 import dataclasses
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from dlrun.config.targets import check_saved_config
 from dlrun.errors import ConfigError
-from dlrun.rundir import RunDir, atomic_write
+from dlrun.rundir import RunDir, atomic_write, check_belongs
 from dlrun.train import Parts, TrainState
 
 
@@ -29,10 +31,28 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt, foreign or unsafe files
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely: {type(err).__name__}: {err}") from None
+        # (torch's own text suggests loading without weights_only: never pass that on)
+        raise ConfigError(f"checkpoint {path} cannot be loaded safely: it is not a dlrun checkpoint, or it is "
+                          f"damaged ({type(err).__name__})") from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise ConfigError(f"checkpoint {path} is not a dlrun checkpoint (no 'model' entry)")
     return obj
+
+
+def config_of(ckpt: dict[str, Any], path: Path, trust: Iterable[str] = (),
+              consent: str = "--trust {target}") -> DictConfig:
+    """The config a checkpoint was trained with, refused unless it names only dlrun's builders
+    (or what the user trusts) and plain values: loading a checkpoint never runs its code."""
+    return OmegaConf.create(check_saved_config(ckpt.get("config"), str(path), trust, consent))
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """`module.load_state_dict(state)`, with a one-line error when the weights do not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"checkpoint {path}: its weights do not fit the model its config describes ({first})") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,9 +90,9 @@ def training_checkpoint(parts: Parts, state: TrainState, **extra: Any) -> dict[s
     }
 
 
-def restore_training(ckpt: dict[str, Any], parts: Parts) -> TrainState:
+def restore_training(ckpt: dict[str, Any], parts: Parts, path: Path = Path("the checkpoint")) -> TrainState:
     """Load a `training_checkpoint` into freshly built parts; the RNGs continue where they were."""
-    parts.model.load_state_dict(ckpt["model"])
+    load_weights(parts.model, ckpt["model"], path)
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     for name in ("scheduler", "scaler", "ema"):
         obj = getattr(parts, name)
@@ -105,9 +125,11 @@ class Checkpointer:
 
     def restore(self, resumed: dict[str, Any]) -> TrainState:
         """Continue from a loaded last.pt: parts, RNGs and the best weights so far."""
-        state = restore_training(resumed, self.parts)
+        state = restore_training(resumed, self.parts, self.run_dir.last)
         if self.run_dir.best.is_file():
-            self.best_weights = load(self.run_dir.best)
+            best = load(self.run_dir.best)
+            check_belongs(self.run_dir, best, self.run_dir.best)
+            self.best_weights = best
         return state
 
     def save(self, state: TrainState, is_best: bool) -> None:
@@ -122,6 +144,17 @@ class Checkpointer:
             save({**self.best_weights, "epoch": state.best_epoch, "metrics": state.best_metrics, **self.extra},
                  self.run_dir.best)
         save(training_checkpoint(self.parts, state, **self.extra), self.run_dir.last)
+
+    def has_last(self) -> bool:
+        """Whether the run folder holds a last checkpoint to continue from."""
+        return self.run_dir.last.is_file()
+
+    def describe_last(self) -> str:
+        """What a run that fails can continue from, for its error message."""
+        if not self.has_last():
+            return "no checkpoint had been written yet"
+        state = torch.load(self.run_dir.last, weights_only=True)["state"]
+        return f"the last good checkpoint is kept (epoch {state['epoch']}, step {state['step']})"
 
     def load_best(self) -> None:
         """Put the best epoch's weights into the model (and EMA)."""

@@ -8,6 +8,8 @@ it) is imported only when a job actually runs.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
 from dlrun.config.schema import register_configs
+from dlrun.config.targets import import_user_code
+from dlrun.errors import exit_code
 
 
 def config_dir() -> str:
@@ -41,13 +45,15 @@ def _app(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from dlrun.errors import DlrunError, Interrupted, exit_code
-    from dlrun.run import run
+    from dlrun.errors import DlrunError, Interrupted
 
     try:
+        from dlrun.run import run  # torch: seconds, during which Ctrl-C is an interrupt like any other
+
         return run(cfg)["monitor_value"]
     except Interrupted as err:
-        print(f"dlrun: {err}; continue with: dlrun resume={HydraConfig.get().runtime.output_dir}", file=sys.stderr)
+        then = f"; continue with: {resume_command(HydraConfig.get().runtime.output_dir)}" if err.checkpointed else ""
+        print(f"dlrun: {err}{then}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except KeyboardInterrupt as err:
         print("dlrun: interrupted; the run folder keeps what was written so far", file=sys.stderr)
@@ -60,6 +66,15 @@ def _app(cfg: DictConfig) -> float:
             print(f"dlrun: error: {err}", file=sys.stderr)
             raise SystemExit(err.exit_code) from None
         raise
+
+
+def resume_command(folder: str) -> str:
+    """`dlrun resume=<folder>` as it can be pasted into a shell: Hydra's quotes around a value with
+    anything but plain ASCII path characters, and the shell's around the whole argument."""
+    value = folder
+    if not re.fullmatch(r"[A-Za-z0-9_./:+-]+", folder):
+        value = "'" + folder.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return f"dlrun {shlex.quote(f'resume={value}')}"
 
 
 def print_help(overrides: list[str]) -> None:
@@ -88,10 +103,15 @@ def print_help(overrides: list[str]) -> None:
 
 
 def main() -> None:
-    # `model._target_=my_pkg.MyNet` should find my_pkg in the directory the user runs from, as it
-    # would with `python -m`; appended, so it never shadows installed packages.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+    try:
+        start()
+    except KeyboardInterrupt as err:  # Ctrl-C while Hydra starts, before a run owns its folder
+        print("dlrun: interrupted before the run started", file=sys.stderr)
+        raise SystemExit(exit_code(err)) from None
+
+
+def start() -> None:
+    import_user_code()  # `model._target_=my_pkg.MyNet` finds my_pkg in the working directory
     if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun's other ranks: the job (config and run folder) comes from rank 0, which runs Hydra
         from dlrun.distributed import end_process, torchrun_env

@@ -16,19 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
+import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 
+from dlrun.config.validate import dir_problem
 from dlrun.errors import ConfigError
+from dlrun.rundir import atomic_write
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -193,16 +199,22 @@ def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, stratify: b
     return (x[~held], y[~held]), (x[held], y[held])
 
 
-def _cached(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Arrays from the .npz at `path`, made (and written atomically) on the first call."""
+def _cached(path: Path, make: Callable[[], dict[str, np.ndarray]], key: str, value: str) -> dict[str, np.ndarray]:
+    """Arrays from the .npz at `path`, made (and written atomically) on the first call. What is cached is
+    made offline, so a file that cannot be read is made again (with a warning), not an error. Only
+    then must the folder be writable: a read-only data dir (`key`=`value`) that holds the file is fine."""
     if path.is_file():
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+        try:
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+            log.warning("the cache %s cannot be read (%s: %s); making it again", path, type(err).__name__, err)
+    problem = dir_problem(path.parent)
+    if problem is not None:  # found before making what could not be kept
+        raise ConfigError(f"{key}={value} cannot hold {path.relative_to(Path(value).expanduser().resolve())}, "
+                          f"which this run must write: {problem}")
     arrays = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return arrays
 
 
@@ -238,7 +250,7 @@ def load_mnist1d(
     """MNIST-1D (Greydanus 2020), generated offline by the `mnist1d` package and cached as .npz."""
     params = {"num_samples": num_samples, "train_split": train_split, "seed": generator_seed}
     cache = Path(data_dir).expanduser().resolve() / "mnist1d" / f"mnist1d-{_key(params)}.npz"
-    arrays = _cached(cache, lambda: _generate_mnist1d(params))
+    arrays = _cached(cache, lambda: _generate_mnist1d(params), "dataset.data_dir", data_dir)
     x = arrays["x"].astype(np.float32)[:, None]  # (N, 1, 40)
     y = arrays["y"].astype(np.int64)
     train, val = _split(x, y, val_fraction, split_seed)
@@ -352,7 +364,10 @@ def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: 
     files = expected_files(name, data_dir)
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
     cached = root / "dlrun-cache" / f"{name}-{_key([stamp, verify])}.npz"  # missing files: a new key, a miss
-    arrays = _cached(cached, lambda: _read_torchvision(name, root, download, verify, files))
+    read = lambda: _read_torchvision(name, root, download, verify, files)  # noqa: E731
+    if not download and not cached.is_file() and any(not f.is_file() for f in files):
+        read()  # raises the error that lists the missing files, which matters more than a cache it cannot write
+    arrays = _cached(cached, read, "dataset.data_dir", data_dir)
     rest, held = _split(arrays["train_x"], arrays["train_y"], val_fraction, split_seed)
     return RawSplits(name, rest, held, (arrays["test_x"], arrays["test_y"]), num_outputs=TORCHVISION[name][1],
                      crop_padding=crop_padding, hflip=hflip, classes=[str(c) for c in arrays["classes"]])
@@ -443,7 +458,7 @@ def load_imagefolder(
                 out[f"{name}_y"] = np.asarray(lab, dtype=np.int64)
             return out
 
-        arrays = _cached(cache, decode)
+        arrays = _cached(cache, decode, "dataset.cache_dir", cache_dir)
         splits = {name: (arrays[f"{name}_x"], arrays[f"{name}_y"]) for name in parts}
     return RawSplits(f"imagefolder:{base.name}", splits["train"], splits["val"], splits["test"],
                      num_outputs=len(classes), crop_padding=crop_padding, hflip=hflip, workers=workers, classes=classes)
@@ -475,6 +490,15 @@ def build_data(raw: RawSplits, device: torch.device) -> Data:
     augment = Augment(raw.crop_padding, raw.hflip) if (raw.crop_padding or raw.hflip) else None
     return Data(spec, splits, mean=mean.flatten().tolist(), std=std.flatten().tolist(), augment=augment,
                 classes=raw.classes)
+
+
+def build_dataset(cfg: Any, device: torch.device) -> Data:
+    """The configured dataset on `device`: `cfg._target_` (one of the loaders above, or the user's own,
+    which a config read back from a checkpoint may name only with the user's consent: see
+    config/targets.py) called with the config's keys."""
+    from dlrun.config.targets import instantiate_trusted
+
+    return build_data(instantiate_trusted(cfg, cfg._target_), device)
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,11 +29,12 @@ class NonFiniteLoss(DlrunError):
 
 
 class Interrupted(DlrunError):
-    """SIGINT/SIGTERM stopped the run after a complete step; a checkpoint was written."""
+    """SIGINT/SIGTERM stopped the run after a complete step (`checkpointed`: with a checkpoint of it)."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint was written")
-        self.signum, self.step = signum, step
+    def __init__(self, signum: int, step: int, checkpointed: bool = True) -> None:
+        written = "a checkpoint was written" if checkpointed else "no checkpoint was written (trainer.save_checkpoints=false)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {written}")
+        self.signum, self.step, self.checkpointed = signum, step, checkpointed
 
     @property
     def exit_code(self) -> int:  # type: ignore[override]
@@ -53,6 +54,15 @@ class WorkerFailed(DlrunError):
         return self.worker_exit_code - 128 if self.worker_exit_code > 128 else None
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once, wherever the run is (a KeyboardInterrupt, so that no
+    `except Exception` catches it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def signal_exit_code(signum: int) -> int:
     """The shell's convention: a process ended by a signal exits with 128 + its number."""
     return 128 + signum
@@ -63,5 +73,5 @@ def exit_code(err: BaseException) -> int:
     if isinstance(err, DlrunError):
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
-        return signal_exit_code(signal.SIGINT)
+        return signal_exit_code(getattr(err, "signum", signal.SIGINT))
     return 1

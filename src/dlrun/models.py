@@ -24,7 +24,7 @@ from dlrun.errors import ConfigError
 
 def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
     """`cfg._target_(in_shape=..., num_outputs=..., **keys)`; every key must be a constructor parameter."""
-    factory = instantiate_trusted(cfg, cfg._target_, _partial_=True, _convert_="all")
+    factory = instantiate_trusted(cfg, cfg._target_, _partial_=True, _convert_="all")  # its own: see targets.py
     check_keys(factory.func, [k for k in cfg if k != "_target_"], "model")
     return factory(in_shape=tuple(spec.input_shape), num_outputs=spec.num_outputs)
 

@@ -27,13 +27,12 @@ import dlrun
 from dlrun import checkpoint, distributed, rundir
 from dlrun.checkpoint import Checkpointer
 from dlrun.config.schema import TrainerConfig, to_plain, trainer_config
-from dlrun.config.targets import instantiate_trusted
 from dlrun.config.validate import check_data_parallel, check_search_direction, validate
 from dlrun.cost import model_cost, peak_memory_mb
-from dlrun.data import Data, build_data, channels_last, quick_check_subsets
+from dlrun.data import Data, build_dataset, channels_last, quick_check_subsets
 from dlrun.device import deterministic_algorithms, resolve_device, seed_everything
 from dlrun.distributed import SINGLE, Ranks
-from dlrun.errors import ConfigError, DlrunError, Interrupted, WorkerFailed
+from dlrun.errors import ConfigError, DlrunError, Interrupted, NonFiniteLoss, StopNow, WorkerFailed
 from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.rundir import RunDir, RunRecord
@@ -59,7 +58,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     with rundir.own(folder):
         resumed = open_resume(resume, folder) if resume else None
         if resumed is not None:
-            cfg = OmegaConf.create(resumed["config"])
+            cfg = checkpoint.config_of(resumed, folder.last, trusted_targets(),
+                                       consent=f"dlrun resume={resume} {{group}}._target_={{target}}")
         else:
             rundir.check_fresh(folder)
         ranks = distributed.torchrun_env()
@@ -84,7 +84,7 @@ def train(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ranks
     clock, main = time.perf_counter(), ranks.is_main
     record = RunRecord(folder, run_entries(job_info), resume_point(resumed),
                        run_id=resumed and resumed.get("run_id"), write=main)
-    jsonl = JsonlSink(folder.metrics)
+    jsonl = JsonlSink(folder)
     sinks: list[Sink] = [ConsoleSink(), jsonl, LogSink()] if main else []
     try:
         with stop_on_signals() as stop, ExitStack() as scope:
@@ -106,9 +106,11 @@ def train(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ranks
             if main:  # a resumed run drops the records written after its checkpoint
                 jsonl.keep_epochs(state.epoch)
             started, first_step = time.perf_counter(), state.step
-            state = fit(parts, data, settings, sinks, checkpointer.save, state, stop, ranks)
+            state = fit_telling_checkpoints(parts, data, settings, sinks, checkpointer, state, stop, ranks)
             trained = (time.perf_counter() - started, state.step - first_step)
             results = final_results(parts, checkpointer, data, settings, state, device, *trained) if main else {}
+            if stop.signum:  # during the final evaluation: the run is checkpointed, its results are not
+                raise Interrupted(stop.signum, state.step, checkpointer.has_last())
     except BaseException as err:
         record.fail(err, wall_time_s=time.perf_counter() - clock)
         for sink in sinks:
@@ -122,6 +124,17 @@ def train(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ranks
     return record.summary
 
 
+def fit_telling_checkpoints(parts: Parts, data: Data, settings: LoopSettings, sinks: list[Sink],
+                            checkpointer: Checkpointer, state: TrainState, stop: StopFlag, ranks: Ranks) -> TrainState:
+    """`fit`, whose stops say truly whether a checkpoint to continue from exists."""
+    try:
+        return fit(parts, data, settings, sinks, checkpointer.save, state, stop, ranks)
+    except Interrupted as err:
+        raise Interrupted(err.signum, err.step, checkpointer.has_last()) from None
+    except NonFiniteLoss as err:
+        raise NonFiniteLoss(f"{err}; {checkpointer.describe_last()}") from None
+
+
 def rank_device(cfg: DictConfig, ranks: Ranks) -> torch.device:
     """The device this process trains on (a rank's own GPU or its share of the CPU under DDP)."""
     device = resolve_device(cfg.device)
@@ -130,7 +143,7 @@ def rank_device(cfg: DictConfig, ranks: Ranks) -> torch.device:
 
 def load_data(cfg: DictConfig, trainer: TrainerConfig, device: torch.device, ranks: Ranks) -> Data:
     """The dataset on the device, cut to the quick-check subsets if asked, checked for DDP."""
-    data = build_data(instantiate_trusted(cfg.dataset), device)
+    data = build_dataset(cfg.dataset, device)
     data = quick_check_subsets(data, trainer.overfit_batches * trainer.batch_size,
                                trainer.limit_eval_batches * trainer.eval_batch_size)
     if ranks.world > 1:
@@ -286,12 +299,22 @@ def open_resume(resume: str, folder: RunDir) -> dict[str, Any]:
         others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=") and o not in own]
         if others:
             raise ConfigError(
-                f"resume={resume} continues the run with the config saved in its checkpoint; "
-                f"drop the other overrides ({' '.join(others)})"
+                f"resume={resume} continues the run exactly, with the config saved in its checkpoint; "
+                f"drop the other overrides ({' '.join(others)}); to train for longer or differently, start "
+                "a new run with the overrides you want"
             )
     ckpt = checkpoint.load(last)
     rundir.check_belongs(folder, ckpt, last)
+    rundir.read_metrics(folder)  # a damaged record is refused before anything is written
     return ckpt
+
+
+def trusted_targets() -> list[str]:
+    """The `_target_`s given on this command line: the user's consent to run that code when a
+    saved config names it (a `model=custom` run resumed, or a requeued sweep job)."""
+    if not HydraConfig.initialized():
+        return []
+    return [o.split("=", 1)[1] for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].endswith("._target_")]
 
 
 def resume_point(resumed: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -309,7 +332,7 @@ def stop_on_signals() -> Iterator[StopFlag]:
 
     def handler(signum: int, frame: Any) -> None:
         if stop.signum is not None:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         stop.signum = signum
         log.warning("%s received: finishing the current step and writing a checkpoint", signal.Signals(signum).name)
 

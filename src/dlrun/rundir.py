@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
+import signal
 import socket
 import uuid
 from contextlib import contextmanager, suppress
@@ -121,11 +123,16 @@ class RunRecord:
 
     def fail(self, err: BaseException, **entries: Any) -> None:
         """Record how the run ended early: `interrupted` (a signal, Ctrl-C, a launcher ending the
-        job to requeue it) or `failed`, with the error."""
+        job to requeue it) or `failed`, with the error (if the summary can still be written)."""
         stopped = isinstance(err, (KeyboardInterrupt, Interrupted, SystemExit))
         if isinstance(err, Interrupted):
             entries["steps"] = err.step
-        self.update(status="interrupted" if stopped else "failed", error=f"{type(err).__name__}: {err}", **entries)
+        if isinstance(err, (KeyboardInterrupt, Interrupted)):  # the signal, for the exit status of a sweep
+            entries["signal"] = signal.Signals(getattr(err, "signum", signal.SIGINT)).name
+        try:
+            self.update(status="interrupted" if stopped else "failed", error=f"{type(err).__name__}: {err}", **entries)
+        except RunFolderError as unwritten:  # the disk is full: the error itself still reaches the user
+            logging.getLogger("dlrun").warning("%s", unwritten)
 
 
 # ------------------------------------------------------------------ writing
@@ -147,15 +154,27 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
+        # disk full, file too large, read-only (torch.save reports it as a RuntimeError raised
+        # while handling the OSError): one line; the previous file stays
+        failed = next((e for e in _chain(err) if isinstance(e, OSError)), None)
+        if failed is not None:
+            raise RunFolderError(f"cannot write {path}: {failed.strerror or failed}") from None
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)  # make the rename itself durable
     finally:
         os.close(folder)
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    """An exception and those it was raised from or while handling."""
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -275,8 +294,20 @@ def resume_checkpoint(folder: str | Path) -> Path:
     if not run_dir.path.is_dir():
         raise ConfigError(f"resume={folder}: no such run folder")
     if not run_dir.last.is_file():
-        raise ConfigError(f"resume={folder}: {run_dir.last} does not exist (was trainer.save_checkpoints=false?)")
+        raise ConfigError(f"resume={folder}: {run_dir.last} does not exist ({_why_no_checkpoint(run_dir)})")
     return run_dir.last
+
+
+def _why_no_checkpoint(run_dir: RunDir) -> str:
+    if not run_dir.holds_run():
+        return "no dlrun run was started in this folder"
+    if run_dir.hydra_config.is_file():
+        from omegaconf import OmegaConf
+
+        saved = OmegaConf.load(run_dir.hydra_config)
+        if OmegaConf.select(saved, "trainer.save_checkpoints") is False:
+            return "the run was started with trainer.save_checkpoints=false"
+    return f"the run ended before its first checkpoint ({read_summary(run_dir.path).get('status')}); start it again"
 
 
 def check_belongs(run_dir: RunDir, ckpt: dict[str, Any], path: Path) -> None:
@@ -336,6 +367,23 @@ def settle(folder: str | Path) -> dict[str, Any]:
         with suppress(RunFolderError), own(run_dir):  # a process that took it over meanwhile writes its own
             run_dir.write_summary(summary)
     return summary
+
+
+def read_metrics(run_dir: RunDir) -> list[dict[str, Any]]:
+    """The run's epoch records; a line that is not one is a one-line error naming the file and line."""
+    if not run_dir.metrics.is_file():
+        return []
+    records = []
+    for number, line in enumerate(run_dir.metrics.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise RunFolderError(f"{run_dir.metrics} line {number} is not an epoch record (damaged?); "
+                                 "repair or remove that line")
+        records.append(record)
+    return records
 
 
 def find_runs(folders: list[str]) -> list[Path]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from dlrun.rundir import append_line, atomic_write
+from dlrun.rundir import RunDir, append_line, atomic_write, read_metrics
 
 log = logging.getLogger("dlrun")
 
@@ -39,17 +39,15 @@ def format_record(record: dict[str, Any]) -> str:
 class JsonlSink:
     """Appends one JSON object per epoch to the run's metrics file (one line, one write)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir, self.path = run_dir, run_dir.metrics
 
     def keep_epochs(self, last_epoch: int) -> None:
         """Drop records after `last_epoch` (written after the checkpoint a run resumes from)."""
-        if not self.path.is_file():
-            return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
-        if kept != lines:
-            data = "".join(kept).encode()
+        records = read_metrics(self.run_dir)
+        kept = [r for r in records if r["epoch"] <= last_epoch]
+        if kept != records:
+            data = "".join(json.dumps(r) + "\n" for r in kept).encode()
             atomic_write(self.path, lambda f: f.write(data))
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:

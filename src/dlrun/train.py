@@ -318,8 +318,8 @@ class RunningSums:
             step, loss = next(((s, float(v)) for s, v in self.losses if not torch.isfinite(v)), (None, None))
             where = f"{loss} at step {step}" if step else "non-finite on another rank"
             raise NonFiniteLoss(
-                f"the training loss became {where} (epoch {state.epoch + 1}); stopped, the last "
-                "good checkpoint is kept (trainer.on_nonfinite=skip skips such batches instead)"
+                f"the training loss became {where} (epoch {state.epoch + 1}); stopped "
+                "(trainer.on_nonfinite=skip skips such batches instead)"
             )
         state.loss_sum, state.score_sum = sums.tolist()
         state.seconds = time.perf_counter() - self.started

@@ -6,6 +6,7 @@ Each failure names the key, the value and what is allowed (`ConfigError`). Torch
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlrun.config.schema import MonitorMode, OnNonFinite, TrainerConfig, score_name
 from dlrun.errors import ConfigError
+
+SEED_MAX = 2**32 - 1  # numpy.random.seed's largest seed
 
 
 def resolve_monitor(trainer: DictConfig | TrainerConfig, task: str) -> tuple[str, str]:
@@ -80,6 +83,8 @@ def validate_trainer(t: DictConfig) -> None:
                 "warmup_epochs"):
         _require(t[key] >= 0, f"trainer.{key}", "must be >= 0 (0 = off)", t[key])
     _require(t.accumulate >= 1, "trainer.accumulate", "must be >= 1", t.accumulate)
+    _require(0 <= t.seed <= SEED_MAX, "trainer.seed", f"must be in 0 .. {SEED_MAX} (what numpy's seed accepts)",
+             t.seed)
     _require(t.devices >= 1, "trainer.devices", "must be >= 1 (processes training one model together)", t.devices)
     if t.devices > 1:
         check_data_parallel(t, t.devices)
@@ -122,10 +127,12 @@ def validate_dataset(ds: DictConfig) -> None:
             _require(0 < ds[key] < 1, f"dataset.{key}", "must be in (0, 1)", ds[key])
     if "val_fraction" in ds and "test_fraction" in ds:
         total = ds.val_fraction + ds.test_fraction
-        _require(total < 1, "dataset.val_fraction", "val_fraction + test_fraction must be < 1", total)
+        if total >= 1:
+            raise ConfigError(f"dataset.val_fraction + dataset.test_fraction = {total:g} is invalid: must be < 1 "
+                              f"(val_fraction={ds.val_fraction}, test_fraction={ds.test_fraction})")
     for key in ("data_dir", "cache_dir"):
-        if key in ds:
-            problem = dir_problem(ds[key])
+        if key in ds:  # a read-only one is fine while it holds what the run reads (see dlrun.data._cached)
+            problem = dir_problem(ds[key], write=False)
             _require(problem is None, f"dataset.{key}", f"cannot be used as a data directory: {problem}", ds[key])
     if "root" in ds:
         _require(Path(ds.root).expanduser().is_dir(), "dataset.root", "no such directory", ds.root)
@@ -138,14 +145,53 @@ def validate_dataset(ds: DictConfig) -> None:
                  "must be [height, width], both positive", list(ds.image_size))
 
 
-def dir_problem(path: str | Path) -> str | None:
-    """Why `path` cannot be (created and) written as a directory, or None if it can."""
+def dir_problem(path: str | Path, write: bool = True) -> str | None:
+    """Why `path` cannot be used as a directory that is created if missing and, with `write`, written;
+    None if it can. Nothing is created: the nearest existing folder is checked instead.
+
+    Beyond permissions (`os.access`, which root always passes), the filesystem is asked: a read-only
+    mount is refused, and one that reports no storage at all (procfs, sysfs; also an unlimited tmpfs
+    or some FUSE mounts) is tried by making and removing a uniquely named probe folder with a file
+    in it, the one case where nothing cheaper tells."""
     path = Path(path).expanduser().resolve()
     existing = path
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as err:  # e.g. a parent that cannot be searched
+        return f"{existing} cannot be checked ({err.strerror or err})"
     if not existing.is_dir():
         return f"{existing} is a file, not a directory"
+    if not write:
+        return None
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    try:
+        fs = os.statvfs(existing)
+    except OSError as err:
+        return f"{existing} cannot be checked ({err.strerror or err})"
+    if fs.f_flag & os.ST_RDONLY:
+        return f"{existing} is on a read-only filesystem"
+    if fs.f_blocks == 0:
+        return _probe_problem(existing)
+    return None
+
+
+def _probe_problem(folder: Path) -> str | None:
+    """Why `folder` cannot hold a new folder with a file in it, found by making (and removing) one."""
+    probe = folder / f".dlrun-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+    except OSError as err:
+        return f"{folder} cannot hold a new folder ({err.strerror or err}) on its filesystem, which reports no storage"
+    try:
+        os.close(os.open(probe / "file", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe / "file")
+    except OSError as err:
+        return f"{folder} cannot hold files ({err.strerror or err}) on its filesystem, which reports no storage"
+    finally:
+        try:
+            probe.rmdir()
+        except OSError:
+            pass
     return None

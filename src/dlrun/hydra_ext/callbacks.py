@@ -6,6 +6,7 @@ for every command, so it imports nothing heavy.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from dlrun import rundir
 from dlrun.config.validate import dir_problem
-from dlrun.errors import DlrunError
+from dlrun.errors import ConfigError, DlrunError, signal_exit_code
 from dlrun.rundir import RunDir
 
 
@@ -25,32 +26,91 @@ class DlrunCallback(Callback):
 
     def __init__(self) -> None:
         self.earlier_jobs: set[str] = set()  # job folders a continued sweep (hparams_search) had already
+        self.sweep_started = False  # Hydra calls on_multirun_end even when on_multirun_start refused the sweep
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            if config.get("resume"):
+            if config.get("resume"):  # the run continues with its saved config
                 rundir.resume_checkpoint(config.resume)
                 rundir.check_not_in_use(RunDir(Path(config.resume).expanduser().resolve()))
             else:
+                check_set(config, "run")
                 claim_output_dir(config, "run")
         except DlrunError as err:
             raise SystemExit(f"dlrun: error: {err}") from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            check_set(config, "sweep")
             claim_output_dir(config, "sweep")
         except DlrunError as err:
             raise SystemExit(f"dlrun: error: {err}") from None
         self.earlier_jobs = {job.name for job in rundir.find_runs([config.hydra.sweep.dir])}
+        self.sweep_started = True
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the sweep summary (one row per job), print it, exit non-zero if a job of this sweep failed."""
+        if not self.sweep_started:  # refused at its start: nothing ran, and nothing is written
+            return
         rows = write_sweep_summary(Path(config.hydra.sweep.dir))
         ran = [row for row in rows if row["job"] not in self.earlier_jobs]
+        stopped = [row for row in ran if row["status"] == "interrupted"]
+        if stopped:  # a signal stopped the sweep (the job said so): exit as the signal says
+            raise SystemExit(signal_exit_code(signal.Signals[stopped[-1]["signal"] or "SIGINT"]))
         failed = [row for row in ran if row["status"] != "completed"]
         if failed:
             names = ", ".join(f"#{row['job']} ({' '.join(row['overrides'])})" for row in failed)
             raise SystemExit(f"dlrun: {len(failed)} of {len(ran)} jobs did not complete: {names}")
+
+
+# How to set a mandatory value (`???` in conf/) on the command line; any other key: `<key>=<value>`.
+HOW_TO_SET = {
+    "model._target_": "name your model class, e.g. model._target_=my_pkg.MyNet (importable from where dlrun runs)",
+    "dataset.root": "name the folder of class sub-folders of images, e.g. dataset.root=/path/to/images",
+}
+
+
+def check_set(config: DictConfig, mode: str) -> None:
+    """Refuse a config with a mandatory value left unset (`???`), before the job starts (and imports
+    torch) and before Hydra makes a folder. In a sweep (`mode` "sweep"), keys the sweep sets per job
+    are left to the jobs."""
+    swept = swept_keys(config) if mode == "sweep" else set()
+    unset = [k for k in unset_keys(config) if not any(k == s or k.startswith((f"{s}.", f"{s}[")) for s in swept)]
+    if unset:
+        raise ConfigError("; ".join(f"{k} is not set: {HOW_TO_SET.get(k, f'set it, e.g. {k}=<value>')}" for k in unset))
+
+
+def unset_keys(config: DictConfig) -> list[str]:
+    """Keys outside Hydra's own `hydra.*` whose value is `???`, in config order (interpolations are not
+    resolved: `${...}` pointing at an unset key counts once, as that key)."""
+    found: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        keys = range(len(node)) if OmegaConf.is_list(node) else list(node.keys())
+        for k in keys:
+            name = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}.{k}" if prefix else str(k)
+            if name == "hydra" or OmegaConf.is_interpolation(node, k):
+                continue
+            if OmegaConf.is_missing(node, k):
+                found.append(name)
+                continue
+            value = node[k]
+            if OmegaConf.is_config(value):
+                walk(value, name)
+
+    walk(config, "")
+    return found
+
+
+def swept_keys(config: DictConfig) -> set[str]:
+    """Keys (or config groups) a sweep sets per job: its sweep overrides (`key=a,b`, `range(...)`, ...)
+    and the sweeper's `hydra.sweeper.params`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = OmegaConf.select(config, "hydra.overrides.task", default=None) or []
+    keys = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()}
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    return keys | (set(params.keys()) if OmegaConf.is_dict(params) else set())
 
 
 def claim_output_dir(config: DictConfig, mode: str) -> None:
@@ -97,6 +157,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "monitor_value": s.get("monitor_value"),
                 "wall_time_s": s.get("wall_time_s"),
                 "error": s.get("error"),
+                "signal": s.get("signal"),
             }
         )
     return rows

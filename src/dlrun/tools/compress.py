@@ -16,18 +16,17 @@ import sys
 import io
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import prune
 
 from dlrun import checkpoint, rundir
 from dlrun.config.schema import score_name
-from dlrun.config.targets import instantiate_trusted
+from dlrun.config.targets import import_user_code
 from dlrun.cost import latency_ms
-from dlrun.data import Data, DataSpec, build_data
+from dlrun.data import Data, DataSpec, build_dataset
 from dlrun.errors import DlrunError
 from dlrun.models import build_model
 from dlrun.optim import build_optimizer
@@ -61,18 +60,24 @@ def quantized(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8)
 
 
-def load_variant(path: Path) -> nn.Module:
-    """A saved variant as a ready model (on the CPU): the run's model, transformed as it was, with its weights."""
+def load_variant(path: Path, trust: Iterable[str] = ()) -> nn.Module:
+    """A saved variant as a ready model (on the CPU): the run's model, transformed as it was, with its
+    weights. Its config may name only dlrun's builders, or what is in `trust`."""
     saved = checkpoint.load(path)
-    spec = DataSpec(tuple(saved["input_shape"]), saved["num_outputs"], saved["task"])
-    model = build_model(OmegaConf.create(saved["config"]).model, spec)
-    if saved["variant"] == "int8-dynamic":
+    config = checkpoint.config_of(saved, path, trust, consent="load_variant(path, trust=['{target}'])")
+    try:
+        spec = DataSpec(tuple(saved["input_shape"]), saved["num_outputs"], saved["task"])
+        variant = saved["variant"]
+    except (KeyError, TypeError):
+        raise DlrunError(f"{path} is not a variant written by dlrun-compress") from None
+    model = build_model(config.model, spec)
+    if variant == "int8-dynamic":
         model = quantized(model)
-    elif saved["variant"] in HALF:
-        model = Cast(model, HALF[saved["variant"]])
-        model.model.load_state_dict(saved["model"])
+    elif variant in HALF:
+        model = Cast(model, HALF[variant])
+        checkpoint.load_weights(model.model, saved["model"], path)
         return model.eval()
-    model.load_state_dict(saved["model"])
+    checkpoint.load_weights(model, saved["model"], path)
     return model.eval()
 
 
@@ -97,16 +102,16 @@ def sparsity_of(targets: list[tuple[nn.Module, str]]) -> float:
 
 
 def compress(run_dir: Path, sparsities: list[float], finetune_epochs: int, half: bool, quantize: bool,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, trust: Iterable[str] = ()) -> dict[str, Any]:
     folder = RunDir(run_dir)
     best = checkpoint.load(folder.best)
-    cfg = OmegaConf.create(best["config"])
+    cfg = checkpoint.config_of(best, folder.best, trust)
     torch.manual_seed(cfg.trainer.seed)
-    data = build_data(instantiate_trusted(cfg.dataset), CPU)
+    data = build_dataset(cfg.dataset, CPU)
     task = data.spec.task
     metric = f"test/{score_name(task)}"
     base_model = build_model(cfg.model, data.spec)
-    base_model.load_state_dict(best["model"])
+    checkpoint.load_weights(base_model, best["model"], folder.best)
     shape, batch = data.spec.input_shape, cfg.trainer.batch_size
 
     def measure(name: str, model: nn.Module, state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model this long")
     parser.add_argument("--no-quantize", action="store_true", help="skip dynamic int8 quantisation")
     parser.add_argument("--no-half", action="store_true", help="skip the bf16/fp16 copies")
+    parser.add_argument("--trust", action="append", default=[], metavar="TARGET",
+                        help="a class or function outside dlrun that the run's checkpoint names (e.g. a model=custom "
+                             "model) and that you trust to run; repeat for several")
     args = parser.parse_args(argv)
     try:
         sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
@@ -190,8 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(not 0 <= s < 1 for s in sparsities):
         raise SystemExit(f"{parser.prog}: error: --sparsity {args.sparsity!r}: each must be in [0, 1)")
     try:
+        if args.trust:
+            import_user_code()
         result = compress(args.run_dir, sparsities, args.finetune_epochs, not args.no_half, not args.no_quantize,
-                          log=lambda line: None)
+                          log=lambda line: None, trust=args.trust)
     except DlrunError as err:
         raise SystemExit(f"{parser.prog}: error: {err}") from None
     print_table(result)

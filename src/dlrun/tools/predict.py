@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from dlrun import checkpoint
-from dlrun.config.targets import instantiate_trusted
-from dlrun.data import IMAGE_SUFFIXES, DataSpec, build_data, decode_image
+from dlrun.config.targets import import_user_code
+from dlrun.data import IMAGE_SUFFIXES, DataSpec, build_dataset, decode_image
 from dlrun.errors import ConfigError, DlrunError
 from dlrun.models import build_model
 from dlrun.rundir import RunDir
@@ -30,51 +30,170 @@ from dlrun.train import evaluate
 CPU = torch.device("cpu")
 
 
-def load_model(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def load_model(path: Path, trust: Iterable[str] = ()) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
     """The model of a run folder (its best checkpoint) or of a checkpoint file, in eval mode, with
-    the checkpoint's config and data description."""
+    the checkpoint's config (checked: it names only dlrun's builders or what is in `trust`) and
+    data description."""
     path = Path(path)
-    ckpt = checkpoint.load(RunDir(path).best if path.is_dir() else path)
-    if "data" not in ckpt:
+    path = RunDir(path).best if path.is_dir() else path
+    ckpt = checkpoint.load(path)
+    config = checkpoint.config_of(ckpt, path, trust)
+    data = ckpt.get("data")
+    if not isinstance(data, dict) or not {"input_shape", "num_outputs", "task", "name"} <= set(data):
         raise ConfigError(f"{path}: the checkpoint has no data description (written by an older dlrun)")
-    data = ckpt["data"]
     spec = DataSpec(tuple(data["input_shape"]), data["num_outputs"], data["task"], data["name"])
-    model = build_model(OmegaConf.create(ckpt["config"]).model, spec)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt["config"], data
+    model = build_model(config.model, spec)
+    checkpoint.load_weights(model, ckpt["model"], path)
+    return model.eval(), config, data
 
 
 def read_inputs(paths: list[Path], data: dict[str, Any]) -> torch.Tensor:
-    """Raw inputs, normalised as in training: (N, *input_shape) float32."""
+    """Raw inputs, normalised as in training: (N, *input_shape) float32.
+
+    Image files are decoded and resized. A .pt file holds one tensor (torch.save) and a .npy file
+    one array (numpy.save) of real numbers (bool, integer or floating point: converted to float32),
+    (N, *input_shape) or a single sample; neither is unpickled beyond plain tensor data, so
+    nothing in a file can run. A file that cannot be used, or values that are NaN or infinite,
+    raise a ConfigError that names the file, the problem and what is accepted.
+    """
     shape = tuple(data["input_shape"])
+    dims = ", ".join(map(str, shape))
     parts = []
     for path in paths:
         if not path.is_file():
             raise ConfigError(f"{path}: no such file")
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
             if len(shape) != 3:
                 raise ConfigError(f"{path}: an image, but the model takes {shape} inputs")
-            parts.append(torch.from_numpy(decode_image(str(path), shape[1:], shape[0])).float()[None])
-        elif path.suffix in (".pt", ".npy"):
-            x = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
-            x = x.float()
-            x = x[None] if tuple(x.shape) == shape else x
-            if tuple(x.shape[1:]) != shape:
-                raise ConfigError(f"{path}: shape {tuple(x.shape)}, expected (N, {', '.join(map(str, shape))})")
-            parts.append(x)
-        else:
+            parts.append(torch.from_numpy(_read_image(path, shape)).float()[None])
+            continue
+        if suffix not in (".pt", ".npy"):
             raise ConfigError(f"{path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))}) or a .pt/.npy tensor")
+        raw = _read_npy(path) if suffix == ".npy" else _read_pt(path)
+        x = raw.float()
+        x = x[None] if tuple(x.shape) == shape else x
+        if tuple(x.shape[1:]) != shape:
+            raise ConfigError(f"{path}: shape {tuple(x.shape)}, expected (N, {dims})")
+        if len(x) == 0:
+            raise ConfigError(f"{path}: holds no samples (shape {tuple(x.shape)}), expected (N, {dims}) with N >= 1")
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            sample = int(bad.flatten(1).any(1).nonzero()[0])
+            overflow = bool(torch.isfinite(raw.reshape(x.shape)[bad]).all())  # finite as given, not as float32
+            what = "values beyond float32's range" if overflow else "NaN or infinite values"
+            raise ConfigError(f"{path}: holds {what} (sample {sample}); expected finite numbers")
+        parts.append(x)
     x = torch.cat(parts)
     stats_shape = (1, -1) + (1,) * (x.dim() - 2)
     mean, std = torch.tensor(data["mean"]).view(stats_shape), torch.tensor(data["std"]).view(stats_shape)
     return (x - mean) / std
 
 
+def _empty_file(path: Path, expected: str) -> None:
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{path}: the file is empty; expected {expected}")
+
+
+def _read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """An image file as read_inputs takes it, (C, H, W) uint8; anything Pillow cannot decode
+    (or refuses to: more pixels than its decompression-bomb limit) is a ConfigError."""
+    import re
+
+    from PIL import Image, UnidentifiedImageError
+
+    expected = f"an image file ({', '.join(sorted(IMAGE_SUFFIXES))}) that Pillow can read"
+    _empty_file(path, expected)
+    try:
+        return decode_image(str(path), shape[1:], shape[0])
+    except Image.DecompressionBombError as err:
+        sizes = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(err))
+        size = f"{int(sizes[1]):,} pixels, more than {int(sizes[2]):,}" if sizes else str(err)
+        raise ConfigError(f"{path}: the image is too large to decode safely ({size}); expected a smaller image") from None
+    except UnidentifiedImageError:
+        raise ConfigError(f"{path}: not an image, or in a format Pillow cannot identify; expected {expected}") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as err:  # what Pillow raises for damaged files
+        raise ConfigError(f"{path}: the image cannot be decoded ({err}); expected {expected}") from None
+
+
+def _read_pt(path: Path) -> torch.Tensor:
+    """The one dense, real-valued CPU tensor in a torch.save file, loaded with weights_only=True:
+    a file that holds anything else (other objects, or pickled code) is a ConfigError."""
+    import re
+    import warnings
+
+    expected = "a tensor saved with torch.save(tensor, path)"
+    _empty_file(path, expected)
+    try:
+        with warnings.catch_warnings():  # torch's warnings about the file's pickle (its protocol, sparse checks)
+            warnings.simplefilter("ignore")
+            x = torch.load(path, map_location=CPU, weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to load a user's file is the file's
+        # torch's own text advises weights_only=False, i.e. running the file's code: never pass that on.
+        name = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        detail = f" (it refers to {name[1]})" if name else ""
+        raise ConfigError(f"{path}: not a tensor file that can be loaded safely{detail}; expected {expected}") from None
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"{path}: holds a {type(x).__name__}, not a tensor; expected {expected}")
+    if x.layout != torch.strided:
+        raise ConfigError(f"{path}: holds a sparse tensor ({x.layout}); expected a dense one (tensor.to_dense())")
+    if x.device.type == "meta":
+        raise ConfigError(f"{path}: holds a tensor with no data (on the meta device); expected {expected}")
+    if x.is_quantized or x.is_complex():
+        raise ConfigError(f"{path}: holds a {x.dtype} tensor; expected real numbers (bool, integer or floating point)")
+    return x.detach()
+
+
+_NUMPY_KINDS = {"U": "strings", "S": "bytes", "O": "Python objects", "V": "structured records",
+                "M": "datetimes", "m": "time deltas", "c": "complex numbers"}
+
+
+def _read_npy(path: Path) -> torch.Tensor:
+    """The array of real numbers in a numpy.save file, loaded without unpickling anything (an
+    object array, whose data is a pickle, is refused), in native byte order."""
+    expected = "an array of numbers saved with numpy.save(path, array)"
+    _empty_file(path, expected)
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"PK"):
+        raise ConfigError(f"{path}: an .npz archive (numpy.savez), not one array; expected {expected}")
+    if magic != b"\x93NUMPY":
+        raise ConfigError(f"{path}: not a .npy file; expected {expected}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to load a user's file is the file's
+        if "allow_pickle" in str(err):  # numpy's text advises allow_pickle=True: never pass that on
+            raise ConfigError(f"{path}: holds Python objects (an object array), which are never unpickled; "
+                              f"expected {expected}") from None
+        raise ConfigError(f"{path}: a damaged .npy file ({err}); expected {expected}") from None
+    if arr.dtype.kind not in "biuf":
+        what = _NUMPY_KINDS.get(arr.dtype.kind, "values that are not numbers")
+        raise ConfigError(f"{path}: holds {what} (dtype {arr.dtype}); expected real numbers (bool, integer or float)")
+    return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k class probabilities and indices, (N, k) each."""
+    """Top-k class probabilities and indices, (N, k) each (k: `topk`, at most the number of classes)."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ConfigError(f"topk must be a positive integer, not {topk!r}")
     probs = torch.softmax(model(x).float(), dim=1)
     return probs.topk(min(topk, probs.shape[1]), dim=1)
+
+
+def _positive_int(text: str) -> int:
+    """--topk's type: an integer of 1 or more (argparse reports anything else as its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,8 +201,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a run folder (its best checkpoint) or a checkpoint file")
     parser.add_argument("inputs", nargs="*", type=Path, help="image files, or .pt/.npy tensor files")
-    parser.add_argument("--topk", type=int, default=3)
+    parser.add_argument("--topk", type=_positive_int, default=3, help="classes to show per input (default 3)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate on the dataset's test split")
+    parser.add_argument("--trust", action="append", default=[], metavar="TARGET",
+                        help="a class or function outside dlrun that the checkpoint names (e.g. a model=custom "
+                             "model) and that you trust to run; repeat for several")
     args = parser.parse_args(argv)
     if not args.inputs and not args.evaluate:
         parser.error("give input files, or --evaluate")
@@ -92,10 +214,11 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console()
     try:
-        model, config, data = load_model(args.model)
+        if args.trust:
+            import_user_code()
+        model, cfg, data = load_model(args.model, args.trust)
         if args.evaluate:
-            cfg = OmegaConf.create(config)
-            split = build_data(instantiate_trusted(cfg.dataset), CPU).splits["test"]
+            split = build_dataset(cfg.dataset, CPU).splits["test"]
             scores = evaluate(model, split, cfg.trainer.eval_batch_size, task=data["task"])
             console.print(f"test split of {data['name']}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if args.inputs:

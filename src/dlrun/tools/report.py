@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from dlrun.rundir import RunDir, find_runs, read_summary
-
-
-def read_metrics(run_dir: Path | RunDir) -> list[dict]:
-    path = (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).metrics
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+from dlrun.errors import DlrunError
+from dlrun.rundir import RunDir, find_runs, read_metrics, read_summary
 
 
 def learning_curves(run_dir: RunDir) -> Path | None:
@@ -133,7 +128,7 @@ def plot_runs(rows: list[dict], runs: list[Path], out_dir: Path, cost: str) -> l
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (row, run) in enumerate(zip(rows, runs)):
-        records = read_metrics(run)
+        records = read_metrics(RunDir(run))
         label = f"{row['run']}: {row['overrides']}" if row["overrides"] else row["run"]
         for ax, metric in zip(axes, ("loss", (row["test_metric"] or "test/acc").split("/")[1])):
             for split, style in (("val", "-"), ("train", "--")):  # one colour per run
@@ -179,6 +174,8 @@ def plot_runs(rows: list[dict], runs: list[Path], out_dir: Path, cost: str) -> l
 def main(argv: list[str] | None = None) -> None:
     try:
         report(argv)
+    except DlrunError as err:
+        raise SystemExit(f"dlrun-report: error: {err}") from None
     except BrokenPipeError:  # `dlrun-report ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 
