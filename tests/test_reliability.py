@@ -145,8 +145,20 @@ def test_bad_input_is_rejected_with_the_key_named(dlrun_cli, tmp_path, args, mes
 
 def test_resume_refuses_other_overrides_and_corrupt_checkpoints(dlrun_cli, tmp_path):
     dlrun_cli("hydra.run.dir=run", "trainer.epochs=1", "device=cpu", check=True)
-    proc = dlrun_cli("resume=run", "trainer.epochs=5")
-    assert proc.returncode == 1 and "drop the other overrides (trainer.epochs=5)" in proc.stderr
+    proc = dlrun_cli("resume=run", "optimizer.lr=0.5")
+    assert proc.returncode == 1 and ("drop the other overrides (optimizer.lr=0.5); to train for more epochs add "
+                                     "trainer.epochs=N") in proc.stderr
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"\x00garbage")
     proc = dlrun_cli("resume=run")
     assert proc.returncode == 1 and "cannot be loaded safely" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_with_more_epochs_trains_on_as_if_planned(dlrun_cli, tmp_path):
+    dlrun_cli("hydra.run.dir=short", "trainer.epochs=2", "device=cpu", "device.threads=1", check=True)
+    dlrun_cli("hydra.run.dir=long", "trainer.epochs=4", "device=cpu", "device.threads=1", check=True)
+    proc = dlrun_cli("resume=short", "trainer.epochs=4")
+    assert proc.returncode == 0, proc.stderr
+    short, long = read_summary(tmp_path / "short"), read_summary(tmp_path / "long")
+    assert short["epochs"] == 4 and short["final"] == long["final"] and short["best"] == long["best"]
+    assert without_timing(read_metrics(tmp_path / "short")) == without_timing(read_metrics(tmp_path / "long"))
+    assert dlrun_cli("resume=short", "trainer.epochs=1").returncode == 1  # fewer than it has done

@@ -58,8 +58,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     with rundir.own(folder):
         resumed = open_resume(resume, folder) if resume else None
         if resumed is not None:
-            cfg = checkpoint.config_of(resumed, folder.last, trusted_targets(),
-                                       consent=f"dlrun resume={resume} {{group}}._target_={{target}}")
+            cfg = resumed_config(resumed, folder, resume, cfg)
         else:
             rundir.check_fresh(folder)
         ranks = distributed.torchrun_env()
@@ -296,17 +295,35 @@ def open_resume(resume: str, folder: RunDir) -> dict[str, Any]:
     last = rundir.resume_checkpoint(resume)
     if HydraConfig.initialized():
         own = set(OmegaConf.load(folder.hydra_overrides)) if folder.hydra_overrides.is_file() else set()
-        others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=") and o not in own]
+        others = [o for o in HydraConfig.get().overrides.task
+                  if not o.startswith(("resume=", "trainer.epochs=")) and o not in own]
         if others:
             raise ConfigError(
-                f"resume={resume} continues the run exactly, with the config saved in its checkpoint; "
-                f"drop the other overrides ({' '.join(others)}); to train for longer or differently, start "
-                "a new run with the overrides you want"
+                f"resume={resume} continues the run with the config saved in its checkpoint; drop the other "
+                f"overrides ({' '.join(others)}); to train for more epochs add trainer.epochs=N, to change "
+                "anything else start a new run"
             )
     ckpt = checkpoint.load(last)
     rundir.check_belongs(folder, ckpt, last)
     rundir.read_metrics(folder)  # a damaged record is refused before anything is written
     return ckpt
+
+
+def resumed_config(resumed: dict[str, Any], folder: RunDir, resume: str, given: DictConfig) -> DictConfig:
+    """The config saved in the checkpoint (checked: see config/targets.py), trained on to
+    `trainer.epochs=N` when the resume command says so."""
+    cfg = checkpoint.config_of(resumed, folder.last, trusted_targets(),
+                               consent=f"dlrun resume={resume} {{group}}._target_={{target}}")
+    if not (HydraConfig.initialized() and any(o.startswith("trainer.epochs=") for o in HydraConfig.get().overrides.task)):
+        return cfg
+    epochs, done = given.trainer.epochs, resumed["state"]["epoch"]
+    if epochs < max(done, 1):
+        raise ConfigError(f"trainer.epochs={epochs} is invalid with resume=: the run has completed {done} epochs")
+    if epochs != cfg.trainer.epochs and cfg.scheduler._target_ == "dlrun.optim.onecycle_lr":
+        raise ConfigError(f"trainer.epochs={epochs} is invalid with resume=: scheduler=onecycle planned its cycle "
+                          f"for {cfg.trainer.epochs} epochs; start a new run to train longer")
+    cfg.trainer.epochs = epochs
+    return cfg
 
 
 def trusted_targets() -> list[str]:
