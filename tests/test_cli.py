@@ -129,3 +129,13 @@ def test_help_lists_the_groups(dlrun_cli):
 def test_cfg_job_prints_the_composed_config(dlrun_cli):
     out = dlrun_cli("--cfg", "job", "model=rnn", "optimizer.lr=0.5", check=True).stdout
     assert "_target_: dlrun.models.RNN" in out and "lr: 0.5" in out
+
+
+@pytest.mark.parametrize("folder", ["outputs/2026-11-29/10-49-07-1", "/x/pa th/rün 名 #1", "/tmp/it's a\\b",
+                                    "/tmp/ends\\", "/tmp/x\\'y"])
+def test_folder_names_survive_hydras_override_parser(folder):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dlrun.hydra_ext.callbacks import override_value
+
+    assert OverridesParser.create().parse_override(f"resume={override_value(folder)}").value() == folder

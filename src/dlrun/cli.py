@@ -8,7 +8,6 @@ it) is imported only when a job actually runs.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -71,10 +70,9 @@ def _app(cfg: DictConfig) -> float:
 def resume_command(folder: str) -> str:
     """`dlrun resume=<folder>` as it can be pasted into a shell: Hydra's quotes around a value with
     anything but plain ASCII path characters, and the shell's around the whole argument."""
-    value = folder
-    if not re.fullmatch(r"[A-Za-z0-9_./:+-]+", folder):
-        value = "'" + folder.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return f"dlrun {shlex.quote(f'resume={value}')}"
+    from dlrun.hydra_ext.callbacks import override_value
+
+    return f"dlrun {shlex.quote(f'resume={override_value(folder)}')}"
 
 
 def print_help(overrides: list[str]) -> None:

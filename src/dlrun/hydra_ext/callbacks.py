@@ -6,6 +6,7 @@ for every command, so it imports nothing heavy.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from pathlib import Path
@@ -132,7 +133,16 @@ def claim_output_dir(config: DictConfig, mode: str) -> None:
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra[mode].dir = claimed
             # sweep jobs recompose their config from the sweep's overrides: they must name the folder too
-            config.hydra.overrides.hydra.append(f"{key}='{claimed}'")
+            config.hydra.overrides.hydra.append(f"{key}={override_value(claimed)}")
+
+
+def override_value(value: str) -> str:
+    """`value` as a Hydra override's value: as it is when it holds only plain path characters, else
+    in quotes, with Hydra's escapes (a quote, and backslashes before a quote or the end)."""
+    if re.fullmatch(r"[A-Za-z0-9_./:+-]+", value):
+        return value
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
