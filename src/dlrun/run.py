@@ -1,6 +1,6 @@
 """`run(cfg) -> dict`: wires the pieces together. The CLI, tests and sweepers call this.
 
-`run` decides the config and the run folder once and takes ownership of the folder; `train`
+`run` decides the config and the run folder once and takes ownership of the folder; `run_here`
 is the run itself, as a short list of named steps.
 """
 
@@ -67,13 +67,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 raise ConfigError("under torchrun dlrun runs one job; sweep with trainer.devices=N instead")
             with distributed.process_group(ranks):
                 ranks.share({"config": to_plain(cfg), "run_dir": str(folder.path), "resumed": resumed is not None})
-                return train(cfg, folder, resumed, ranks)
+                return run_here(cfg, folder, resumed, ranks)
         if cfg.trainer.devices > 1:
             return spawn_ranks(cfg, folder, resumed)
-        return train(cfg, folder, resumed)
+        return run_here(cfg, folder, resumed)
 
 
-def train(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ranks: Ranks = SINGLE,
+def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ranks: Ranks = SINGLE,
           job_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run itself, in this process: rank `ranks.rank` of a DDP run, or the only process.
 
@@ -254,7 +254,7 @@ def rank_main(ranks: Ranks, job: dict[str, Any] | None = None) -> None:
             folder = RunDir(Path(job["run_dir"]))
             rank_logging(ranks, folder.log)
             resumed = checkpoint.load(folder.last) if job["resumed"] else None
-            train(OmegaConf.create(job["config"]), folder, resumed, ranks, job.get("hydra"))
+            run_here(OmegaConf.create(job["config"]), folder, resumed, ranks, job.get("hydra"))
     except DlrunError as err:
         raise SystemExit(err.exit_code) from None
 
