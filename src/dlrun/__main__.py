@@ -1,22 +1,26 @@
 """The `dlrun` command, and `python -m dlrun ...` (which behaves exactly like it).
 
-Loading Hydra and the schemas takes a moment; Ctrl-C during it is one line too, not a traceback.
+Until a run takes over SIGINT (it then stops at the end of a step, see run.stop_on_signals),
+Ctrl-C ends the process at once with one line and status 130. Raised as KeyboardInterrupt
+instead, it would unwind through Hydra's and OmegaConf's code, which can turn it into other
+errors with tracebacks; nothing of a run exists yet to be saved.
 """
 
+import os
 import signal
 import sys
 
 
 def _interrupted(signum: int, frame: object) -> None:
-    print("dlrun: interrupted before the run started", file=sys.stderr)
-    raise SystemExit(128 + signum)
+    sys.stderr.write("dlrun: interrupted before the run started\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def main() -> None:
-    previous = signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     from dlrun.cli import main as run_command
 
-    signal.signal(signal.SIGINT, previous)
     run_command()
 
 

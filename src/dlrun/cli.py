@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 
 from dlrun.config.schema import register_configs
 from dlrun.config.targets import import_user_code
-from dlrun.errors import exit_code
 
 
 def config_dir() -> str:
@@ -44,7 +43,7 @@ def _app(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from dlrun.errors import DlrunError, Interrupted
+    from dlrun.errors import DlrunError, Interrupted, exit_code
 
     try:
         from dlrun.run import run  # torch: seconds, during which Ctrl-C is an interrupt like any other
@@ -101,14 +100,6 @@ def print_help(overrides: list[str]) -> None:
 
 
 def main() -> None:
-    try:
-        start()
-    except KeyboardInterrupt as err:  # Ctrl-C while Hydra starts, before a run owns its folder
-        print("dlrun: interrupted before the run started", file=sys.stderr)
-        raise SystemExit(exit_code(err)) from None
-
-
-def start() -> None:
     import_user_code()  # `model._target_=my_pkg.MyNet` finds my_pkg in the working directory
     if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun's other ranks: the job (config and run folder) comes from rank 0, which runs Hydra
