@@ -185,3 +185,23 @@ def test_improved():
     # the best epoch: ties go to the later epoch; NaN never becomes the best
     assert at_least_as_good(0.5, 0.5, "max") and at_least_as_good(0.5, 0.5, "min") and at_least_as_good(1.0, None, "max")
     assert not at_least_as_good(0.4, 0.5, "max") and not at_least_as_good(float("nan"), 0.5, "max")
+
+
+def test_regression_loss_is_the_same_quantity_in_training_and_evaluation():
+    """Evaluation used to sum the (N, horizon) squared errors and divide by N: horizon times the
+    training loss of the same data."""
+    from dlrun.data import load_sequence
+    from dlrun.models import RNN
+    from dlrun.train import loss_and_score
+
+    data = build_data(load_sequence(num_series=200, length=20, horizon=5, num_sines=2, noise=0.05,
+                                    val_fraction=0.1, test_fraction=0.2, seed=0), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = RNN(data.spec.input_shape, data.spec.num_outputs, cell="gru", hidden_size=8).eval()
+    split = data.splits["test"]
+    x, y = next(iter(split.batches(len(split))))
+    with torch.no_grad():
+        trained_as, _ = loss_and_score(model(x), y, "regression")  # what a training step reports
+    evaluated = evaluate(model, split, batch_size=7, task="regression")["loss"]  # in uneven batches
+    assert evaluated == pytest.approx(trained_as.item(), rel=1e-5)
+    assert evaluated == pytest.approx(F.mse_loss(model(x), y).item(), rel=1e-5)

@@ -150,10 +150,15 @@ def scaled_lr(optimizer: Optimizer, scale: float) -> Iterator[None]:
 
 def loss_and_score(output: torch.Tensor, y: torch.Tensor, task: str, label_smoothing: float = 0.0,
                    reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss (cross-entropy or MSE) and the batch's score sum (correct predictions or absolute errors)."""
+    """The loss (cross-entropy or MSE) and the batch's score sum (correct predictions or absolute errors).
+
+    Per sample, both are means over its outputs (a regression sample has `horizon` of them), so a
+    `reduction="sum"` loss divided by the number of samples equals the `"mean"` loss of training."""
     output = output.float()
     if task == "regression":
-        return F.mse_loss(output, y, reduction=reduction), (output.detach() - y).abs().mean(dim=1).sum()
+        errors = output - y  # (B, K)
+        loss = errors.pow(2).mean() if reduction == "mean" else errors.pow(2).mean(dim=1).sum()
+        return loss, errors.detach().abs().mean(dim=1).sum()
     loss = F.cross_entropy(output, y, label_smoothing=label_smoothing, reduction=reduction)
     return loss, (output.detach().argmax(dim=1) == y).sum()
 
