@@ -194,12 +194,15 @@ def append_line(path: Path, line: str) -> None:
 # ---------------------------------------------------------------- ownership
 
 
-def _holder(run_dir: RunDir) -> str:
+def _in_use(run_dir: RunDir) -> RunFolderError:
+    """The refusal for a folder another live process owns, naming that process."""
     try:
         who = json.loads(run_dir.lock.read_text())
-        return f"pid {who['pid']} on {who['host']}"
+        holder = f"pid {who['pid']} on {who['host']}"
     except (OSError, ValueError, KeyError):
-        return "an unknown process"
+        holder = "an unknown process"
+    return RunFolderError(f"{run_dir.path} is in use by another dlrun process ({holder}); "
+                          "wait for it to end, or use another folder")
 
 
 @contextmanager
@@ -211,8 +214,7 @@ def own(run_dir: RunDir) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunFolderError(f"{run_dir.path} is in use by another dlrun process ({_holder(run_dir)}); "
-                             "wait for it to end, or use another folder") from None
+        raise _in_use(run_dir) from None
     try:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
@@ -238,8 +240,7 @@ def is_owned(run_dir: RunDir) -> bool | None:
 
 def check_not_in_use(run_dir: RunDir) -> None:
     if is_owned(run_dir):
-        raise RunFolderError(f"{run_dir.path} is in use by another dlrun process ({_holder(run_dir)}); "
-                             "wait for it to end, or use another folder")
+        raise _in_use(run_dir)
 
 
 def process_alive(pid: int, host: str | None) -> bool | None:
