@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlrun.cost import flops_per_sample, latency_ms, model_cost, peak_memory_mb, size_mb
+from dlrun.cost import LATENCY_BATCH_CAP, flops_per_sample, latency, model_cost, peak_memory_mb, size_mb, time_calls
 from dlrun.models import CNN, MLP, RNN
 from dlrun.run import run
 
@@ -37,12 +37,43 @@ def test_mlp_flops():
 
 def test_latency_and_memory_are_measured():
     model = MLP((1, 28, 28), 10, hidden=[256])
-    one, many = latency_ms(model, (1, 28, 28), 1, CPU, repeats=5), latency_ms(model, (1, 28, 28), 256, CPU, repeats=5)
-    assert 0 < one and 0 < many
+    one = latency(model, (1, 28, 28), 1, CPU, threads=1, min_run_time=0.01)
+    assert one["batch"] == 1 and one["threads"] == 1 and one["blocks"] >= 3 and one["calls_per_block"] >= 1
+    assert 0 < one["min_ms"] <= one["median_ms"] <= one["max_ms"] and one["iqr_ms"] >= 0
     peak, kind = peak_memory_mb(CPU)
     assert kind == "process RSS" and peak > 50  # torch alone takes more than that
-    cost = model_cost(model, (1, 28, 28), 64, CPU)
+    cost = model_cost(model, (1, 28, 28), 64, CPU, threads=1)
     assert set(cost["latency_ms"]) == {"batch_1", "batch_64"} and cost["parameters"]["total"] == 784 * 256 + 2 * 256 + 2570
+    detail = cost["latency"]
+    assert detail["threads"] == 1 and "blocked_autorange" in detail["method"]
+    for key, batch in (("batch_1", 1), ("batch_64", 64)):
+        assert detail[key]["batch"] == batch and detail[key]["median_ms"] == cost["latency_ms"][key]
+        assert {"iqr_ms", "min_ms", "max_ms", "blocks", "calls_per_block"} <= set(detail[key])
+
+
+def test_latency_batch_is_capped():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(len(x))
+            return x.sum()
+
+    out = latency(Spy(), (3,), 100_000, CPU, threads=1, min_run_time=0.01)
+    assert out["batch"] == LATENCY_BATCH_CAP == 256 and set(seen) == {256}
+
+
+def test_time_calls_counts_every_call():
+    calls = []
+    out = time_calls(lambda: calls.append(1), threads=1, min_run_time=0.01)
+    # block sizing (the warm-up) plus at least 3 timed blocks of calls_per_block calls each
+    assert out["blocks"] >= 3 and len(calls) >= out["blocks"] * out["calls_per_block"]
+
+
+def test_a_huge_batch_run_measures_at_most_the_cap(make_cfg, tmp_path):
+    summary = run(make_cfg("trainer.epochs=1", "device=cpu", "trainer.batch_size=100000"), run_dir=tmp_path)
+    assert set(summary["cost"]["latency_ms"]) == {"batch_1", "batch_256"}
+    assert summary["cost"]["latency"]["batch_256"]["batch"] == 256
 
 
 def test_every_run_reports_its_cost(make_cfg, tmp_path):
@@ -51,3 +82,4 @@ def test_every_run_reports_its_cost(make_cfg, tmp_path):
     assert cost["parameters"] == summary["model"]["parameters"]
     assert cost["flops_per_sample"] == 694784  # the default CNN on 8x8 digits
     assert cost["size_mb"] > 0.2 and cost["peak_memory_mb"] > 0 and cost["latency_ms"]["batch_64"] > 0
+    assert cost["latency"]["threads"] == summary["threads"] and cost["latency"]["batch_64"]["batch"] == 64

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import resource
-import statistics
 import sys
-import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -40,24 +38,64 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch
     return counter.get_total_flops()
 
 
+# The batch a latency is measured at is capped: the figure is per call, and a run with
+# trainer.batch_size=100000 must not spend minutes and gigabytes timing one synthetic batch.
+LATENCY_BATCH_CAP = 256
+LATENCY_METHOD = ("torch.utils.benchmark.Timer.blocked_autorange: warm-up while sizing blocks of calls, then "
+                  "timed blocks for at least min_run_time; figures per call over the blocks")
+
+
+def time_calls(call: Callable[[], Any], threads: int | None = None, min_run_time: float = 0.2) -> dict[str, Any]:
+    """How long `call()` takes: torch.utils.benchmark's blocked_autorange (its block sizing is the
+    warm-up; then blocks of calls are timed until `min_run_time` seconds are spent, at least 3 blocks).
+    Median, interquartile range, min and max per call over the blocks, in ms, with the torch thread
+    count it ran under (`threads`; None: the current count). Anything callable can be timed this way
+    (an ONNX Runtime session too), so every variant is measured alike."""
+    from torch.utils import benchmark
+
+    threads = threads or torch.get_num_threads()
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = m.times  # seconds per call, one value per timed block
+    if len(times) < 3:  # a call slower than min_run_time: time a few more blocks, within the budget
+        times = times + [timer.timeit(m.number_per_run).mean for _ in range(3 - len(times))]
+    ms = torch.tensor(times, dtype=torch.float64) * 1000
+    q1, median, q3 = torch.quantile(ms, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {"median_ms": median, "iqr_ms": q3 - q1, "min_ms": ms.min().item(), "max_ms": ms.max().item(),
+            "blocks": len(times), "calls_per_block": m.number_per_run, "threads": threads}
+
+
 @torch.no_grad()
-def latency_ms(model: nn.Module, input_shape: Sequence[int], batch: int, device: torch.device,
-               repeats: int = 20, warmup: int = 5) -> float:
-    """Median milliseconds of one forward pass of `batch` samples, after `warmup` passes."""
+def latency(model: nn.Module, input_shape: Sequence[int], batch: int, device: torch.device,
+            threads: int | None = None, min_run_time: float = 0.2, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """One forward pass of `batch` random samples (capped at LATENCY_BATCH_CAP), timed by `time_calls`,
+    in eval mode; `batch` in the result is the batch actually measured."""
+    measured = min(batch, LATENCY_BATCH_CAP)
     was_training = model.training
     model.eval()
-    x = torch.randn(batch, *input_shape, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + repeats):
-        sync()
-        started = time.perf_counter()
-        model(x)
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - started) * 1000)
-    model.train(was_training)
-    return statistics.median(times)
+    x = torch.randn(measured, *input_shape, device=device, dtype=dtype)
+    try:
+        return {"batch": measured, **time_calls(lambda: model(x), threads, min_run_time)}
+    finally:
+        model.train(was_training)
+
+
+def latency_pair(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device,
+                 threads: int | None = None, min_run_time: float = 0.2) -> dict[str, Any]:
+    """Latency at batch 1 and at a full batch (`batch_size`, capped), keyed `batch_1` and `batch_<measured>`."""
+    one = latency(model, input_shape, 1, device, threads, min_run_time)
+    full = latency(model, input_shape, batch_size, device, threads, min_run_time)
+    return {"batch_1": one, f"batch_{full['batch']}": full}
+
+
+def latency_entries(pair: dict[str, Any]) -> dict[str, Any]:
+    """The summary's latency keys from `latency_pair`: `latency_ms` (the medians, by batch: what tables
+    print) and `latency` (the full measurement: method, threads, and per batch the measured batch,
+    median, IQR, min, max, blocks)."""
+    threads = next(iter(pair.values()))["threads"]
+    return {"latency_ms": {k: v["median_ms"] for k, v in pair.items()},
+            "latency": {"method": LATENCY_METHOD, "threads": threads,
+                        **{k: {f: x for f, x in v.items() if f != "threads"} for k, v in pair.items()}}}
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -68,14 +106,12 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process RSS"
 
 
-def model_cost(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device) -> dict[str, Any]:
-    """The summary's `cost` entries that describe the model itself."""
+def model_cost(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device,
+               threads: int | None = None) -> dict[str, Any]:
+    """The summary's `cost` entries that describe the model itself (latency: see `latency_entries`)."""
     return {
         "parameters": count_parameters(model),
         "size_mb": size_mb(model),
         "flops_per_sample": flops_per_sample(model, input_shape, device),
-        "latency_ms": {
-            "batch_1": latency_ms(model, input_shape, 1, device),
-            f"batch_{batch_size}": latency_ms(model, input_shape, batch_size, device),
-        },
+        **latency_entries(latency_pair(model, input_shape, batch_size, device, threads)),
     }

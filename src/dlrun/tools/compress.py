@@ -25,7 +25,7 @@ from torch.nn.utils import prune
 from dlrun import checkpoint, rundir
 from dlrun.config.schema import score_name
 from dlrun.config.targets import import_user_code
-from dlrun.cost import latency_ms
+from dlrun.cost import latency_entries, latency_pair
 from dlrun.data import Data, DataSpec, build_dataset
 from dlrun.errors import DlrunError
 from dlrun.models import build_model
@@ -102,10 +102,11 @@ def sparsity_of(targets: list[tuple[nn.Module, str]]) -> float:
 
 
 def compress(run_dir: Path, sparsities: list[float], finetune_epochs: int, half: bool, quantize: bool,
-             log: Callable[[str], None] = print, trust: Iterable[str] = ()) -> dict[str, Any]:
+             log: Callable[[str], None] = print, trust: Iterable[str] = (), threads: int | None = None) -> dict[str, Any]:
     folder = RunDir(run_dir)
     best = checkpoint.load(folder.best)
     cfg = checkpoint.config_of(best, folder.best, trust)
+    threads = threads or cfg.device.get("threads") or torch.get_num_threads()
     torch.manual_seed(cfg.trainer.seed)
     data = build_dataset(cfg.dataset, CPU)
     task = data.spec.task
@@ -123,7 +124,7 @@ def compress(run_dir: Path, sparsities: list[float], finetune_epochs: int, half:
         log(f"{name}: {metric} {scores[score_name(task)]:.4f}")
         return {"name": name, metric: scores[score_name(task)], "test/loss": scores["loss"], "size_mb": size,
                 "compressed_mb": compressed,
-                "latency_ms": {"batch_1": latency_ms(model, shape, 1, CPU), f"batch_{batch}": latency_ms(model, shape, batch, CPU)},
+                **latency_entries(latency_pair(model, shape, batch, CPU, threads)),
                 "file": str(out_file), **extra}
 
     variants = [measure("original", base_model, base_model.state_dict(), {})]
@@ -146,7 +147,8 @@ def compress(run_dir: Path, sparsities: list[float], finetune_epochs: int, half:
     base = variants[0][metric]
     for v in variants:
         v["delta"] = v[metric] - base
-    result = {"run_dir": str(run_dir), "metric": metric, "device": "cpu", "variants": variants}
+    result = {"run_dir": str(run_dir), "metric": metric, "device": "cpu", "threads": threads,
+              "variants": variants}
     rundir.write_json(folder.compress_report, result)
     return result
 
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model this long")
     parser.add_argument("--no-quantize", action="store_true", help="skip dynamic int8 quantisation")
     parser.add_argument("--no-half", action="store_true", help="skip the bf16/fp16 copies")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for evaluation and latency (0: the run's device.threads, else torch's default)")
     parser.add_argument("--trust", action="append", default=[], metavar="TARGET",
                         help="a class or function outside dlrun that the run's checkpoint names (e.g. a model=custom "
                              "model) and that you trust to run; repeat for several")
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.trust:
             import_user_code()
         result = compress(args.run_dir, sparsities, args.finetune_epochs, not args.no_half, not args.no_quantize,
-                          log=lambda line: None, trust=args.trust)
+                          log=lambda line: None, trust=args.trust, threads=args.threads)
     except DlrunError as err:
         raise SystemExit(f"{parser.prog}: error: {err}") from None
     print_table(result)
