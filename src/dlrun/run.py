@@ -26,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import dlrun
 from dlrun import checkpoint, distributed, rundir
 from dlrun.checkpoint import Checkpointer
+from dlrun.compress.distill import load_teacher
 from dlrun.config.schema import TrainerConfig, to_plain, trainer_config
 from dlrun.config.validate import check_data_parallel, check_search_direction, validate
 from dlrun.cost import model_cost, peak_memory_mb
@@ -38,7 +39,7 @@ from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.rundir import RunDir, RunRecord
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink, MLflowSink, Sink, TensorBoardSink, flatten
 from dlrun.tools.report import learning_curves
-from dlrun.train import LoopSettings, Parts, StopFlag, TrainState, evaluate_split, fit, steps_per_epoch
+from dlrun.train import LoopSettings, Parts, StopFlag, TrainState, evaluate, evaluate_split, fit, steps_per_epoch
 
 log = logging.getLogger("dlrun")
 
@@ -174,6 +175,8 @@ def build_parts(cfg: DictConfig, settings: LoopSettings, data: Data, device: tor
         ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
         if settings.ema_decay > 0 else None,
     )
+    if settings.distill.teacher is not None:  # reloaded on resume too: it is part of the loss
+        parts.teacher = load_teacher(settings.distill.teacher, data.describe(), device, tuple(trusted_targets()))
     if ranks.world > 1:
         parts.ddp = distributed.wrap(parts.eval_module, device)
     return parts, data
@@ -188,7 +191,16 @@ def describe(parts: Parts, data: Data, settings: LoopSettings, device: torch.dev
         "data": {**data.describe(), "sizes": data.sizes()},
         "model": {"class": type(parts.model).__name__, "parameters": count_parameters(parts.model)},
         "processes": ranks.world,
+        **({"teacher": teacher_record(parts, data, settings)} if parts.teacher is not None and ranks.is_main else {}),
     }
+
+
+def teacher_record(parts: Parts, data: Data, settings: LoopSettings) -> dict[str, Any]:
+    """A distilled run's teacher: its folder, size and score on the test split (evaluated once)."""
+    scores = evaluate(parts.teacher, data.splits["test"], settings.eval_batch_size, settings.amp_dtype, settings.task)
+    return {"run_dir": str(Path(settings.distill.teacher).expanduser().resolve()),
+            "parameters": count_parameters(parts.teacher)["total"], "temperature": settings.distill.temperature,
+            "alpha": settings.distill.alpha, **{f"test/{k}": v for k, v in scores.items()}}
 
 
 def final_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings: LoopSettings, state: TrainState,

@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from dlrun.config.schema import (
     ClipMode,
+    DistillConfig,
     EarlyStoppingConfig,
     MonitorMode,
     OnNonFinite,
@@ -31,6 +32,7 @@ from dlrun.config.schema import (
     score_name,
     trainer_config,
 )
+from dlrun.compress.distill import distilled
 from dlrun.config.validate import resolve_monitor
 from dlrun.data import Batch, Data, Split, batch_generator, epoch_generator, num_batches
 from dlrun.device import amp_dtype
@@ -54,6 +56,8 @@ class LoopSettings(TrainerConfig):
         self.on_nonfinite = OnNonFinite(self.on_nonfinite)
         if not isinstance(self.early_stopping, EarlyStoppingConfig):
             self.early_stopping = EarlyStoppingConfig(**self.early_stopping)
+        if not isinstance(self.distill, DistillConfig):
+            self.distill = DistillConfig(**self.distill)
         monitor, mode = resolve_monitor(self, self.task)
         self.monitor, self.monitor_mode = monitor, MonitorMode(mode)
 
@@ -85,6 +89,7 @@ class Parts:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     ema: AveragedModel | None = None  # when trainer.ema_decay > 0
     ddp: nn.Module | None = None  # DistributedDataParallel around `eval_module` when trainer.devices > 1
+    teacher: nn.Module | None = None  # frozen, when trainer.distill.teacher is set
 
     @property
     def device(self) -> torch.device:
@@ -197,6 +202,8 @@ def train_step(
             with autocast(x.device.type, settings.amp_dtype):
                 output = parts.train_module(x)
             loss, score = loss_and_score(output, y, settings.task, settings.label_smoothing)
+            if parts.teacher is not None:  # knowledge distillation: the teacher's soft targets join the labels
+                loss = distilled(loss, output, parts.teacher, x, settings)
             if skip_nonfinite and not torch.isfinite(loss):
                 with torch.no_grad():
                     for live, saved in zip(model.buffers(), buffers):

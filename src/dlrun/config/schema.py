@@ -327,6 +327,16 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained run (Hinton et al. 2015): the training loss becomes
+    alpha * T^2 * KL(teacher's soft targets || student's) + (1 - alpha) * cross-entropy on the labels."""
+
+    teacher: Optional[str] = None  # a finished run folder of the same dataset; null = off
+    temperature: float = 4.0  # T: softens both distributions (> 0)
+    alpha: float = 0.5  # weight of the soft targets, in [0, 1]; 0 = plain training
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 15
     batch_size: int = 64
@@ -349,6 +359,7 @@ class TrainerConfig:
     decay_norm_and_bias: bool = True  # false: no weight decay on biases and normalisation weights
     ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights (e.g. 0.999)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     warmup_epochs: float = 0.0  # linear lr warmup, on top of any scheduler
     channels_last: bool = False  # NHWC memory format for 2-D models and images
     compile: bool = False  # torch.compile the model (pays off on GPUs, rarely on small CPU runs)

@@ -94,6 +94,8 @@ def validate_trainer(t: DictConfig) -> None:
              t.early_stopping.patience)
     _require(t.early_stopping.min_delta >= 0, "trainer.early_stopping.min_delta", "must be >= 0",
              t.early_stopping.min_delta)
+    if t.get("distill") is not None and t.distill.teacher is not None:
+        validate_distill(t.distill)
     splits = ("train", "val", "val_ema") if t.ema_decay > 0 else ("train", "val")
     split, _, metric = t.monitor.partition("/")
     _require(
@@ -102,6 +104,16 @@ def validate_trainer(t: DictConfig) -> None:
         f"allowed: auto, or one of {', '.join(splits)} / loss, acc (classification), mae (regression)",
         t.monitor,
     )
+
+
+def validate_distill(d: DictConfig) -> None:
+    """trainer.distill: a teacher run folder with a best checkpoint, T > 0, alpha in [0, 1]. (Its data
+    must match the student's: checked once the data is known, dlrun.compress.distill.load_teacher.)"""
+    best = Path(d.teacher).expanduser() / "checkpoints" / "best.pt"
+    _require(best.is_file(), "trainer.distill.teacher", "must be a finished dlrun run folder (with checkpoints/best.pt)",
+             d.teacher)
+    _require(d.temperature > 0, "trainer.distill.temperature", "must be > 0", d.temperature)
+    _require(0 <= d.alpha <= 1, "trainer.distill.alpha", "must be in [0, 1] (0 = plain training)", d.alpha)
 
 
 def validate_model(model: DictConfig) -> None:
