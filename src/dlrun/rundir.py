@@ -57,10 +57,18 @@ class RunDir:
     hydra_overrides = property(lambda self: self.path / ".hydra" / "overrides.yaml")
     variants = property(lambda self: self.path / "variants")
     compress_report = property(lambda self: self.path / "compress.json")
+    confusion_matrix = property(lambda self: self.plots / "confusion_matrix.png")  # classification runs
+    predicted_vs_true = property(lambda self: self.plots / "predicted_vs_true.png")  # regression runs
+    misclassified = property(lambda self: self.plots / "misclassified.png")  # dlrun-explain
+    explain_report = property(lambda self: self.path / "explain.json")  # dlrun-explain
     lock = property(lambda self: self.path / ".dlrun.lock")
 
     def variant(self, name: str) -> Path:
         return self.variants / f"{name}.pt"
+
+    def attributions(self, method: str) -> Path:
+        """dlrun-explain's picture of one attribution method."""
+        return self.plots / f"attributions_{method}.png"
 
     def holds_run(self) -> bool:
         """Whether a run has started here (its record exists)."""
@@ -94,7 +102,7 @@ class RunRecord:
     attempt and notes where it resumed.
     """
 
-    STALE = ("error", "final", "best", "monitor_value", "train", "steps")
+    STALE = ("error", "final", "best", "monitor_value", "train", "steps", "classes", "outputs")
 
     def __init__(self, run_dir: RunDir, entries: dict[str, Any], resumed_at: dict[str, Any] | None = None,
                  run_id: str | None = None, write: bool = True) -> None:

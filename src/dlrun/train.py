@@ -247,9 +247,10 @@ def optimizer_step(parts: Parts, settings: LoopSettings, lr_scale: float) -> Non
 @torch.no_grad()
 def evaluate(
     model: nn.Module, split: Split, batch_size: int, amp_dtype: torch.dtype | None = None,
-    task: str = "classification",
+    task: str = "classification", observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
-    """Mean loss and score (accuracy or MAE) over a split, in eval mode; restores the previous mode."""
+    """Mean loss and score (accuracy or MAE) over a split, in eval mode; restores the previous mode.
+    `observe(output, y)` sees every batch's outputs (the final test analysis, see metrics.py)."""
     was_training = model.training
     model.eval()
     loss_sum = score_sum = None
@@ -257,6 +258,8 @@ def evaluate(
         with autocast(x.device.type, amp_dtype):
             output = model(x)
         loss, score = loss_and_score(output, y, task, reduction="sum")
+        if observe is not None:
+            observe(output, y)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         score_sum = score if score_sum is None else score_sum + score
     model.train(was_training)
@@ -264,12 +267,14 @@ def evaluate(
     return {"loss": loss_sum.item() / n, score_name(task): score_sum.item() / n}
 
 
-def evaluate_split(parts: Parts, name: str, split: Split, settings: LoopSettings) -> dict[str, float]:
-    """`<name>/loss`, `<name>/acc` (or mae), and `<name>_ema/...` for the averaged weights when EMA is on."""
-    def scores(module: nn.Module) -> dict[str, float]:
-        return evaluate(module, split, settings.eval_batch_size, settings.amp_dtype, settings.task)
+def evaluate_split(parts: Parts, name: str, split: Split, settings: LoopSettings,
+                   observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, float]:
+    """`<name>/loss`, `<name>/acc` (or mae), and `<name>_ema/...` for the averaged weights when EMA is on;
+    `observe` sees the outputs of the model's weights (not the EMA's), batch by batch."""
+    def scores(module: nn.Module, observe=None) -> dict[str, float]:
+        return evaluate(module, split, settings.eval_batch_size, settings.amp_dtype, settings.task, observe)
 
-    out = {f"{name}/{k}": v for k, v in scores(parts.eval_module).items()}
+    out = {f"{name}/{k}": v for k, v in scores(parts.eval_module, observe).items()}
     if parts.ema is not None:
         out.update({f"{name}_ema/{k}": v for k, v in scores(parts.ema.module).items()})
     return out
