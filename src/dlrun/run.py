@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dlrun
-from dlrun import checkpoint, distributed, rundir
+from dlrun import checkpoint, distributed, plots, rundir
 from dlrun.checkpoint import Checkpointer
 from dlrun.compress.distill import load_teacher
 from dlrun.config.schema import TrainerConfig, to_plain, trainer_config
@@ -34,6 +34,7 @@ from dlrun.data import Data, build_dataset, channels_last, quick_check_subsets
 from dlrun.device import deterministic_algorithms, resolve_device, seed_everything
 from dlrun.distributed import SINGLE, Ranks
 from dlrun.errors import ConfigError, DlrunError, Interrupted, NonFiniteLoss, StopNow, WorkerFailed
+from dlrun.metrics import TestAnalysis, analysis_for
 from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.rundir import RunDir, RunRecord
@@ -208,9 +209,12 @@ def final_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings
     """The test split under the final weights (after the last epoch) and the best ones (at the
     best monitored value), the training speed, and what the model costs."""
     test = data.splits["test"]
-    final = {**state.last_metrics, **evaluate_split(parts, "test", test, settings)}
+    analyses = {w: analysis_for(data.spec.task, data.spec.num_outputs, data.classes, device) for w in ("final", "best")}
+    final = {**state.last_metrics, **evaluate_split(parts, "test", test, settings, analyses["final"].update)}
     checkpointer.load_best()
-    best = {"epoch": state.best_epoch, **state.best_metrics, **evaluate_split(parts, "test", test, settings)}
+    best = {"epoch": state.best_epoch, **state.best_metrics,
+            **evaluate_split(parts, "test", test, settings, analyses["best"].update)}
+    analysed = analyse_test(analyses, {"final": final, "best": best}, checkpointer.run_dir, data.spec.task)
     cost = model_cost(parts.model, data.spec.input_shape, settings.batch_size, device)
     samples = steps / steps_per_epoch(len(data.splits["train"]), settings) * data.sizes()["train"]
     peak, memory_kind = peak_memory_mb(device)
@@ -223,7 +227,28 @@ def final_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings
         "monitor_value": state.best_value,
         "train": {"seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0},
         "cost": {**cost, "peak_memory_mb": peak, "memory": memory_kind},
+        **analysed,
     }
+
+
+def analyse_test(analyses: dict[str, TestAnalysis], results: dict[str, dict[str, Any]], folder: RunDir,
+                 task: str) -> dict[str, Any]:
+    """What the final and best weights get right and wrong on the test split (see metrics.py): the
+    scalars join their test results (`test/macro_f1`, `test/weighted_f1`, `test/top5_acc`; regression
+    `test/rmse`), the details make the summary's `classes` (`outputs`) section, and the best weights
+    are drawn: plots/confusion_matrix.png (predicted_vs_true.png)."""
+    section: dict[str, Any] = {}
+    for which, analysis in analyses.items():
+        scalars, details = analysis.result()
+        results[which].update({f"test/{k}": v for k, v in scalars.items()})
+        section[which] = details
+    best = analyses["best"]
+    title = f"{folder.path.name}: best weights (epoch {results['best'].get('epoch')}), test split"
+    if task == "regression":
+        plots.predicted_vs_true(folder.predicted_vs_true, *(t.numpy() for t in best.predictions()), title)
+        return {"outputs": {"best": section["best"], "final": section["final"]}}
+    plots.confusion_matrix(folder.confusion_matrix, section["best"]["confusion_matrix"], best.names, title)
+    return {"classes": {"names": best.names, "best": section["best"], "final": section["final"]}}
 
 
 def spawn_ranks(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None) -> dict[str, Any]:

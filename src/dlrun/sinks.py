@@ -138,6 +138,12 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _confused_pairs(details: dict[str, Any]) -> str:
+    """'3→8 ×4' per line, for the pairs a weights' test analysis found most often confused."""
+    pairs = details.get("most_confused", [])
+    return "\n".join(f"{p['true']}→{p['predicted']} ×{p['count']}" for p in pairs) or "none"
+
+
 def summary_table(summary: dict[str, Any]):
     from rich.table import Table
 
@@ -148,6 +154,10 @@ def summary_table(summary: dict[str, Any]):
     table.add_column("final", justify="right")
     for key in sorted(k for k in set(best) | set(final) if "/" in k):
         table.add_row(key, _number(best.get(key)), _number(final.get(key)))
+    if summary.get("classes"):  # classification: the test split's most confused pairs (see metrics.py)
+        table.add_section()
+        table.add_row("most confused (true→predicted)",
+                      *(_confused_pairs(summary["classes"].get(w, {})) for w in ("best", "final")))
     params, cost = summary["model"]["parameters"], summary["cost"]
     latency = cost["latency_ms"]
     full = next(k for k in latency if k != "batch_1")
