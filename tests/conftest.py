@@ -41,8 +41,9 @@ def make_cfg(data_dir, monkeypatch):
 def dlrun_cli(data_dir, tmp_path):
     """Run the installed `dlrun` command in a subprocess, in a temp working directory."""
 
-    def _run(*args: str, cwd: Path | None = None, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-        env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir), "COLUMNS": "200"}
+    def _run(*args: str, cwd: Path | None = None, check: bool = False, timeout: float = 300,
+             columns: int = 200) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir), "COLUMNS": str(columns)}
         proc = subprocess.run(
             [DLRUN, *args], cwd=cwd or tmp_path, env=env, capture_output=True, text=True, timeout=timeout
         )

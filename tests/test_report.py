@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dlrun.tools.report import pareto_front
+from dlrun.figures import pareto_plot, run_curves, sweep_curves
+from dlrun.rundir import RunDir, read_metrics
+from dlrun.tools.report import by_configuration, pareto_front, rows_of
 
 DLRUN_REPORT = str(Path(sys.executable).with_name("dlrun-report"))
 
@@ -43,3 +47,109 @@ def test_report_on_a_three_job_sweep(dlrun_cli, tmp_path):
             assert png.format == "PNG" and png.width > 300
     bad = subprocess.run([DLRUN_REPORT, str(sweep), "--sort", "nope"], capture_output=True, text=True)
     assert bad.returncode != 0 and "allowed columns: run, overrides" in bad.stderr
+
+
+# ------------------------------------------------------------------ readable plots, 1 to 50 runs
+
+def fake_run(folder: Path, overrides: list[str], test: float, params: int, losses: list[float],
+             best_epoch: int | None = None) -> Path:
+    """A run folder in dlrun's format (summary.json, metrics.jsonl) with the given figures."""
+    folder.mkdir(parents=True)
+    records = [{"epoch": e, "step": 10 * e, "train/loss": loss * 1.1, "val/loss": loss, "train/acc": 1 - loss / 3,
+                "val/acc": 1 - loss / 2} for e, loss in enumerate(losses, 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    best_epoch = best_epoch or len(losses)
+    summary = {"status": "completed", "overrides": overrides, "monitor": {"metric": "val/acc", "mode": "max"},
+               "monitor_value": records[best_epoch - 1]["val/acc"], "best": {"epoch": best_epoch, "test/acc": test},
+               "final": {"test/acc": test}, "model": {"parameters": {"total": params}},
+               "cost": {"flops_per_sample": 2 * params}, "train": {"seconds": 1.0}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def rows_for(folders: list[Path], merge_seeds: bool = True) -> list[dict]:
+    return by_configuration(rows_of(folders), merge_seeds)
+
+
+def visible_tick_labels(ax) -> list[str]:
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.xaxis.get_major_ticks() if low <= t.get_loc() <= high]
+    return [t.label1.get_text() for t in ticks if t.label1.get_text()]
+
+
+def test_pareto_cost_axis_has_tick_labels_when_costs_span_less_than_a_decade(tmp_path):
+    # the mnist1d mlp / rnn / cnn sweep of issue 14: 45k, 68k and 90k parameters
+    folders = [fake_run(tmp_path / str(i), [f"model={m}"], test, params, [1.0])
+               for i, (m, test, params) in enumerate((("mlp", 0.49, 45066), ("rnn", 0.23, 68362), ("cnn", 0.70, 89770)))]
+    rows = rows_for(folders)
+    fig = pareto_plot(rows, "params", "parameters", "test/acc", True, [0, 2])
+    fig.canvas.draw()
+    labels = visible_tick_labels(fig.axes[0])
+    assert len(labels) >= 3 and "50k" in labels, labels
+
+
+def test_pareto_point_labels_never_overlap(tmp_path):
+    folders = [fake_run(tmp_path / f"{i:02d}", [f"model.channels=[{4 + i}]"], 0.90 + 0.001 * (i % 5), 10_000 + 300 * i,
+                        [1.0]) for i in range(20)]
+    rows = rows_for(folders)
+    front = pareto_front([(r["params"], r["test"]) for r in rows])
+    fig = pareto_plot(rows, "params", "parameters", "test/acc", True, front)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.axes[0].texts if t.get_visible()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    assert texts, "no point is labelled"
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    labelled = {t.get_text() for t in texts}
+    assert all(rows[i]["run"] in labelled for i in front[:3])  # the front comes first
+
+
+@pytest.mark.parametrize("n_runs", [1, 4, 7, 20])
+def test_learning_curve_legend_is_outside_the_data(tmp_path, n_runs):
+    folders = [fake_run(tmp_path / str(i), [f"optimizer.lr={i}e-3"], 0.9, 1000, [2.0 / (e + i + 1) for e in range(5)])
+               for i in range(n_runs)]
+    fig = sweep_curves(rows_for(folders), "acc")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+    entries = [t.get_text() for t in legend.get_texts()]
+    assert len(entries) == min(n_runs, 10) + (n_runs > 10)  # the best ten by name, then "10 more (grey)"
+
+
+def test_a_runs_plot_names_its_overrides_and_marks_the_best_epoch(tmp_path):
+    folder = fake_run(tmp_path / "run", ["model=cnn", "optimizer.lr=0.01"], 0.9, 1000, [1.0, 0.5, 0.7], best_epoch=2)
+    fig = run_curves(RunDir(folder), read_metrics(RunDir(folder)))
+    assert fig._suptitle.get_text() == "run: model=cnn optimizer.lr=0.01"
+    for ax in fig.axes:
+        marks = [line for line in ax.get_lines() if line.get_label().startswith("best epoch")]
+        assert [list(m.get_xdata()) for m in marks] == [[2, 2]]
+
+
+# ------------------------------------------------------------------ seeds: mean ± std (n)
+
+@pytest.mark.slow
+def test_runs_differing_only_in_seed_are_one_configuration(dlrun_cli, tmp_path):
+    dlrun_cli("-m", "model.channels=[4],[8]", "trainer.seed=0,1,2", "trainer.epochs=1", "device=cpu",
+              "device.threads=1", check=True)
+    (sweep,) = list((tmp_path / "outputs" / "multirun").glob("*/*"))
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run([DLRUN_REPORT, str(sweep), "--csv", "t.csv", "--markdown", "t.md"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "6 runs, 2 configurations" in out
+    rows = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert [(r["overrides"], r["n"]) for r in rows] == [("model.channels=[4]", "3"), ("model.channels=[8]", "3")]
+    for row in rows:
+        tests = [summaries[Path(p).name]["best"]["test/acc"] for p in row["paths"].split()]
+        assert float(row["test"]) == pytest.approx(statistics.fmean(tests))
+        assert float(row["test_std"]) == pytest.approx(statistics.stdev(tests))
+        assert len(set(tests)) > 1  # the seeds really differ
+    markdown = (tmp_path / "t.md").read_text()
+    assert f"{statistics.fmean(tests):.4f} ± {statistics.stdev(tests):.4f}" in markdown
+    per_run = subprocess.run([DLRUN_REPORT, str(sweep), "--per-run"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, check=True).stdout
+    assert "6 runs" in per_run and "configurations" not in per_run and "±" not in per_run
+    with Image.open(sweep / "plots" / "pareto.png") as png:
+        assert png.format == "PNG"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_metrics
+from conftest import read_metrics, read_summary
 from dlrun.run import run
 
 
@@ -15,10 +15,18 @@ def test_tensorboard_event_files(make_cfg, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     metrics = read_metrics(tmp_path)
-    for key in ("val/acc", "train/loss", "lr"):
+    # one x-axis for every scalar: the global step (the epoch is a scalar of its own)
+    for key in ("val/acc", "train/loss", "lr", "epoch"):
         logged = [(e.step, e.value) for e in events.Scalars(key)]
-        assert logged == [(m["epoch"], pytest.approx(m[key], rel=1e-6)) for m in metrics]
-    assert len(events.Scalars("train/loss_step")) == 3 * 20 // 5  # every log interval
+        assert logged == [(m["step"], pytest.approx(m[key], rel=1e-6)) for m in metrics]
+    assert [e.step for e in events.Scalars("train/loss_step")] == list(range(5, 61, 5))  # every log interval
+    assert metrics[-1]["step"] == 60
+    # the test metrics of the final and the best weights, at the last step
+    summary = read_summary(tmp_path)
+    for key in ("final/test/acc", "best/test/acc", "best/test/loss"):
+        (event,) = events.Scalars(key)
+        prefix, metric = key.split("/", 1)
+        assert (event.step, event.value) == (60, pytest.approx(summary[prefix][metric], rel=1e-6))
 
 
 def test_tensorboard_can_be_switched_off(make_cfg, tmp_path):
@@ -40,7 +48,7 @@ def test_mlflow_run_in_a_local_sqlite_store(make_cfg, tmp_path):
     assert found.info.status == "FINISHED" and found.info.run_name == "run"
     assert found.data.params["model._target_"] == "dlrun.models.CNN" and found.data.params["trainer.epochs"] == "2"
     history = client.get_metric_history(found.info.run_id, "val/acc")
-    assert [(h.step, h.value) for h in history] == [(m["epoch"], m["val/acc"]) for m in read_metrics(run_dir)]
+    assert [(h.step, h.value) for h in history] == [(m["step"], m["val/acc"]) for m in read_metrics(run_dir)]
     assert found.data.metrics["best/test/acc"] == pytest.approx(summary["best"]["test/acc"])
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
     assert {"summary.json", "metrics.jsonl", "checkpoints"} <= artifacts

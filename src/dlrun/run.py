@@ -39,7 +39,7 @@ from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.rundir import RunDir, RunRecord
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink, MLflowSink, Sink, TensorBoardSink, flatten
-from dlrun.tools.report import learning_curves
+from dlrun.figures import learning_curves
 from dlrun.train import LoopSettings, Parts, StopFlag, TrainState, evaluate, evaluate_split, fit, steps_per_epoch
 
 log = logging.getLogger("dlrun")
@@ -83,10 +83,10 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
     the other ranks return an empty dict.
     """
     clock, main = time.perf_counter(), ranks.is_main
-    record = RunRecord(folder, run_entries(job_info), resume_point(resumed),
-                       run_id=resumed and resumed.get("run_id"), write=main)
+    entries = run_entries(job_info)
+    record = RunRecord(folder, entries, resume_point(resumed), run_id=resumed and resumed.get("run_id"), write=main)
     jsonl = JsonlSink(folder)
-    sinks: list[Sink] = [ConsoleSink(), jsonl, LogSink()] if main else []
+    sinks: list[Sink] = [ConsoleSink(entries.get("job")), jsonl, LogSink()] if main else []
     try:
         with stop_on_signals() as stop, ExitStack() as scope:
             validate(cfg)
@@ -418,9 +418,12 @@ def hydra_job_info() -> dict[str, Any]:
     """The command-line overrides and chosen group options, when running under Hydra."""
     if not HydraConfig.initialized():
         return {}
+    from hydra.types import RunMode
+
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
-    return {"overrides": list(hc.overrides.task), "choices": choices}
+    job = {"job": hc.job.num} if hc.mode == RunMode.MULTIRUN else {}  # the sweep's job number
+    return {"overrides": list(hc.overrides.task), "choices": choices, **job}
 
 
 def git_sha() -> str | None:

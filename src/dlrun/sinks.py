@@ -77,13 +77,15 @@ class LogSink:
 
     def close(self, summary: dict[str, Any] | None) -> None:
         if summary is not None:
+            if summary.get("stopped_early"):
+                log.info(stopped_early(summary))
             log.info("finished: %s", json.dumps(summary.get("best", {})))
 
 
 class ConsoleSink:
     """A rich progress display during training and a summary table at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, job: int | None = None) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -99,7 +101,7 @@ class ConsoleSink:
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("steps  loss {task.fields[loss]:.4f}  {task.fields[sps]:,.0f} samples/s"),
+            TextColumn("steps  loss {task.fields[loss]}  {task.fields[sps]} samples/s"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -107,20 +109,23 @@ class ConsoleSink:
             disable=not self.console.is_terminal,  # logs and pipes get the epoch lines only
         )
         self.task = None
+        # In a sweep whose jobs share a console (launcher=local_parallel), every line names its job.
+        self.prefix = "" if job is None else f"[job {job}] "
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         self.progress.start()
-        self.task = self.progress.add_task(
-            "train", total=total_steps, completed=done_steps, epoch=1, epochs=epochs, loss=float("nan"), sps=0.0
+        self.task = self.progress.add_task(  # no loss to show before the first log interval
+            "train", total=total_steps, completed=done_steps, epoch=1, epochs=epochs, loss="-", sps="-"
         )
 
     def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
-        self.progress.update(self.task, completed=step, epoch=epoch, loss=loss, sps=samples_per_s)
+        self.progress.update(self.task, completed=step, epoch=epoch, loss=f"{loss:.4f}", sps=f"{samples_per_s:,.0f}")
 
     def epoch(self, record: dict[str, Any]) -> None:
-        self.progress.update(self.task, completed=record["step"], epoch=record["epoch"], loss=record["train/loss"])
+        self.progress.update(self.task, completed=record["step"], epoch=record["epoch"],
+                             loss=f"{record['train/loss']:.4f}")
         epochs = self.progress.tasks[0].fields["epochs"]
-        line = f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}"
+        line = f"{self.prefix}epoch {record['epoch']:>{len(str(epochs))}}/{epochs}"
         for split in ("train", "val"):
             metrics = [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items() if k.startswith(split + "/")]
             if metrics:
@@ -130,8 +135,19 @@ class ConsoleSink:
 
     def close(self, summary: dict[str, Any] | None) -> None:
         self.progress.stop()
-        if summary is not None:
-            self.console.print(summary_table(summary))
+        if summary is None:
+            return
+        if summary.get("stopped_early"):
+            self.console.print(f"{self.prefix}{stopped_early(summary)}", highlight=False, soft_wrap=True)
+        self.console.print(summary_table(summary))
+        # Whole, never cut to the terminal's width: users copy it to resume, report and predict.
+        self.console.print(f"{self.prefix}run folder: {summary['run_dir']}", highlight=False, soft_wrap=True)
+
+
+def stopped_early(summary: dict[str, Any]) -> str:
+    monitor, best = summary["monitor"], summary.get("best", {})
+    return (f"early stopping at epoch {summary['stopped_early']}: {monitor['metric']} stopped improving "
+            f"(best {_number(summary.get('monitor_value'))} at epoch {best.get('epoch', '-')})")
 
 
 def _number(value: float | None) -> str:
@@ -170,7 +186,6 @@ def summary_table(summary: dict[str, Any]):
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s", f"{summary['train']['samples_per_s']:,.0f} samples/s")
     processes = summary.get("processes", 1)
     table.add_row("device", summary["device"], f"{processes} processes (DDP)" if processes > 1 else "")
-    table.add_row("run folder", summary["run_dir"], "")
     return table
 
 
@@ -181,7 +196,9 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Event files in <run>/tensorboard: every epoch's metrics, and the training loss every log interval."""
+    """Event files in <run>/tensorboard. One x-axis for every scalar, the global step: the training loss
+    every log interval, each epoch's metrics (and `epoch` itself) at the epoch's last step, and at the
+    end the test metrics of the final and of the best weights (`final/test/...`, `best/test/...`)."""
 
     def __init__(self, log_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -195,11 +212,20 @@ class TensorBoardSink:
         self.writer.add_scalar("train/loss_step", loss, step)
 
     def epoch(self, record: dict[str, Any]) -> None:
+        self.writer.add_scalar("epoch", record["epoch"], record["step"])
         for key, value in _numbers(record).items():
-            self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.add_scalar(key, value, record["step"])
 
     def close(self, summary: dict[str, Any] | None) -> None:
+        if summary is not None:
+            for key, value in final_and_best(summary).items():
+                self.writer.add_scalar(key, value, summary["steps"])
         self.writer.close()
+
+
+def final_and_best(summary: dict[str, Any]) -> dict[str, float]:
+    """The metrics of the final and of the best weights: {"final/test/acc": ..., "best/test/acc": ...}."""
+    return {f"{prefix}/{key}": value for prefix in ("final", "best") for key, value in _numbers(summary.get(prefix, {})).items()}
 
 
 class MLflowSink:
@@ -237,12 +263,11 @@ class MLflowSink:
         self.client.log_batch(self.run_id, metrics=batch, params=params or [])
 
     def epoch(self, record: dict[str, Any]) -> None:
-        self._log(_numbers(record), step=record["epoch"])
+        self._log({**_numbers(record), "epoch": record["epoch"]}, step=record["step"])
 
     def close(self, summary: dict[str, Any] | None) -> None:
         if summary is not None:
-            self._log({f"{prefix}/{key}": value for prefix in ("final", "best")
-                       for key, value in _numbers(summary.get(prefix, {})).items()})
+            self._log(final_and_best(summary), step=summary["steps"])
             self.client.log_artifacts(self.run_id, str(self.run_dir))
         self.client.set_terminated(self.run_id, "FINISHED" if summary is not None else "FAILED")
 

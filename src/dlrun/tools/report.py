@@ -1,48 +1,24 @@
-"""Reading run folders and drawing them: the learning-curve PNG every run writes at its end."""
+"""`dlrun-report <run or sweep folders>`: a table of runs, accuracy next to what it costs, with its
+CSV/Markdown exports and plots. Runs that differ only in `trainer.seed` are one configuration:
+its row gives the mean, the standard deviation and n of every figure.
+"""
 
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 from dlrun.errors import DlrunError
-from dlrun.rundir import RunDir, find_runs, read_metrics, read_summary
-
-
-def learning_curves(run_dir: RunDir) -> Path | None:
-    """plots/learning_curves.png: loss and the second metric (accuracy or MAE) per epoch, train and val."""
-    records = read_metrics(run_dir)
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    metrics = sorted({k.split("/", 1)[1] for r in records for k in r if "/" in k}, key=lambda m: m != "loss")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for split in sorted({k.split("/", 1)[0] for r in records for k in r if k.endswith("/" + metric)}):
-            points = [(r["epoch"], r[f"{split}/{metric}"]) for r in records if f"{split}/{metric}" in r]
-            ax.plot(*zip(*points), marker="o", markersize=3, label=split)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(run_dir.path.name)
-    fig.tight_layout()
-    out = run_dir.plots / "learning_curves.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+from dlrun.rundir import RunDir, find_runs, read_summary
 
 
 # ------------------------------------------------------------------ dlrun-report
 
-COLUMNS = ("run", "overrides", "status", "monitor", "best", "test", "final_test", "params", "flops", "time_s")
+COLUMNS = ("run", "overrides", "n", "status", "monitor", "best", "test", "final_test", "params", "flops", "time_s")
+# The figures that are averaged over a configuration's seeds (mean, std); the others are the same for all.
+AVERAGED = ("best", "test", "final_test", "time_s")
+COST_LABELS = {"params": "parameters", "flops": "FLOPs per sample", "time_s": "training seconds"}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -56,7 +32,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def is_seed(override: str) -> bool:
+    return override.lstrip("+~").split("=", 1)[0] == "trainer.seed"
+
+
 def rows_of(runs: list[Path]) -> list[dict]:
+    """One row per run; `overrides` without those common to every run."""
     summaries = [read_summary(run) for run in runs]
     common = set.intersection(*(set(s.get("overrides", [])) for s in summaries)) if summaries else set()
     base = Path(os.path.commonpath([r.resolve() for r in runs])) if len(runs) > 1 else runs[0].resolve().parent
@@ -81,6 +62,31 @@ def rows_of(runs: list[Path]) -> list[dict]:
     return rows
 
 
+def by_configuration(rows: list[dict], merge_seeds: bool = True) -> list[dict]:
+    """One row per configuration: runs whose overrides differ only in `trainer.seed` are merged (each run
+    is its own row if not `merge_seeds`). A row has n, the mean of each AVERAGED figure over the runs that
+    have it and its sample standard deviation (`<figure>_std`, None for one value), and the runs' names and
+    paths (`runs`, `paths`)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        overrides = " ".join(o for o in row["overrides"].split() if not is_seed(o))
+        groups.setdefault(overrides if merge_seeds else row["path"], []).append({**row, "overrides": overrides}
+                                                                              if merge_seeds else row)
+    merged = []
+    for members in groups.values():
+        first = members[0]
+        row = {**first, "n": len(members), "runs": [m["run"] for m in members], "paths": [m["path"] for m in members],
+               "status": ", ".join(sorted({m["status"] or "-" for m in members}))}
+        if len(members) > 1:
+            row["run"] = f"{first['run']} (+{len(members) - 1})"
+        for column in AVERAGED:
+            values = [m[column] for m in members if m[column] is not None]
+            row[column] = statistics.fmean(values) if values else None
+            row[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        merged.append(row)
+    return merged
+
+
 def sort_rows(rows: list[dict], column: str, descending: bool) -> list[dict]:
     if column not in COLUMNS:
         raise SystemExit(f"dlrun-report: error: --sort {column}: allowed columns: {', '.join(COLUMNS)}")
@@ -89,9 +95,11 @@ def sort_rows(rows: list[dict], column: str, descending: bool) -> list[dict]:
     return sorted(present, key=lambda r: r[column], reverse=descending) + missing
 
 
-def _cell(value) -> str:
+def _cell(value, std=None) -> str:
     if value is None:
         return "-"
+    if std is not None:
+        return f"{_cell(value)} ± {_cell(std)}"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):
@@ -99,75 +107,40 @@ def _cell(value) -> str:
     return str(value)
 
 
+def cells(row: dict) -> list[str]:
+    return [_cell(row[c], row.get(f"{c}_std")) for c in COLUMNS]
+
+
 def write_table(rows: list[dict], path: Path) -> None:
-    """CSV (by the .csv suffix) or Markdown (anything else)."""
+    """CSV (by the .csv suffix; means and standard deviations in columns of their own) or Markdown
+    (anything else; `mean ± std` where a configuration has several seeds)."""
     if path.suffix == ".csv":
         import csv
 
+        fields = [*COLUMNS, *(f"{c}_std" for c in AVERAGED), "test_metric", "paths"]
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "test_metric", "path"])
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**r, "paths": " ".join(r["paths"])} for r in rows)
         return
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot_runs(rows: list[dict], runs: list[Path], out_dir: Path, cost: str) -> list[Path]:
-    """learning_curves.png (train and val loss and score per epoch, a colour per run) and, for several runs,
-    pareto.png (test score against `cost`, the Pareto front marked)."""
-    import matplotlib
-    import matplotlib.ticker
+def plot_runs(rows: list[dict], out_dir: Path, cost: str) -> list[Path]:
+    """learning_curves.png (a colour per configuration) and, for several configurations with a test
+    score, pareto.png (test score against `cost`, the Pareto front marked, seeds as error bars)."""
+    from dlrun.figures import pareto_plot, save, sweep_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (row, run) in enumerate(zip(rows, runs)):
-        records = read_metrics(RunDir(run))
-        label = f"{row['run']}: {row['overrides']}" if row["overrides"] else row["run"]
-        for ax, metric in zip(axes, ("loss", (row["test_metric"] or "test/acc").split("/")[1])):
-            for split, style in (("val", "-"), ("train", "--")):  # one colour per run
-                points = [(r["epoch"], r[f"{split}/{metric}"]) for r in records if f"{split}/{metric}" in r]
-                if points:
-                    ax.plot(*zip(*points), style, marker="o" if split == "val" else None, markersize=3,
-                            color=colors[i % len(colors)], label=label if split == "val" else None)
-            ax.set_ylabel(f"{metric} (val solid, train dashed)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
-    fig.tight_layout()
-    written.append(out_dir / "learning_curves.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
+    score = next((r["test_metric"] for r in rows if r["test_metric"]), "test/acc")
+    maximise = score.endswith("acc")
+    ranked = sorted(rows, key=lambda r: (r["test"] is None, -(r["test"] or 0) if maximise else (r["test"] or 0)))
+    written = [save(sweep_curves(ranked, score.split("/")[1]), out_dir / "learning_curves.png")]
     scored = [r for r in rows if r["test"] is not None and r[cost] is not None]
     if len(scored) >= 2:
-        maximise = (scored[0]["test_metric"] or "").endswith("acc")
-        points = [(float(r[cost]), r["test"] if maximise else -r["test"]) for r in scored]
-        front = set(pareto_front(points))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.scatter([p[0] for p in points], [r["test"] for r in scored], color="tab:blue", label="runs")
-        chosen = sorted((points[i][0], scored[i]["test"]) for i in front)
-        ax.plot(*zip(*chosen), color="tab:red", marker="o", label="Pareto front")
-        for r, (x, _) in zip(scored, points):  # the run's name, as in the table
-            ax.annotate(r["run"], (x, r["test"]), xytext=(4, 4), textcoords="offset points", fontsize=8)
-        ax.set_xlabel({"params": "parameters", "flops": "FLOPs per sample", "time_s": "training seconds"}[cost])
-        ax.set_ylabel(scored[0]["test_metric"])
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        written.append(out_dir / "pareto.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        front = pareto_front([(float(r[cost]), r["test"] if maximise else -r["test"]) for r in scored])
+        written.append(save(pareto_plot(scored, cost, COST_LABELS[cost], score, maximise, front), out_dir / "pareto.png"))
     return written
 
 
@@ -192,6 +165,8 @@ def report(argv: list[str] | None) -> None:
     parser.add_argument("--csv", type=Path, help="also write the table as CSV")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown")
     parser.add_argument("--plots", type=Path, help="folder for the PNGs (default: <first folder>/plots)")
+    parser.add_argument("--per-run", action="store_true",
+                        help="one row per run (default: runs that differ only in trainer.seed are one row, mean ± std)")
     parser.add_argument("--cost", default="params", choices=("params", "flops", "time_s"),
                         help="the cost axis of the Pareto plot")
     args = parser.parse_args(argv)
@@ -201,18 +176,18 @@ def report(argv: list[str] | None) -> None:
     runs = find_runs(args.folders)
     if not runs:
         raise SystemExit(f"dlrun-report: error: no run folders (with a summary) under {' '.join(args.folders)}")
-    rows = sort_rows(rows_of(runs), args.sort, args.desc)
-    runs = [Path(r["path"]) for r in rows]
+    rows = sort_rows(by_configuration(rows_of(runs), merge_seeds=not args.per_run), args.sort, args.desc)
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} runs", header_style="bold")
+    table = Table(title=f"{len(runs)} runs" + (f", {len(rows)} configurations" if len(rows) < len(runs) else ""),
+                  header_style="bold")
     for column in COLUMNS:
         left = column in ("run", "overrides", "status", "monitor")
         table.add_column(column, justify="left" if left else "right", overflow="fold", no_wrap=not left)
     for r in rows:
-        table.add_row(*(_cell(r[c]) for c in COLUMNS))
+        table.add_row(*cells(r))
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # piped or logged: room for the numbers
@@ -221,5 +196,5 @@ def report(argv: list[str] | None) -> None:
         if path is not None:
             write_table(rows, path)
             print(f"wrote {path}")
-    for path in plot_runs(rows, runs, args.plots or RunDir(Path(args.folders[0])).plots, args.cost):
+    for path in plot_runs(rows, args.plots or RunDir(Path(args.folders[0])).plots, args.cost):
         print(f"wrote {path}")
