@@ -39,6 +39,26 @@ class Readout(str, Enum):
     flatten = "flatten"  # every time step's output, concatenated (a fixed sequence length)
 
 
+class Padding(str, Enum):
+    same = "same"  # kernel // 2 on each side: the size is kept (divided by the stride)
+    valid = "valid"  # none: a kernel k takes k - 1 off the size
+
+
+class CNNHead(str, Enum):
+    flatten = "flatten"  # every feature of the last block
+    avg = "avg"  # global average pool: one feature per channel
+
+
+class TokenReadout(str, Enum):
+    mean = "mean"  # the mean over tokens
+    cls = "cls"  # a learned [CLS] token prepended to the sequence
+
+
+class Positional(str, Enum):
+    learned = "learned"
+    sinusoidal = "sinusoidal"
+
+
 class DeviceType(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -78,14 +98,32 @@ class MonitorMode(str, Enum):
 
 
 @dataclass
+class ConvBlockConfig:
+    """One entry of `model.blocks`: conv -> (batch norm) -> ReLU -> (pool) -> (dropout)."""
+
+    channels: int = MISSING
+    kernel: int = 3
+    stride: int = 1
+    padding: Padding = Padding.same
+    pool: Pool = Pool.none
+    pool_size: int = 2  # window and stride
+    dropout: float = 0.0  # element-wise (Keras' Dropout, torch's nn.Dropout)
+
+
+@dataclass
 class CNNConfig:
     _target_: str = "dlrun.models.CNN"
     channels: List[int] = field(default_factory=lambda: [32, 64])
     kernel_size: int = 3
     pool: Pool = Pool.max
     batch_norm: bool = True
-    dropout: float = 0.1
-    hidden: int = 128  # width of the fully connected layer before the head; 0 = none
+    dropout: float = 0.1  # after each block of `channels`, channel-wise; and after the head's hidden layers
+    # the head's hidden layers: a width (0 = none) or a list of widths; checked in validate.py
+    hidden: Any = 128
+    # a list of ConvBlockConfig used instead of channels, kernel_size and pool (null: use those)
+    blocks: Optional[List[ConvBlockConfig]] = None
+    head: CNNHead = CNNHead.flatten  # flatten, or avg (global average pool) before the hidden layers
+    head_dropout: Optional[float] = None  # after every hidden layer and before the output; null: `dropout` as above
 
 
 @dataclass
@@ -105,6 +143,26 @@ class RNNConfig:
     bidirectional: bool = False
     dropout: float = 0.0  # between stacked layers and before the head
     readout: Readout = Readout.last  # what of the output sequence feeds the head
+
+
+@dataclass
+class ResNetConfig:
+    _target_: str = "dlrun.models.ResNet"
+    depth: int = 20  # 6n + 2: 8, 14, 20, 32, 44, 56, 110
+    width: int = 16  # channels of the first stage; the second and third have 2x and 4x
+
+
+@dataclass
+class TransformerConfig:
+    _target_: str = "dlrun.models.Transformer"
+    d_model: int = 64
+    heads: int = 4  # must divide d_model
+    layers: int = 2
+    ff_dim: int = 128  # width of each layer's feed-forward block
+    dropout: float = 0.1
+    positional: Positional = Positional.learned
+    readout: TokenReadout = TokenReadout.mean
+    patch_size: int = 0  # 0: a token per step (C, L) or per row (C, H, W); p: p steps or p x p pixels
 
 
 # ----------------------------------------------------------------- optimizer
@@ -375,7 +433,8 @@ class TrainerConfig:
 # -------------------------------------------------------------------- config
 
 GROUPS = {
-    "model": {"cnn": CNNConfig, "rnn": RNNConfig, "mlp": MLPConfig},
+    "model": {"cnn": CNNConfig, "rnn": RNNConfig, "mlp": MLPConfig, "resnet": ResNetConfig,
+              "transformer": TransformerConfig},
     "optimizer": {
         "sgd": SGDConfig,
         "momentum": MomentumConfig,

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dlrun.config.schema import MonitorMode, OnNonFinite, TrainerConfig, score_name
+from dlrun.config.schema import CNNConfig, ConvBlockConfig
 from dlrun.errors import ConfigError
 
 SEED_MAX = 2**32 - 1  # numpy.random.seed's largest seed
@@ -131,6 +132,58 @@ def validate_model(model: DictConfig) -> None:
         )
     if OmegaConf.is_list(model.get("hidden")):
         _require(all(h > 0 for h in model.hidden), "model.hidden", "must be positive integers", list(model.hidden))
+    elif "blocks" in model:  # the CNN's head: one width or a list of widths
+        _require(type(model.hidden) is int and model.hidden >= 0, "model.hidden",
+                 "must be a width >= 0 (0 = no hidden layer) or a list of positive widths", model.hidden)
+    if model.get("head_dropout") is not None:
+        _require(0 <= model.head_dropout < 1, "model.head_dropout", "must be in [0, 1), or null", model.head_dropout)
+    if model.get("blocks") is not None:
+        validate_blocks(model)
+    if model.get("_target_") in ("dlrun.models.ResNet", "dlrun.models.Transformer"):
+        validate_residual_model(model)
+
+
+def validate_blocks(model: DictConfig) -> None:
+    """`model.blocks` replaces the CNN's channels, kernel_size and pool: those must keep their defaults."""
+    defaults = CNNConfig()
+    for key in ("channels", "kernel_size", "pool"):
+        value, default = model[key], getattr(defaults, key)
+        same = list(value) == default if OmegaConf.is_list(value) else _plain(value) == _plain(default)
+        _require(same, f"model.{key}", "has no effect when model.blocks is set (each block names its channels, "
+                 "kernel and pool); change model.blocks instead, or set model.blocks=null",
+                 list(value) if OmegaConf.is_list(value) else _plain(value))
+    _require(OmegaConf.is_list(model.blocks) and len(model.blocks) > 0, "model.blocks",
+             "must be a non-empty list of blocks such as {channels: 32, kernel: 3}, or null", model.blocks)
+    block_defaults = ConvBlockConfig()
+    for i, block in enumerate(model.blocks):
+        where = f"model.blocks[{i}]"
+        if not OmegaConf.is_dict(block) or OmegaConf.is_missing(block, "channels") or "channels" not in block:
+            raise ConfigError(f"{where} names no channels: every block is a mapping such as {{channels: 32, kernel: 3}}")
+        for key in ("channels", "kernel", "stride", "pool_size"):
+            value = block.get(key, getattr(block_defaults, key))
+            _require(value > 0, f"{where}.{key}", "must be a positive integer", value)
+        dropout = block.get("dropout", 0.0)
+        _require(0 <= dropout < 1, f"{where}.dropout", "must be in [0, 1)", dropout)
+
+
+def validate_residual_model(model: DictConfig) -> None:
+    """model=resnet: depth 6n + 2; model=transformer: positive sizes, heads dividing d_model."""
+    for key in ("depth", "width", "d_model", "heads", "layers", "ff_dim"):
+        if key in model:
+            _require(model[key] > 0, f"model.{key}", "must be a positive integer", model[key])
+    if "depth" in model:
+        _require(model.depth >= 8 and (model.depth - 2) % 6 == 0, "model.depth",
+                 "must be 6n + 2 for n >= 1 (8, 14, 20, 32, 44, 56, 110)", model.depth)
+    if "heads" in model:
+        _require(model.d_model % model.heads == 0, "model.d_model", f"must be a multiple of model.heads={model.heads}",
+                 model.d_model)
+    if "patch_size" in model:
+        _require(model.patch_size >= 0, "model.patch_size", "must be >= 0 (0 = a token per step or per row)",
+                 model.patch_size)
+
+
+def _plain(value: Any) -> Any:
+    return getattr(value, "value", value)
 
 
 def validate_dataset(ds: DictConfig) -> None:

@@ -1,0 +1,165 @@
+"""Convolutional networks: the `channels` shorthand, or an explicit list of `blocks`, then a head.
+
+A (C, L) input gets 1-D layers, a (C, H, W) input 2-D layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from dlrun.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Block:
+    """conv -> (batch norm) -> ReLU -> (pool) -> (dropout). The keys of one `model.blocks` entry
+    (config/schema.py: ConvBlockConfig), with its defaults."""
+
+    channels: int
+    kernel: int = 3
+    stride: int = 1
+    padding: str = "same"  # same: kernel // 2 on each side (the size / stride for odd kernels); valid: none
+    pool: str = "none"  # max, avg or none
+    pool_size: int = 2  # window and stride of the pooling
+    dropout: float = 0.0  # element-wise, as Keras' Dropout and torch's nn.Dropout
+    channel_dropout: bool = False  # whole channels (Dropout1d/2d): the `channels` shorthand's kind; not a config key
+
+
+BLOCK_KEYS = tuple(f.name for f in fields(Block) if f.name != "channel_dropout")
+
+
+def plain(value: Any) -> Any:
+    """A config enum (a str subclass) as its plain value."""
+    return getattr(value, "value", value)
+
+
+def parse_blocks(blocks: Sequence[Mapping[str, Any] | Block]) -> list[Block]:
+    """`model.blocks` entries (dicts from the config, or Blocks) as Blocks; an unknown key is a one-line error."""
+    parsed = []
+    for i, entry in enumerate(blocks):
+        if isinstance(entry, Block):
+            parsed.append(entry)
+            continue
+        unknown = [k for k in entry if k not in BLOCK_KEYS]
+        if unknown:
+            raise ConfigError(f"model.blocks[{i}].{unknown[0]} is not a block key; allowed: {', '.join(BLOCK_KEYS)}")
+        if "channels" not in entry:
+            raise ConfigError(f"model.blocks[{i}] names no channels (e.g. {{channels: 32, kernel: 3}})")
+        parsed.append(Block(**{k: plain(v) for k, v in entry.items()}))
+    return parsed
+
+
+def shorthand_blocks(channels: Sequence[int], kernel_size: int, pool: str, dropout: float) -> list[Block]:
+    """`model.channels` as blocks: "same" convolutions, each followed by a pool of 2 and channel dropout."""
+    return [Block(c, kernel_size, pool=plain(pool), dropout=dropout, channel_dropout=True) for c in channels]
+
+
+def conv_size(size: int, block: Block) -> int:
+    pad = block.kernel // 2 if block.padding == "same" else 0
+    return (size + 2 * pad - block.kernel) // block.stride + 1
+
+
+class CNN(nn.Module):
+    """[conv -> (batch norm) -> ReLU -> (pool) -> (dropout)] per block, then the head:
+    flatten (or global average pool) -> [FC `hidden` -> ReLU -> dropout] -> FC to the outputs.
+
+    The blocks are `blocks` when given (each a dict of Block's keys), else one per width of
+    `channels`: "same" convolutions of `kernel_size`, a `pool` of 2 and channel-wise `dropout`
+    after each. `hidden` is one width (0 = none) or a list. `head_dropout` is the dropout after
+    every hidden layer and right before the output layer; None keeps `dropout` after the hidden
+    layers only (as before the key existed).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_outputs: int,
+        channels: Sequence[int] = (32, 64),
+        kernel_size: int = 3,
+        pool: str = "max",
+        batch_norm: bool = True,
+        dropout: float = 0.1,
+        hidden: int | Sequence[int] = 128,
+        blocks: Sequence[Mapping[str, Any] | Block] | None = None,
+        head: str = "flatten",
+        head_dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        if len(in_shape) not in (2, 3):
+            raise ConfigError(f"model=cnn needs (C, L) or (C, H, W) inputs, the dataset gives {tuple(in_shape)}")
+        if blocks is None:
+            spec = shorthand_blocks(channels, kernel_size, pool, dropout)
+            where = f"model.channels={list(channels)}"
+        else:
+            spec, where = parse_blocks(blocks), "model.blocks"
+        self.features, out_shape = conv_stack(in_shape, spec, batch_norm, where)
+        widths = ([hidden] if hidden > 0 else []) if isinstance(hidden, int) else list(hidden)
+        self.head = Head(out_shape, num_outputs, widths, plain(head) == "avg",
+                         dropout if head_dropout is None else head_dropout, head_dropout is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def conv_stack(in_shape: Sequence[int], spec: list[Block], batch_norm: bool,
+               where: str) -> tuple[nn.Sequential, tuple[int, ...]]:
+    """The blocks as one Sequential, and the (C, L') or (C, H', W') they leave; a block that
+    leaves no element is a ConfigError naming it and the size it gets."""
+    dims = len(in_shape) - 1
+    Conv, Norm = (nn.Conv1d, nn.Conv2d)[dims - 1], (nn.BatchNorm1d, nn.BatchNorm2d)[dims - 1]
+    Pool = {"max": (nn.MaxPool1d, nn.MaxPool2d), "avg": (nn.AvgPool1d, nn.AvgPool2d)}
+    ChannelDrop = (nn.Dropout1d, nn.Dropout2d)[dims - 1]
+    size, in_ch, layers = list(in_shape[1:]), in_shape[0], []
+    for i, b in enumerate(spec):
+        if min(conv_size(s, b) for s in size) < 1:
+            raise ConfigError(f"model.blocks[{i}] (kernel {b.kernel}, padding {b.padding}, stride {b.stride}) gets "
+                              f"an input of {tuple(size)} from the data's {tuple(in_shape)} and leaves nothing; "
+                              "use padding: same, a smaller kernel or stride, or fewer blocks")
+        pad = b.kernel // 2 if b.padding == "same" else 0
+        layers.append(Conv(in_ch, b.channels, b.kernel, stride=b.stride, padding=pad, bias=not batch_norm))
+        size = [conv_size(s, b) for s in size]
+        if batch_norm:
+            layers.append(Norm(b.channels))
+        layers.append(nn.ReLU(inplace=True))
+        if b.pool != "none":
+            if min(size) < b.pool_size:
+                raise ConfigError(
+                    f"{where} pools the input {tuple(in_shape)} below one element; use fewer layers or model.pool=none"
+                    if where.startswith("model.channels") else
+                    f"model.blocks[{i}] pools an input of {tuple(size)} (from the data's {tuple(in_shape)}) with "
+                    f"pool_size {b.pool_size}, which leaves nothing; use pool: none, a smaller pool_size or fewer blocks")
+            layers.append(Pool[b.pool][dims - 1](b.pool_size))
+            size = [s // b.pool_size for s in size]
+        if b.dropout > 0:
+            layers.append(ChannelDrop(b.dropout) if b.channel_dropout else nn.Dropout(b.dropout))
+        in_ch = b.channels
+    return nn.Sequential(*layers), (in_ch, *size)
+
+
+class Head(nn.Module):
+    """flatten (or global average pool) -> [linear -> ReLU -> (dropout)] per hidden width -> linear.
+
+    `before_output`: with no hidden layers, `dropout` still comes right before the output layer."""
+
+    def __init__(self, features: Sequence[int], num_outputs: int, hidden: Sequence[int], average: bool,
+                 dropout: float, before_output: bool) -> None:
+        super().__init__()
+        dims = len(features) - 1
+        layers: list[nn.Module] = [(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)[dims - 1](1)] if average else []
+        layers.append(nn.Flatten())
+        width = features[0] if average else math.prod(features)
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+            width = h
+        if not hidden and before_output and dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(width, num_outputs))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
