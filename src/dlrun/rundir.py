@@ -63,8 +63,9 @@ class RunDir:
     explain_report = property(lambda self: self.path / "explain.json")  # dlrun-explain
     lock = property(lambda self: self.path / ".dlrun.lock")
 
-    def variant(self, name: str) -> Path:
-        return self.variants / f"{name}.pt"
+    def variant(self, name: str, suffix: str = ".pt") -> Path:
+        """dlrun-compress's file of a variant: .pt (a dlrun checkpoint), .onnx, .pt2 (a torch.export archive)."""
+        return self.variants / f"{name}{suffix}"
 
     def attributions(self, method: str) -> Path:
         """dlrun-explain's picture of one attribution method."""
