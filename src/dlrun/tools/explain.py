@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{c['max_relative_error']:.2%} of the logit difference at most")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from dlrun.tools.predict import _positive_int
+def _positive_int(text: str) -> int:
+    """--examples' type: dlrun-predict's (imported only when used: `--help` stays free of torch)."""
+    from dlrun.tools.predict import _positive_int as positive_int
 
+    return positive_int(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dlrun-explain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a run folder (with checkpoints/best.pt or last.pt)")
