@@ -1,3 +1,8 @@
 """dlrun: a command-line experiment runner for deep learning."""
 
+from dlrun.cpus import set_wait_policy
+
 __version__ = "0.1.0"
+
+# Before torch loads the OpenMP runtime: waiting threads sleep rather than spin (see cpus.py).
+set_wait_policy()

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from dlrun.config.schema import DeviceType, Precision
+from dlrun.cpus import usable_cpus
 from dlrun.errors import ConfigError
 
 
@@ -26,9 +27,15 @@ def resolve_device(cfg: DictConfig) -> torch.device:
             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
             "use device=cpu or device=auto"
         )
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     return torch.device(kind)
+
+
+def set_threads(threads: int) -> int:
+    """`device.threads` intra-op threads; 0: torch's default, capped at the CPUs this process may use
+    (its affinity mask, cgroup quota or Slurm allocation: torch counts the host's cores)."""
+    torch.set_num_threads(threads if threads > 0 else min(torch.get_num_threads(), usable_cpus()))
+    return torch.get_num_threads()
 
 
 def seed_everything(seed: int) -> None:

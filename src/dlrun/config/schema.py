@@ -11,7 +11,6 @@ shell completion, which must never import torch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
@@ -362,7 +361,7 @@ class MLflowLoggerConfig(LoggerConfig):
 @dataclass
 class DeviceConfig:
     type: DeviceType = DeviceType.auto  # auto: CUDA when present, else CPU
-    threads: int = 0  # intra-op CPU threads; 0 keeps torch's default
+    threads: int = 0  # intra-op CPU threads; 0: torch's default, at most the CPUs this process may use (cpus.py)
 
 
 @dataclass
@@ -479,7 +478,10 @@ class Config:
 
 
 def cpu_share(n_jobs: int) -> int:
-    cores = os.cpu_count() or 1
+    """Threads per job when `n_jobs` jobs share the CPUs this process may use (-1: one job per CPU)."""
+    from dlrun.cpus import usable_cpus
+
+    cores = usable_cpus()
     jobs = cores if n_jobs < 1 else min(n_jobs, cores)
     return max(1, cores // jobs)
 
