@@ -58,7 +58,8 @@ def load_teacher(folder: str, data_description: dict[str, Any], device: torch.de
                           f"the student's {data_description.get(k)!r})")
     cfg = checkpoint.config_of(saved, path, trust, consent="{group}._target_={target} on the command line")
     spec = DataSpec(tuple(theirs["input_shape"]), theirs["num_outputs"], theirs["task"])
-    teacher = build_model(cfg.model, spec)
+    with torch.random.fork_rng(devices=[]):  # its initial weights, overwritten below, must not move the student's RNG
+        teacher = build_model(cfg.model, spec)
     checkpoint.load_weights(teacher, saved["model"], path)
     for p in teacher.parameters():
         p.requires_grad_(False)

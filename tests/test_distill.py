@@ -1,0 +1,118 @@
+"""Knowledge distillation (trainer.distill): Hinton's loss by the formula, alpha=0 is plain training bit
+for bit, the teacher is recorded, and a teacher of other data or a regression run is one clear error."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import read_summary
+from dlrun.compress.distill import distill_loss
+from dlrun.config.validate import validate_trainer
+from dlrun.errors import ConfigError
+from dlrun.run import run
+
+SMALL = ["device=cpu", "device.threads=1", "trainer.epochs=2"]
+
+
+def test_the_loss_is_hintons_formula():
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    teacher = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 4.0]])
+    hard, t, alpha = torch.tensor(0.8), 4.0, 0.7
+
+    def soft(row, temperature):
+        exps = [math.exp(v / temperature) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    kl = sum(sum(p * math.log(p / q) for p, q in zip(soft(tr, t), soft(sr, t)))
+             for tr, sr in zip(teacher.tolist(), student.tolist())) / 2  # averaged over the batch
+    expected = alpha * t * t * kl + (1 - alpha) * 0.8
+    assert distill_loss(student, teacher, hard, t, alpha).item() == pytest.approx(expected, rel=1e-6)
+    assert distill_loss(student, student, hard, t, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+
+    from dlrun.cli import config_dir
+    from dlrun.config.schema import register_configs
+
+    register_configs()
+    folder = tmp_path_factory.mktemp("teacher")
+    with initialize_config_dir(config_dir=config_dir()):
+        run(compose("config", overrides=SMALL), run_dir=folder)
+    return folder
+
+
+def test_alpha_zero_is_plain_training_bit_for_bit(make_cfg, tmp_path, teacher):
+    student = ["model.channels=[8,16]", *SMALL]
+    plain = run(make_cfg(*student), run_dir=tmp_path / "plain")
+    distilled = run(make_cfg(*student, f"trainer.distill.teacher={teacher}", "trainer.distill.alpha=0"),
+                    run_dir=tmp_path / "alpha0")
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "alpha0" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert plain["best"] == distilled["best"] and plain["final"] == distilled["final"]
+    # the teacher, evaluated once on the test split, is recorded with the student
+    assert distilled["teacher"]["test/acc"] == read_summary(teacher)["best"]["test/acc"]
+    assert distilled["teacher"]["parameters"] == read_summary(teacher)["model"]["parameters"]["total"]
+    assert distilled["teacher"]["run_dir"] == str(teacher.resolve()) and "teacher" not in plain
+
+
+def test_a_teacher_changes_the_student(make_cfg, tmp_path, teacher):
+    student = ["model.channels=[8,16]", *SMALL]
+    plain = run(make_cfg(*student), run_dir=tmp_path / "plain")
+    taught = run(make_cfg(*student, f"trainer.distill.teacher={teacher}", "trainer.distill.alpha=0.7",
+                          "trainer.distill.temperature=4"), run_dir=tmp_path / "taught")
+    assert taught["final"]["train/loss"] != plain["final"]["train/loss"]
+    assert taught["teacher"]["alpha"] == 0.7 and taught["teacher"]["temperature"] == 4
+
+
+def test_a_teacher_of_other_data_is_refused(make_cfg, tmp_path, teacher):
+    cfg = make_cfg("dataset=mnist1d", "dataset.num_samples=600", *SMALL, f"trainer.distill.teacher={teacher}")
+    with pytest.raises(ConfigError) as err:
+        run(cfg, run_dir=tmp_path / "other")
+    message = str(err.value)
+    assert message.startswith(f"trainer.distill.teacher={teacher} is invalid: the teacher was trained on other data")
+    assert "\n" not in message
+    assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+def test_a_regression_run_cannot_distill(make_cfg, tmp_path, teacher):
+    cfg = make_cfg("dataset=sequence", "model=rnn", *SMALL, f"trainer.distill.teacher={teacher}",
+                   "trainer.distill.temperature=2")
+    with pytest.raises(ConfigError, match=r"is invalid: distillation needs a classification dataset \(sequence is "
+                                          r"regression\)$"):
+        run(cfg, run_dir=tmp_path / "regression")
+    assert not (tmp_path / "regression" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"alpha": 1.5}, "trainer.distill.alpha=1.5 is invalid: must be in [0, 1] (0 = plain training)"),
+    ({"temperature": 0}, "trainer.distill.temperature=0.0 is invalid: must be > 0"),
+    ({"teacher": "/nonexistent/run"}, "trainer.distill.teacher='/nonexistent/run' is invalid: must be a finished "
+                                      "dlrun run folder (with checkpoints/best.pt)"),
+])
+def test_bad_distill_settings(make_cfg, teacher, change, expected):
+    trainer = make_cfg(f"trainer.distill.teacher={teacher}").trainer
+    for key, value in change.items():
+        trainer.distill[key] = value
+    with pytest.raises(ConfigError) as err:
+        validate_trainer(trainer)
+    assert str(err.value) == expected
+
+
+@pytest.mark.slow
+def test_a_resumed_student_reloads_its_teacher(dlrun_cli, tmp_path, teacher):
+    args = ["model.channels=[8,16]", "device=cpu", "device.threads=1", f"trainer.distill.teacher={teacher}",
+            "trainer.distill.alpha=0.7"]
+    dlrun_cli(*args, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'whole'}", check=True)
+    dlrun_cli(*args, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'part'}", check=True)
+    dlrun_cli(f"resume={tmp_path / 'part'}", "trainer.epochs=2", check=True)
+    whole, resumed = read_summary(tmp_path / "whole"), read_summary(tmp_path / "part")
+    assert resumed["best"] == whole["best"] and resumed["teacher"] == whole["teacher"]
