@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, Union
 import numpy as np
 import torch
 
-from dlrun.config.validate import dir_problem
+from dlrun.config.validate import dir_problem, forecast_shift_problem
 from dlrun.errors import ConfigError
 from dlrun.rundir import atomic_write
 
@@ -71,8 +71,9 @@ class RawSplits:
     test: Union[ArraySplit, ImageFiles]
     num_outputs: int  # classes, or values per target
     task: str = "classification"
-    crop_padding: int = 0  # batched augmentation of training images, on the device
+    crop_padding: int = 0  # batched augmentation of training inputs, on the device (crops, or shifts of signals)
     hflip: bool = False
+    augment_noise: float = 0.0  # Gaussian noise on 1-D training inputs (in normalised units)
     workers: int = 0  # DataLoader workers for streamed splits
     classes: list[str] | None = None  # class names, where the data has them
 
@@ -99,6 +100,36 @@ class Augment:
         if self.hflip:
             flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
+
+
+@dataclass(frozen=True)
+class Augment1D:
+    """Random shifts with zero padding and additive Gaussian noise for signals and sequences (B, C, L),
+    applied to a whole batch on its device: the 1-D counterpart of `Augment`'s crops.
+
+    A shift by up to `crop_padding` steps either way is a crop of length L from the input padded with
+    `crop_padding` zeros (the training mean, after normalisation) at both ends; `noise` is the std of
+    the noise added to every value, in normalised units. Every draw comes from `generator`, so the
+    result is a pure function of (input, generator) on any device.
+    """
+
+    crop_padding: int = 0
+    noise: float = 0.0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, c, length = x.shape  # (B, C, L)
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = torch.nn.functional.pad(x, (p, p))  # (B, C, L+2p)
+            start = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+            index = (start[:, None] + torch.arange(length, device=x.device))[:, None, :]  # (B, 1, L)
+            x = padded.gather(2, index.expand(n, c, length))  # (B, C, L)
+        if self.noise:
+            # the noise is drawn on the batch's device, by a generator seeded from this batch's one
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            on_device = torch.Generator(device=x.device).manual_seed(seed)
+            x = x + self.noise * torch.randn(x.shape, generator=on_device, device=x.device, dtype=x.dtype)
         return x
 
 
@@ -173,7 +204,7 @@ class Data:
     splits: dict[str, Split]
     mean: list[float] = field(default_factory=list)  # per channel, of the training split
     std: list[float] = field(default_factory=list)
-    augment: Augment | None = None  # applied to training batches only
+    augment: Augment | Augment1D | None = None  # applied to training batches only
     classes: list[str] | None = None  # class names, where the data has them
 
     def describe(self) -> dict:
@@ -246,6 +277,8 @@ def load_mnist1d(
     val_fraction: float,
     split_seed: int,
     generator_seed: int,
+    crop_padding: int = 0,
+    augment_noise: float = 0.0,
 ) -> RawSplits:
     """MNIST-1D (Greydanus 2020), generated offline by the `mnist1d` package and cached as .npz."""
     params = {"num_samples": num_samples, "train_split": train_split, "seed": generator_seed}
@@ -255,7 +288,8 @@ def load_mnist1d(
     y = arrays["y"].astype(np.int64)
     train, val = _split(x, y, val_fraction, split_seed)
     test = (arrays["x_test"].astype(np.float32)[:, None], arrays["y_test"].astype(np.int64))
-    return RawSplits("mnist1d", train, val, test, num_outputs=10)
+    return RawSplits("mnist1d", train, val, test, num_outputs=10, crop_padding=crop_padding,
+                     augment_noise=augment_noise)
 
 
 def _generate_mnist1d(params: dict) -> dict[str, np.ndarray]:
@@ -276,9 +310,13 @@ def _generate_mnist1d(params: dict) -> dict[str, np.ndarray]:
 
 def load_sequence(
     num_series: int, length: int, horizon: int, num_sines: int, noise: float,
-    val_fraction: float, test_fraction: float, seed: int,
+    val_fraction: float, test_fraction: float, seed: int, crop_padding: int = 0, augment_noise: float = 0.0,
 ) -> RawSplits:
-    """Regression: from `length` values of a noisy sum of sines, predict the next `horizon` values."""
+    """Regression: from `length` values of a noisy sum of sines, predict the next `horizon` values.
+    Training inputs may get noise (`augment_noise`), never shifts (see `forecast_shift_problem`)."""
+    problem = forecast_shift_problem(crop_padding)
+    if problem:
+        raise ConfigError(problem)
     rng = np.random.default_rng(seed)
     t = np.arange(length + horizon)
     freq = rng.uniform(0.01, 0.1, (num_series, num_sines, 1))  # cycles per step
@@ -290,7 +328,8 @@ def load_sequence(
     y = series[:, length:].astype(np.float32)  # (N, horizon)
     rest, test = _split(x, y, test_fraction, seed, stratify=False)
     train, val = _split(*rest, val_fraction / (1.0 - test_fraction), seed, stratify=False)
-    return RawSplits("sequence", train, val, test, num_outputs=horizon, task="regression")
+    return RawSplits("sequence", train, val, test, num_outputs=horizon, task="regression",
+                     augment_noise=augment_noise)
 
 
 def load_mnist(data_dir: str, download: bool, val_fraction: float, split_seed: int, crop_padding: int = 0,
@@ -484,12 +523,24 @@ def build_data(raw: RawSplits, device: torch.device) -> Data:
         if isinstance(part, ImageFiles):
             splits[name] = StreamSplit(part, mean, std, device, raw.workers)
         else:
-            x = torch.from_numpy(part[0]).to(device).float().sub_(mean).div_(std)  # uint8 or float32 in
+            # a copy: normalising in place would change the loader's arrays (twice, where two splits share one)
+            x = torch.from_numpy(part[0]).to(device, torch.float32, copy=True).sub_(mean).div_(std)
             splits[name] = TensorSplit(x, torch.from_numpy(part[1]).to(device))
     spec = DataSpec(input_shape=input_shape, num_outputs=raw.num_outputs, task=raw.task, name=raw.name)
-    augment = Augment(raw.crop_padding, raw.hflip) if (raw.crop_padding or raw.hflip) else None
+    augment = build_augment(raw, input_shape)
     return Data(spec, splits, mean=mean.flatten().tolist(), std=std.flatten().tolist(), augment=augment,
                 classes=raw.classes)
+
+
+def build_augment(raw: RawSplits, input_shape: tuple[int, ...]) -> Augment | Augment1D | None:
+    """Crops and flips for images; shifts and noise for signals and sequences (C, L); None when all are off."""
+    if len(input_shape) == 2:
+        length = input_shape[1]
+        if raw.crop_padding >= length:
+            raise ConfigError(f"dataset.crop_padding={raw.crop_padding} is invalid: must be < {length}, "
+                              f"the length of the {raw.name} signals")
+        return Augment1D(raw.crop_padding, raw.augment_noise) if (raw.crop_padding or raw.augment_noise) else None
+    return Augment(raw.crop_padding, raw.hflip) if (raw.crop_padding or raw.hflip) else None
 
 
 def build_dataset(cfg: Any, device: torch.device) -> Data:

@@ -274,6 +274,12 @@ class Mnist1DConfig:
     val_fraction: float = 0.1  # of the training split
     split_seed: int = 0
     generator_seed: int = 42  # the benchmark's own seed
+    # training-time augmentation, batched on the device (0 = off)
+    crop_padding: int = 0  # random shifts by up to this many steps either way, zero-padded (as image crops)
+    augment_noise: float = 0.0  # std of Gaussian noise added to the (normalised) training inputs
+
+
+MNIST1D_LENGTH = 40  # the generator's final_seq_length: the length of every MNIST-1D signal
 
 
 @dataclass
@@ -287,6 +293,8 @@ class SequenceConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     seed: int = 0
+    augment_noise: float = 0.0  # std of Gaussian noise added to the (normalised) training inputs; 0 = off
+    crop_padding: int = 0  # must stay 0: a shifted window would predict another future than its target
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun.config.schema import MonitorMode, OnNonFinite, TrainerConfig, score_name
+from dlrun.config.schema import MNIST1D_LENGTH, MonitorMode, OnNonFinite, TrainerConfig, score_name
 from dlrun.config.schema import CNNConfig, ConvBlockConfig
 from dlrun.errors import ConfigError
 
@@ -203,11 +203,33 @@ def validate_dataset(ds: DictConfig) -> None:
         _require(Path(ds.root).expanduser().is_dir(), "dataset.root", "no such directory", ds.root)
     if "crop_padding" in ds:
         _require(ds.crop_padding >= 0, "dataset.crop_padding", "must be >= 0 (0 = off)", ds.crop_padding)
+        validate_shift(ds)
+    if "augment_noise" in ds:
+        _require(ds.augment_noise >= 0, "dataset.augment_noise", "must be >= 0 (0 = off)", ds.augment_noise)
     if "channels" in ds:
         _require(ds.channels in (1, 3), "dataset.channels", "allowed: 1 (grayscale), 3 (RGB)", ds.channels)
     if "image_size" in ds:
         _require(len(ds.image_size) == 2 and min(ds.image_size) > 0, "dataset.image_size",
                  "must be [height, width], both positive", list(ds.image_size))
+
+
+def forecast_shift_problem(crop_padding: int) -> str | None:
+    """Why shifting the input windows of a forecast (dataset=sequence) is refused; None when it is off."""
+    if not crop_padding:
+        return None
+    return (f"dataset.crop_padding={crop_padding} is invalid for dataset=sequence: a shifted input window "
+            "predicts a different future than its target; must be 0 (dataset.augment_noise is allowed)")
+
+
+def validate_shift(ds: DictConfig) -> None:
+    """1-D shifts: none for forecasts (sequence), fewer steps than a signal has for MNIST-1D."""
+    if ds.get("_target_") == "dlrun.data.load_sequence":
+        problem = forecast_shift_problem(ds.crop_padding)
+        if problem:
+            raise ConfigError(problem)
+    if ds.get("_target_") == "dlrun.data.load_mnist1d":
+        _require(ds.crop_padding < MNIST1D_LENGTH, "dataset.crop_padding",
+                 f"must be < {MNIST1D_LENGTH}, the length of the MNIST-1D signals", ds.crop_padding)
 
 
 def dir_problem(path: str | Path, write: bool = True) -> str | None:
