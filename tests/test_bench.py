@@ -30,7 +30,17 @@ def test_loop_overhead():
     result, out = bench("loop_overhead.py", "--samples", "256", "--epochs", "2")
     assert [r["model"] for r in result["results"]] == ["cnn", "rnn", "mlp"]
     for r in result["results"]:
-        assert r["ratio"] == pytest.approx(r["dlrun_samples_per_s"] / r["plain_samples_per_s"])
+        assert r["vs_naive"] == pytest.approx(r["dlrun_samples_per_s"] / r["naive_samples_per_s"])
+        assert r["vs_fast"] == pytest.approx(r["dlrun_samples_per_s"] / r["fast_samples_per_s"])
+        assert r["naive_range"][0] <= r["naive_samples_per_s"] <= r["naive_range"][1]
+    assert [r["channels_last"] for r in result["results"]] == [True, False, False]  # a 2-D CNN on the CPU
+
+
+def test_threads():
+    result, out = bench("threads.py", "--repeats", "1", "--steps", "5")
+    assert {"idle 1 threads default", "idle 2 threads PASSIVE", "busy 2 threads default"} <= result.keys()
+    assert result["busy: 2 threads default / PASSIVE (collapse avoided)"] == pytest.approx(
+        result["busy 2 threads default"] / result["busy 2 threads PASSIVE"])
 
 
 def test_end_to_end(tmp_path):

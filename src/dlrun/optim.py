@@ -23,7 +23,8 @@ Scheduler = LRScheduler | ReduceLROnPlateau | None
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module, decay_norm_and_bias: bool = True) -> Optimizer:
     """The configured optimizer; with `decay_norm_and_bias=False`, biases and normalisation
     weights (every parameter with fewer than two dimensions) get no weight decay."""
-    factory = instantiate_trusted(cfg, _partial_=True, _convert_="all")
+    fused = {"fused": fused_kernels(model)} if cfg.get("fused", False) is None else {}
+    factory = instantiate_trusted(cfg, _partial_=True, _convert_="all", **fused)
     if decay_norm_and_bias:
         return factory(model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -31,6 +32,14 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module, decay_norm_and_bias
         {"params": [p for p in params if p.ndim >= 2]},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ])
+
+
+def fused_kernels(model: torch.nn.Module) -> bool:
+    """Whether torch's fused optimizer kernels apply: floating-point parameters on the CPU or CUDA.
+    (A config saved before `fused` existed has no such key and keeps the unfused step, so that a
+    resumed run continues exactly as it began.)"""
+    params = list(model.parameters())
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def build_scheduler(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, total_steps: int, mode: str) -> Scheduler:

@@ -31,7 +31,7 @@ from dlrun.config.schema import TrainerConfig, to_plain, trainer_config
 from dlrun.config.validate import check_data_parallel, check_search_direction, validate
 from dlrun.cost import model_cost, peak_memory_mb
 from dlrun.data import Data, build_dataset, channels_last, quick_check_subsets
-from dlrun.device import deterministic_algorithms, resolve_device, seed_everything
+from dlrun.device import deterministic_algorithms, resolve_device, seed_everything, use_channels_last
 from dlrun.distributed import SINGLE, Ranks
 from dlrun.errors import ConfigError, DlrunError, Interrupted, NonFiniteLoss, StopNow, WorkerFailed
 from dlrun.metrics import TestAnalysis, analysis_for
@@ -163,7 +163,7 @@ def build_parts(cfg: DictConfig, settings: LoopSettings, data: Data, device: tor
     """Model, optimizer, scheduler and the optional compiled module, GradScaler, EMA and DDP
     wrapper; with `channels_last`, the data is converted to match."""
     model = build_model(cfg.model, data.spec).to(device)
-    if settings.channels_last:
+    if use_channels_last(settings.channels_last, model, data.spec.input_shape, device, settings.amp_dtype):
         model, data = model.to(memory_format=torch.channels_last), channels_last(data)
     optimizer = build_optimizer(cfg.optimizer, model, settings.decay_norm_and_bias)
     steps = steps_per_epoch(len(data.splits["train"]), settings)
@@ -188,6 +188,8 @@ def describe(parts: Parts, data: Data, settings: LoopSettings, device: torch.dev
     return {
         "device": device_name(device),
         "threads": torch.get_num_threads(),
+        "channels_last": use_channels_last(settings.channels_last, parts.model, data.spec.input_shape, device,
+                                           settings.amp_dtype),
         "monitor": {"metric": settings.monitor, "mode": settings.mode},
         "data": {**data.describe(), "sizes": data.sizes()},
         "model": {"class": type(parts.model).__name__, "parameters": count_parameters(parts.model)},
