@@ -81,3 +81,22 @@ def test_failed_run_records_status_and_error(make_cfg, tmp_path):
     assert summary["status"] == "failed" and "model.channels" in summary["error"]
     # it trained nothing: the corrected command may start again in the same folder
     assert run(make_cfg("trainer.epochs=1", "device=cpu"), run_dir=tmp_path)["status"] == "completed"
+
+
+@pytest.mark.parametrize("overrides, best_epoch, evaluations", [
+    ([], 3, 1),  # val/acc best at the last epoch: the best weights are the final ones
+    (["trainer.monitor=train/loss", "trainer.monitor_mode=max"], 1, 2),  # best at epoch 1: its own evaluation
+])
+def test_the_test_split_is_evaluated_once_when_the_best_weights_are_the_final_ones(make_cfg, tmp_path, monkeypatch,
+                                                                                  overrides, best_epoch, evaluations):
+    import dlrun.run
+
+    splits = []
+    real = dlrun.run.evaluate_split
+    monkeypatch.setattr(dlrun.run, "evaluate_split", lambda parts, split, *a, **k: splits.append(split) or real(
+        parts, split, *a, **k))
+    summary = run(make_cfg("trainer.epochs=3", "device=cpu", "optimizer.lr=0.003", *overrides), run_dir=tmp_path)
+    assert summary["best"]["epoch"] == best_epoch
+    assert splits.count("test") == evaluations
+    same = {k: summary["best"][k] == summary["final"][k] for k in summary["final"] if k.startswith("test/")}
+    assert all(same.values()) == (evaluations == 1), same

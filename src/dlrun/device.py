@@ -69,7 +69,7 @@ def use_channels_last(asked: bool | None, model: torch.nn.Module, input_shape: t
                       amp: torch.dtype | None) -> bool:
     """`trainer.channels_last`: true or false as asked; null (the default) decides: NHWC for a model with
     2-D convolutions on images, on the CPU (1.36-1.48x faster training steps for dlrun's CNNs on a 2-core
-    x86 CPU, bench/fast_paths.py) and on CUDA under autocast (tensor cores); plain fp32 on CUDA stays NCHW
+    x86 CPU, bench/loop_overhead.py) and on CUDA under autocast (tensor cores); plain fp32 on CUDA stays NCHW
     (not measured here)."""
     if asked is not None:
         return asked

@@ -212,10 +212,15 @@ def final_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings
     best monitored value), the training speed, and what the model costs."""
     test = data.splits["test"]
     analyses = {w: analysis_for(data.spec.task, data.spec.num_outputs, data.classes, device) for w in ("final", "best")}
-    final = {**state.last_metrics, **evaluate_split(parts, "test", test, settings, analyses["final"].update)}
-    checkpointer.load_best()
-    best = {"epoch": state.best_epoch, **state.best_metrics,
-            **evaluate_split(parts, "test", test, settings, analyses["best"].update)}
+    final_test = evaluate_split(parts, "test", test, settings, analyses["final"].update)
+    final = {**state.last_metrics, **final_test}
+    if state.best_epoch == state.epoch:  # the best weights are the final ones: one test evaluation
+        analyses["best"] = analyses["final"]
+        best_test = final_test
+    else:
+        checkpointer.load_best()
+        best_test = evaluate_split(parts, "test", test, settings, analyses["best"].update)
+    best = {"epoch": state.best_epoch, **state.best_metrics, **best_test}
     analysed = analyse_test(analyses, {"final": final, "best": best}, checkpointer.run_dir, data.spec.task)
     cost = model_cost(parts.model, data.spec.input_shape, settings.batch_size, device)
     samples = steps / steps_per_epoch(len(data.splits["train"]), settings) * data.sizes()["train"]
