@@ -14,10 +14,19 @@ from PIL import Image
 from conftest import read_summary
 from dlrun import plots
 from dlrun.data import TensorSplit
-from dlrun.metrics import ClassMetrics, OutputMetrics, analysis_for, macro_f1_of, most_confused
+from dlrun.metrics import ClassMetrics, OutputMetrics, analysis_for, most_confused
 from dlrun.train import evaluate
 
 CPU = torch.device("cpu")
+
+
+def macro_f1_of(confusion) -> float:
+    """Macro F1 recomputed from a confusion matrix (rows true, columns predicted) with numpy: the
+    mean F1 = 2tp / (support + predicted) over the classes that have samples or predictions."""
+    matrix = np.asarray(confusion, dtype=float)
+    tp, support, predicted = np.diag(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
+    present = support + predicted > 0
+    return float(np.mean(2 * tp[present] / (support + predicted)[present])) if present.any() else 0.0
 
 
 def logits_for(predicted: list[int], k: int) -> torch.Tensor:
@@ -91,14 +100,29 @@ def test_top_5_accuracy_by_hand():
     assert scalars["top5_acc"] == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_macro_f1_from_the_matrix_agrees_with_torchmetrics(seed):
+@pytest.mark.parametrize("seed, k", [(0, 6), (1, 6), (2, 12), (3, 3)])
+def test_every_figure_agrees_with_torchmetrics(seed, k):
+    """torchmetrics, the field's reference, as the oracle (the run computes the same in plain torch)."""
+    from torchmetrics.functional.classification import (
+        multiclass_accuracy, multiclass_confusion_matrix, multiclass_f1_score, multiclass_precision,
+        multiclass_recall)
+
     g = torch.Generator().manual_seed(seed)
-    k = 6
-    y = torch.randint(0, k - 1, (200,), generator=g)  # the last class never occurs
-    logits = torch.randn(200, k, generator=g) + 2.0 * F.one_hot(y, k)
-    scalars, details = analysed(y.tolist(), logits, k, batches=3)
-    assert macro_f1_of(details["confusion_matrix"]) == pytest.approx(scalars["macro_f1"], abs=1e-5)
+    y = torch.randint(0, k - 1, (300,), generator=g)  # the last class never occurs
+    logits = torch.randn(300, k, generator=g) + 1.5 * F.one_hot(y, k)
+    logits[:5, k - 1] = 10.0  # ... but is predicted a few times
+    scalars, details = analysed(y.tolist(), logits, k, batches=4)
+    assert details["confusion_matrix"] == multiclass_confusion_matrix(logits, y, k).tolist()
+    for name, fn in (("precision", multiclass_precision), ("recall", multiclass_recall), ("f1", multiclass_f1_score)):
+        expected = fn(logits, y, k, average="none").tolist()
+        assert [r[name] for r in details["per_class"]] == pytest.approx(expected, abs=1e-6), name
+    assert scalars["macro_f1"] == pytest.approx(float(multiclass_f1_score(logits, y, k, average="macro")), abs=1e-6)
+    assert scalars["weighted_f1"] == pytest.approx(float(multiclass_f1_score(logits, y, k, average="weighted")),
+                                                   abs=1e-6)
+    if k > 5:
+        top5 = float(multiclass_accuracy(logits, y, k, top_k=5, average="micro"))
+        assert scalars["top5_acc"] == pytest.approx(top5, abs=1e-6)
+    assert macro_f1_of(details["confusion_matrix"]) == pytest.approx(scalars["macro_f1"], abs=1e-6)
 
 
 def test_most_confused_breaks_ties_by_class_index_and_skips_zeros():

@@ -58,11 +58,15 @@ def confusion_matrix(path: Path, matrix: Sequence[Sequence[int]], names: Sequenc
     support = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
     side = min(5.0 + 0.16 * k, 22.0)
+    font = max(5.0, min(10.0, 0.5 * 72 * 0.85 * side / max(k, 1)))  # half a cell high, in points
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    # margins for the longest class name, set by hand: tight_layout would draw the figure twice
+    # (a third of the run's cost of this picture)
+    label = (max(map(len, names), default=1) * 0.6 * font + 24) / 72 / side  # inches of text, as a share
+    fig.subplots_adjust(left=min(0.08 + label, 0.4), bottom=min(0.08 + label, 0.4), right=0.86, top=0.93)
     # a square-root colour scale, so that confusions of a few percent still show among 100 classes
     image = ax.imshow(shares, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="share of the true class")
-    font = max(5.0, min(10.0, 0.5 * 72 * 0.85 * side / max(k, 1)))  # half a cell high, in points
     ax.set_xticks(range(k), labels=names, rotation=90, fontsize=font)
     ax.set_yticks(range(k), labels=names, fontsize=font)
     ax.set_xlabel("predicted class")
@@ -73,7 +77,6 @@ def confusion_matrix(path: Path, matrix: Sequence[Sequence[int]], names: Sequenc
                 ax.text(j, i, str(count), ha="center", va="center", fontsize=min(9.0, font),
                         color="white" if shares[i, j] > 0.4 else "black")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -116,10 +119,20 @@ def _display(x: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 def _grid(plt: Any, n: int, per_row: int, cell: tuple[float, float]) -> tuple[Any, np.ndarray]:
     rows = max(1, math.ceil(n / per_row))
-    fig, axes = plt.subplots(rows, per_row, figsize=(cell[0] * per_row, cell[1] * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, per_row, figsize=(cell[0] * per_row, cell[1] * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, axes
+
+
+def _overlay(plt: Any, heat: np.ndarray) -> np.ndarray:
+    """An (H, W, 4) RGBA layer: red for positive, blue for negative attribution, as opaque as the value
+    is large (zero is transparent, so the input shows through)."""
+    bound = float(np.abs(heat).max()) or 1.0
+    rgba = plt.get_cmap("bwr")(0.5 + 0.5 * heat / bound)
+    rgba[..., 3] = 0.9 * np.abs(heat) / bound
+    return rgba
 
 
 def attribution_images(path: Path, inputs: np.ndarray, maps: np.ndarray, captions: Sequence[tuple[str, str]],
@@ -130,21 +143,18 @@ def attribution_images(path: Path, inputs: np.ndarray, maps: np.ndarray, caption
     plt = _pyplot()
     n = len(inputs)
     pairs = min(4, max(n, 1))
-    fig, axes = _grid(plt, 2 * n, 2 * pairs, (2.1, 2.35))
+    fig, axes = _grid(plt, 2 * n, 2 * pairs, (2.1, 2.6))
     for i in range(n):
         image, cmap = _display(inputs[i])
-        heat = maps[i].sum(axis=0)
-        bound = float(np.abs(heat).max()) or 1.0
         left, right = axes.flat[2 * i], axes.flat[2 * i + 1]
         left.imshow(image, cmap=cmap)
-        right.imshow(inputs[i].mean(axis=0), cmap="gray", alpha=0.6)
-        right.imshow(heat, cmap="bwr", vmin=-bound, vmax=bound, alpha=0.65)
+        right.imshow(inputs[i].mean(axis=0), cmap="gray")
+        right.imshow(_overlay(plt, maps[i].sum(axis=0)))
         for ax, caption in zip((left, right), captions[i]):
             ax.set_title(caption, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -171,7 +181,6 @@ def attribution_signals(path: Path, inputs: np.ndarray, maps: np.ndarray, captio
         ax.tick_params(labelsize=7)
         fig.colorbar(band, ax=ax, pad=0.01, fraction=0.04).ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -198,5 +207,4 @@ def examples(path: Path, inputs: np.ndarray, captions: Sequence[str], title: str
         axes.flat[0].axis("off")
         axes.flat[0].text(0.5, 0.5, "no misclassified test examples", ha="center", va="center")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)

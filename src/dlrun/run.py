@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dlrun
-from dlrun import checkpoint, distributed, plots, rundir
+from dlrun import baselines, checkpoint, distributed, plots, rundir
 from dlrun.checkpoint import Checkpointer
 from dlrun.compress.distill import load_teacher
 from dlrun.config.schema import TrainerConfig, to_plain, trainer_config
@@ -234,6 +234,7 @@ def final_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings
         "monitor_value": state.best_value,
         "train": {"seconds": seconds, "samples_per_s": samples / seconds if seconds else 0.0},
         "cost": {**cost, "peak_memory_mb": peak, "memory": memory_kind},
+        **regression_baselines(data, best, final),
         **analysed,
     }
 
@@ -256,6 +257,12 @@ def analyse_test(analyses: dict[str, TestAnalysis], results: dict[str, dict[str,
         return {"outputs": {"best": section["best"], "final": section["final"]}}
     plots.confusion_matrix(folder.confusion_matrix, section["best"]["confusion_matrix"], best.names, title)
     return {"classes": {"names": best.names, "best": section["best"], "final": section["final"]}}
+
+
+def regression_baselines(data: Data, best: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+    """Regression only: the naive and linear baselines' test errors and the model's MAE relative to them."""
+    found = baselines.baselines(data)
+    return {"baselines": baselines.compared(found, best, final)} if found else {}
 
 
 def spawn_ranks(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None) -> dict[str, Any]:

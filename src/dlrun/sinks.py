@@ -170,6 +170,12 @@ def summary_table(summary: dict[str, Any]):
     table.add_column("final", justify="right")
     for key in sorted(k for k in set(best) | set(final) if "/" in k):
         table.add_row(key, _number(best.get(key)), _number(final.get(key)))
+    if summary.get("baselines"):  # regression: the model's test MAE as a multiple of each baseline's
+        table.add_section()
+        for name, base in summary["baselines"].items():
+            ratio = base["model_mae_ratio"]
+            table.add_row(f"{name} baseline test/mae {base['mae']:.4f}",
+                          *(f"model ×{ratio[w]:.3f}" if w in ratio else "-" for w in ("best", "final")))
     if summary.get("classes"):  # classification: the test split's most confused pairs (see metrics.py)
         table.add_section()
         table.add_row("most confused (true→predicted)",
