@@ -174,7 +174,11 @@ def test_sequence_regression_with_the_rnn(dlrun_cli, tmp_path):
     assert summary["data"]["task"] == "regression" and summary["monitor"] == {"metric": "val/loss", "mode": "min"}
     assert {"train/mae", "val/mae", "test/mae"} <= summary["best"].keys() and "val/acc" not in summary["best"]
     assert metrics[-1]["train/loss"] < metrics[0]["train/loss"] / 3
-    assert summary["best"]["test/mae"] < 0.25  # predicting zeros gives about 0.6
+    # The cheapest setting tried that beats the least-squares linear autoregression on the same test split
+    # (0.82-0.87 of its MAE over seeds 0-2); repeating the last value is far worse.
+    linear, naive = summary["baselines"]["linear"], summary["baselines"]["naive"]
+    assert summary["best"]["test/mae"] < linear["mae"] < naive["mae"]
+    assert linear["model_mae_ratio"]["best"] == pytest.approx(summary["best"]["test/mae"] / linear["mae"])
 
 
 @pytest.mark.slow
