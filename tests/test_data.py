@@ -62,3 +62,20 @@ def test_batch_order_is_a_function_of_seed_and_epoch():
 def test_unshuffled_batches_keep_order():
     x, y = torch.zeros(10, 1), torch.arange(10)
     assert torch.cat([yb for _, yb in batches(x, y, 4)]).tolist() == list(range(10))
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+    import subprocess
+    import sys
+
+    code = ("import sys; from dlrun.data import load_digits; raw = load_digits(0.2, 0.1, 0); "
+            "print('sklearn' in sys.modules, len(raw.train[0]) + len(raw.val[0]) + len(raw.test[0]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "1797"]
+    from sklearn.datasets import load_digits as sk_digits
+
+    from dlrun.data import load_digits
+
+    raw, bunch = load_digits(0.2, 0.1, 0), sk_digits()
+    images = np.concatenate([raw.train[0], raw.val[0], raw.test[0]])[:, 0]
+    assert sorted(map(bytes, images.astype(np.float64))) == sorted(map(bytes, bunch.images))
