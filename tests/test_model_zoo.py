@@ -159,6 +159,25 @@ def test_transformer_tokens(in_shape, patch, tokens):
     assert cls.pos.shape == (1, tokens + 1, 8) and "pos" not in cls.state_dict()  # the fixed table is not saved
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: ResNet((1, 8, 8), 10, depth=8, width=8), (1, 8, 8)),
+    (lambda: Transformer((1, 8, 8), 10, d_model=16, heads=2, ff_dim=16), (1, 8, 8)),  # a token per row
+    (lambda: Transformer((3, 16, 16), 10, d_model=16, heads=2, ff_dim=16, patch_size=4), (3, 16, 16)),
+], ids=["resnet", "transformer rows", "transformer patches"])
+def test_bf16_channels_last_gives_the_fp32_outputs(make, shape):
+    """What trainer.channels_last (null: NHWC for 2-D convolutions on the CPU) and precision=bf16 run.
+    oneDNN's bf16 NHWC kernel for a (1, W) convolution over one channel returns wrong values here,
+    which is why image rows are embedded by a linear layer."""
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(16, *shape)
+    want = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    for _ in range(3):  # the wrong kernel's values changed from call to call
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x.contiguous(memory_format=torch.channels_last)).float()
+        torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
+
+
 # ------------------------------------------------------------------ by hand
 
 

@@ -44,10 +44,34 @@ def sinusoidal(positions: int, d_model: int) -> torch.Tensor:
     return table
 
 
+class Rows(nn.Module):
+    """(B, C, H, W) -> (B, H, D): each row's C x W values, embedded by one linear layer. (Not a (1, W)
+    convolution: on the CPU, oneDNN's bf16 channels-last kernel gives wrong values for that shape.)"""
+
+    def __init__(self, channels: int, width: int, d_model: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(channels * width, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.permute(0, 2, 1, 3).flatten(2))
+
+
+class Patches(nn.Module):
+    """(B, C, L) or (B, C, H, W) -> (B, T, D): non-overlapping patches, embedded by a convolution
+    whose kernel and stride are one patch (as ViT does)."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.proj = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, tokens...) -> (B, T, D)
+
+
 def tokenizer(in_shape: Sequence[int], d_model: int, patch_size: int) -> tuple[nn.Module, int]:
-    """A convolution whose kernel is one token (as ViT embeds patches), and the number of tokens:
-    a (C, L) signal gives L / p tokens of p steps (p = 1 with patch_size 0); a (C, H, W) image
-    one token per row (patch_size 0) or (H / p) x (W / p) patches of p x p."""
+    """The embedding of the input as tokens, and their number: a (C, L) signal gives L / p tokens of
+    p steps (p = 1 with patch_size 0); a (C, H, W) image one token per row (patch_size 0) or
+    (H / p) x (W / p) patches of p x p."""
     if len(in_shape) not in (2, 3):
         raise ConfigError(f"model=transformer needs (C, L) or (C, H, W) inputs, the dataset gives {tuple(in_shape)}")
     sizes = list(in_shape[1:])
@@ -56,9 +80,11 @@ def tokenizer(in_shape: Sequence[int], d_model: int, patch_size: int) -> tuple[n
                           f"(the data's {tuple(in_shape)}); use a divisor, or 0 for a step or a row per token")
     if len(in_shape) == 2:
         p = patch_size or 1
-        return nn.Conv1d(in_shape[0], d_model, p, stride=p), sizes[0] // p
-    kernel = (patch_size, patch_size) if patch_size else (1, sizes[1])
-    return nn.Conv2d(in_shape[0], d_model, kernel, stride=kernel), (sizes[0] // kernel[0]) * (sizes[1] // kernel[1])
+        return Patches(nn.Conv1d(in_shape[0], d_model, p, stride=p)), sizes[0] // p
+    if not patch_size:
+        return Rows(in_shape[0], sizes[1], d_model), sizes[0]
+    conv = nn.Conv2d(in_shape[0], d_model, patch_size, stride=patch_size)
+    return Patches(conv), (sizes[0] // patch_size) * (sizes[1] // patch_size)
 
 
 class Transformer(nn.Module):
@@ -96,7 +122,7 @@ class Transformer(nn.Module):
         self.fc = nn.Linear(d_model, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x).flatten(2).transpose(1, 2)  # (B, D, tokens...) -> (B, T, D)
+        x = self.embed(x)  # (B, T, D)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + T, D)
         x = self.norm(self.layers(self.drop(x + self.pos)))
