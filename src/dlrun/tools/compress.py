@@ -63,6 +63,7 @@ class Plan:
     onnx: bool = True
     inductor: bool = False  # also time the original and static int8 compiled by inductor
     calibration_batches: int = 8
+    batch: int = 0  # the full batch latency is measured at; 0 = the run's trainer.batch_size
 
     def check(self) -> None:
         """One line naming the option and what is allowed, before anything is read or written."""
@@ -78,7 +79,7 @@ class Plan:
         if any(not 0 <= s < 1 for s in self.sparsity):
             raise DlrunError(f"--sparsity {','.join(f'{s:g}' for s in self.sparsity)} is invalid: each must be in [0, 1)")
         for name, value, low in (("--steps", self.steps, 1), ("--finetune-epochs", self.finetune_epochs, 0),
-                                 ("--calibration-batches", self.calibration_batches, 1)):
+                                 ("--calibration-batches", self.calibration_batches, 1), ("--batch", self.batch, 0)):
             if value < low:
                 raise DlrunError(f"{name} {value} is invalid: must be >= {low}")
 
@@ -93,11 +94,12 @@ class Job:
     data: Data
     threads: int
     log: Callable[[str], None]
+    latency_batch: int = 0
 
     task = property(lambda self: self.data.spec.task)
     metric = property(lambda self: f"test/{score_name(self.data.spec.task)}")
     shape = property(lambda self: tuple(self.data.spec.input_shape))
-    batch = property(lambda self: self.cfg.trainer.batch_size)
+    batch = property(lambda self: self.latency_batch or self.cfg.trainer.batch_size)
 
     def save(self, name: str, state: dict[str, Any], model_cfg: Any = None, **extra: Any) -> Path:
         """variants/<name>.pt: weights and what `load_variant` rebuilds them with (the model config)."""
@@ -109,7 +111,7 @@ class Job:
 
     def calibration(self) -> list[torch.Tensor]:
         """The first training batches, in order (static int8's calibration and Taylor importance's gradients)."""
-        return [x for x, _ in islice(self.data.splits["train"].batches(self.batch), 8)]
+        return [x for x, _ in islice(self.data.splits["train"].batches(self.cfg.trainer.batch_size), 8)]
 
 
 def load_variant(path: Path, trust: Iterable[str] = ()) -> nn.Module:
@@ -196,6 +198,7 @@ def compress(run_dir: Path, sparsities: Iterable[float] = (), finetune_epochs: i
                         quantize=["dynamic"] if quantize else [], onnx=False)
     plan.check()
     job, base = open_job(Path(run_dir), trust, threads, log)
+    job.latency_batch = plan.batch
     with torch_threads(job.threads):
         skipped: list[dict[str, str]] = []
         variants = [measure(job, "original", base, base, job.save("original", base.state_dict()), kind="original")]
@@ -255,7 +258,7 @@ def taylor_gradients(model: nn.Module, job: Job) -> None:
     """Gradients of the training loss on the first training batches (Taylor importance), in eval mode
     (batch-norm statistics untouched)."""
     model.eval().zero_grad(set_to_none=True)
-    for (x, y) in islice(job.data.splits["train"].batches(job.batch), 4):
+    for (x, y) in islice(job.data.splits["train"].batches(job.cfg.trainer.batch_size), 4):
         loss_and_score(model(x), y, job.task)[0].backward()
 
 
@@ -278,12 +281,7 @@ def unstructured_variants(job: Job, base: nn.Module, plan: Plan) -> list[dict[st
 def quantized_variants(job: Job, base: nn.Module, plan: Plan, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
     out = []
     if "static" in plan.quantize:
-        try:
-            out += static_variants(job, base, plan)
-        except Exception as err:  # an architecture torch.export or the quantizer cannot take (e.g. a recurrent one)
-            why = f"static int8 is not possible for this model: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            job.log(f"int8-static: skipped: {why}")
-            skipped.append({"variant": "int8-static", "reason": why})
+        out += static_variants(job, base, plan, skipped)
     if "dynamic" in plan.quantize:
         model = dynamic_int8(copy.deepcopy(base))
         out.append(measure(job, "int8-dynamic", model, base, job.save("int8-dynamic", model.state_dict()),
@@ -291,21 +289,29 @@ def quantized_variants(job: Job, base: nn.Module, plan: Plan, skipped: list[dict
     return out
 
 
-def static_variants(job: Job, base: nn.Module, plan: Plan) -> list[dict[str, Any]]:
+def static_variants(job: Job, base: nn.Module, plan: Plan, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Static int8 (PT2E), saved as a torch.export archive (variants/int8-static.pt2), timed eager and,
-    with `plan.inductor`, compiled (where its int8 kernels are used)."""
-    batches = job.calibration()[: plan.calibration_batches]
-    model = static_int8(copy.deepcopy(base), batches, batches[0])
-    file = job.folder.variant("int8-static", ".pt2")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        archive = torch.export.export(model.graph, (batches[0],), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
-        rundir.atomic_write(file, lambda f: torch.export.save(archive, f))
-    out = [measure(job, "int8-static", model, base, file, kind="int8-static",
-                   calibration_batches=len(batches))]
-    if plan.inductor:
-        out.append(inductor_variant(job, "int8-static", model, base, str(file)))
+    with `plan.inductor`, compiled (where its int8 kernels are used). What torch.export, the quantizer
+    or inductor cannot take (a recurrent model; inductor errors) is skipped with the reason."""
+    out = []
+    try:
+        batches = job.calibration()[: plan.calibration_batches]
+        model = static_int8(copy.deepcopy(base), batches, batches[0])
+        file = job.folder.variant("int8-static", ".pt2")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            archive = torch.export.export(model.graph, (batches[0],),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
+            rundir.atomic_write(file, lambda f: torch.export.save(archive, f))
+        out.append(measure(job, "int8-static", model, base, file, kind="int8-static", calibration_batches=len(batches)))
+        if plan.inductor:
+            out.append(inductor_variant(job, "int8-static", model, base, str(file)))
+    except Exception as err:  # torch.export, the quantizer and inductor raise many types
+        name = "int8-static+inductor" if out else "int8-static"
+        why = f"{name} failed for this model: {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+        job.log(f"{name}: skipped: {why}")
+        skipped.append({"variant": name, "reason": why})
     return out
 
 
@@ -405,6 +411,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan, str]:
     add("--no-onnx", action="store_true", help="skip the ONNX export and ONNX Runtime")
     add("--inductor", action="store_true", help="also time the original and static int8 compiled by inductor "
                                                  "(static int8 is fast only there; compiling takes seconds)")
+    add("--batch", type=int, default=0, help="the full batch latency is measured at (0: the run's trainer.batch_size;"
+                                             " at most 256 either way)")
     add("--threads", type=int, default=0,
         help="CPU threads for everything measured (0: the run's device.threads, else torch's default)")
     add("--trust", action="append", default=[], metavar="TARGET",
@@ -416,7 +424,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan, str]:
                 sparsity=numbers(args.sparsity, "--sparsity", parser.prog),
                 quantize=[] if args.no_quantize else [q.strip() for q in args.quantize.split(",") if q.strip()],
                 half=not args.no_half, onnx=not args.no_onnx, inductor=args.inductor,
-                calibration_batches=args.calibration_batches)
+                calibration_batches=args.calibration_batches, batch=args.batch)
     return args, plan, parser.prog
 
 
