@@ -179,3 +179,21 @@ def test_the_command(trained_run, name):
     assert "1 threads" in out
     bad = subprocess.run([command, str(trained_run), "--prune", "1.5"], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip() == f"{name}: error: --prune 1.5 is invalid: each must be in (0, 1)"
+
+
+def test_taylor_importance_and_steps_with_finetuning():
+    torch.manual_seed(0)
+    model = CNN((1, 8, 8), 10, channels=[16, 32], hidden=64).eval()
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    graded, tuned = [], []
+
+    def grad_fn(m):
+        graded.append(1)
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+
+    before = cost_of(model, "params", (1, 8, 8))
+    pruned = structured(model, (1, 8, 8), 0.5, "params", "global", "taylor", steps=2,
+                        finetune=lambda m: tuned.append(cost_of(m, "params", (1, 8, 8))), grad_fn=grad_fn)
+    assert graded and all(p.grad is None for p in pruned.parameters())  # gradients used, then dropped
+    assert len(tuned) == 2 and 0.70 <= tuned[0] / before <= 0.75 and 0.45 <= tuned[1] / before <= 0.5
+    assert cost_of(pruned, "params", (1, 8, 8)) == tuned[1]
