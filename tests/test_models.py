@@ -7,7 +7,7 @@ import torch
 
 from dlrun.errors import ConfigError
 from dlrun.data import DataSpec
-from dlrun.models import CNN, MLP, RNN, build_model, count_parameters
+from dlrun.models import CNN, MLP, RNN, ResNet, Transformer, build_model, count_parameters
 
 SPECS = {
     "digits": DataSpec(input_shape=(1, 8, 8), num_outputs=10),
@@ -72,7 +72,7 @@ def test_user_module_by_target(make_cfg):
         build_model(cfg.model, SPECS["digits"])  # the contract: the class must accept in_shape and num_outputs
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp", "rnn"])
+@pytest.mark.parametrize("name", ["cnn", "mlp", "rnn", "resnet", "transformer"])
 def test_schema_defaults_are_the_constructor_defaults(name):
     """Every default is declared in the schema and repeated in the class signature (so the classes
     work from Python alone); the two must never disagree."""
@@ -82,7 +82,7 @@ def test_schema_defaults_are_the_constructor_defaults(name):
     from dlrun.config.schema import GROUPS
 
     schema = GROUPS["model"][name]
-    model_class = {"cnn": CNN, "mlp": MLP, "rnn": RNN}[name]
+    model_class = {"cnn": CNN, "mlp": MLP, "rnn": RNN, "resnet": ResNet, "transformer": Transformer}[name]
     signature = inspect.signature(model_class).parameters
     for f in dataclasses.fields(schema):
         if f.name == "_target_":
