@@ -242,6 +242,7 @@ def test_transformer_attention_flops_are_counted():
     (dict(blocks=[{"channels": 4, "pool": "max", "pool_size": 3}] * 2),
      r"model.blocks\[1\] pools an input of \(2, 2\) \(from the data's \(1, 8, 8\)\) with pool_size 3"),
     (dict(blocks=[{"channels": 4, "kernal": 3}]), r"model.blocks\[0\].kernal is not a block key; allowed: channels, "),
+    (dict(blocks=[{"channels": 4, "padding": "full"}]), r"model.blocks\[0\].padding='full' is invalid; allowed: same, valid"),
 ])
 def test_a_block_that_leaves_nothing_is_named(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -50,7 +50,11 @@ def parse_blocks(blocks: Sequence[Mapping[str, Any] | Block]) -> list[Block]:
             raise ConfigError(f"model.blocks[{i}].{unknown[0]} is not a block key; allowed: {', '.join(BLOCK_KEYS)}")
         if "channels" not in entry:
             raise ConfigError(f"model.blocks[{i}] names no channels (e.g. {{channels: 32, kernel: 3}})")
-        parsed.append(Block(**{k: plain(v) for k, v in entry.items()}))
+        block = Block(**{k: plain(v) for k, v in entry.items()})
+        for key, allowed in (("padding", ("same", "valid")), ("pool", ("none", "max", "avg"))):
+            if getattr(block, key) not in allowed:
+                raise ConfigError(f"model.blocks[{i}].{key}={getattr(block, key)!r} is invalid; allowed: {', '.join(allowed)}")
+        parsed.append(block)
     return parsed
 
 
