@@ -55,8 +55,9 @@ def prune_channels(model: nn.Module, input_shape: Sequence[int], ratio: float, s
         grad_fn(model)  # type: ignore[misc]
     imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=2)
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    pruner = tp.pruner.BasePruner(model, torch.zeros(1, *input_shape), importance=imp, pruning_ratio=ratio,
-                                  global_pruning=scope == "global", ignored_layers=[last], max_pruning_ratio=0.95)
+    Pruner = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner  # MetaPruner before Torch-Pruning 1.5
+    pruner = Pruner(model, torch.zeros(1, *input_shape), importance=imp, pruning_ratio=ratio,
+                    global_pruning=scope == "global", ignored_layers=[last], max_pruning_ratio=0.95)
     pruner.step()
     model.zero_grad(set_to_none=True)
     return model
@@ -75,7 +76,7 @@ def prune_to(model: nn.Module, input_shape: Sequence[int], keep: float, by: str,
         else:
             low = mid
     if found is None:
-        raise DlrunError(f"pruning cannot remove that much: at most 95% of each layer's channels go")
+        raise DlrunError("pruning cannot remove that much: at most 95% of each layer's channels go")
     return found
 
 
