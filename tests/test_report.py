@@ -15,7 +15,8 @@ from PIL import Image
 
 from dlrun.figures import pareto_plot, run_curves, sweep_curves
 from dlrun.rundir import RunDir, read_metrics
-from dlrun.tools.report import by_configuration, pareto_front, rows_of
+from dlrun.errors import DlrunError
+from dlrun.tools.report import by_configuration, pareto_front, plot_runs, rows_of, shown, sort_rows, variant_rows
 
 DLRUN_REPORT = str(Path(sys.executable).with_name("dlrun-report"))
 
@@ -153,3 +154,46 @@ def test_runs_differing_only_in_seed_are_one_configuration(dlrun_cli, tmp_path):
     assert "6 runs" in per_run and "configurations" not in per_run and "±" not in per_run
     with Image.open(sweep / "plots" / "pareto.png") as png:
         assert png.format == "PNG"
+
+
+# ------------------------------------------------------------------ macro F1, baselines, compress variants
+
+def test_macro_f1_and_the_linear_baseline_ratio_are_columns(tmp_path):
+    a = fake_run(tmp_path / "a", ["trainer.seed=0"], 0.9, 1000, [1.0])
+    b = fake_run(tmp_path / "b", ["trainer.seed=1"], 0.8, 1000, [1.0])
+    for folder, f1 in ((a, 0.85), (b, 0.75)):
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["best"]["test/macro_f1"] = f1
+        summary["baselines"] = {"linear": {"mae": 0.2, "model_mae_ratio": {"best": f1 / 2, "final": 1.0}}}
+        (folder / "summary.json").write_text(json.dumps(summary))
+    (row,) = rows_for([a, b])
+    assert row["macro_f1"] == pytest.approx(0.8) and row["macro_f1_std"] == pytest.approx(statistics.stdev([0.85, 0.75]))
+    assert row["vs_linear"] == pytest.approx(0.4)
+    assert "macro_f1" in shown([row]) and shown([{**row, "vs_linear": None}]).count("vs_linear") == 0
+    assert sort_rows(rows_for([a, b], merge_seeds=False), "macro_f1", True)[0]["macro_f1"] == 0.85
+
+
+def test_compress_variants_are_points_of_the_pareto_plot(tmp_path):
+    run = fake_run(tmp_path / "run", [], 0.95, 50_000, [1.0])
+    summary = json.loads((run / "summary.json").read_text())
+    summary["cost"]["latency_ms"] = {"batch_1": 0.3, "batch_64": 2.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    variants = [  # as dlrun-compress writes them (src/dlrun/tools/compress.py)
+        {"name": "original", "runtime": "eager", "test/acc": 0.95, "parameters": 50_000, "flops_per_sample": 100_000,
+         "latency_ms": {"batch_1": 0.3, "batch_64": 2.0}},
+        {"name": "pruned-flops-0.5", "runtime": "eager", "test/acc": 0.94, "parameters": 20_000,
+         "flops_per_sample": 50_000, "latency_ms": {"batch_1": 0.2, "batch_64": 1.0}},
+        {"name": "original-onnx", "runtime": "onnxruntime", "test/acc": 0.95, "parameters": 50_000,
+         "flops_per_sample": 100_000, "latency_ms": {"batch_1": 0.1, "batch_64": 0.5}},
+    ]
+    (run / "compress.json").write_text(json.dumps({"metric": "test/acc", "variants": variants}))
+    rows = rows_for([run])
+    found = variant_rows(rows)
+    assert [(v["run"], v["params"], v["latency_ms"]) for v in found] == [
+        ("run/pruned-flops-0.5", 20_000, 1.0), ("run/original-onnx", 50_000, 0.5)]
+    (written,) = [p for p in plot_runs(rows, tmp_path / "plots", "latency_ms") if p.name == "pareto.png"]
+    with Image.open(written) as png:
+        assert png.format == "PNG"
+    (run / "compress.json").write_text("{not json")
+    with pytest.raises(DlrunError, match="compress.json: cannot be read"):
+        variant_rows(rows)

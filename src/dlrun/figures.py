@@ -153,9 +153,14 @@ def pareto_plot(rows: list[dict[str, Any]], cost: str, cost_label: str, score_me
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     xs, ys = [float(r[cost]) for r in rows], [r["test"] for r in rows]
-    errors = [r.get("test_std") or 0.0 for r in rows]
-    ax.errorbar(xs, ys, yerr=errors if any(errors) else None, fmt="o", color="tab:blue", ecolor="tab:blue",
-                capsize=3, label="runs (± std over seeds)" if any(errors) else "runs")
+    runs = [i for i, r in enumerate(rows) if not r.get("variant")]
+    errors = [rows[i].get("test_std") or 0.0 for i in runs]
+    ax.errorbar([xs[i] for i in runs], [ys[i] for i in runs], yerr=errors if any(errors) else None, fmt="o",
+                color="tab:blue", ecolor="tab:blue", capsize=3, label="runs (± std over seeds)" if any(errors) else "runs")
+    variants = [i for i, r in enumerate(rows) if r.get("variant")]
+    if variants:
+        ax.scatter([xs[i] for i in variants], [ys[i] for i in variants], marker="^", color="tab:green",
+                   label="variants (dlrun-compress)")
     chosen = sorted((xs[i], ys[i]) for i in front)
     ax.plot(*zip(*chosen), color="tab:red", marker="o", markersize=10, markerfacecolor="none", zorder=3,
             label="Pareto front")

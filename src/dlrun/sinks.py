@@ -186,8 +186,9 @@ def summary_table(summary: dict[str, Any]):
     table.add_section()
     table.add_row("parameters", f"{params['total']:,}", f"{params['trainable']:,} trainable")
     table.add_row("size, FLOPs/sample", f"{cost['size_mb']:.3f} MiB", f"{cost['flops_per_sample']:,}")
-    table.add_row("latency (batch 1, " + full.split("_")[1] + ")", f"{latency['batch_1']:.3f} ms",
-                  f"{latency[full]:.3f} ms")
+    threads = cost.get("latency", {}).get("threads")  # summaries before 0.2 did not record it
+    table.add_row(f"latency (batch 1, {full.split('_')[1]}" + (f"; {threads} threads" if threads else "") + ")",
+                  f"{latency['batch_1']:.3f} ms", f"{latency[full]:.3f} ms")
     table.add_row("peak memory", f"{cost['peak_memory_mb']:,.0f} MiB", cost["memory"])
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s", f"{summary['train']['samples_per_s']:,.0f} samples/s")
     processes = summary.get("processes", 1)

@@ -5,6 +5,7 @@ its row gives the mean, the standard deviation and n of every figure.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from pathlib import Path
@@ -15,10 +16,17 @@ from dlrun.rundir import RunDir, find_runs, read_summary
 
 # ------------------------------------------------------------------ dlrun-report
 
-COLUMNS = ("run", "overrides", "n", "status", "monitor", "best", "test", "final_test", "params", "flops", "time_s")
+COLUMNS = ("run", "overrides", "n", "status", "monitor", "best", "test", "final_test", "macro_f1", "vs_linear",
+           "params", "flops", "time_s")
 # The figures that are averaged over a configuration's seeds (mean, std); the others are the same for all.
-AVERAGED = ("best", "test", "final_test", "time_s")
-COST_LABELS = {"params": "parameters", "flops": "FLOPs per sample", "time_s": "training seconds"}
+AVERAGED = ("best", "test", "final_test", "macro_f1", "vs_linear", "time_s")
+COST_LABELS = {"params": "parameters", "flops": "FLOPs per sample", "time_s": "training seconds",
+               "latency_ms": "latency at a full batch, ms (median)"}
+
+
+def full_batch(latency_ms: dict[str, float] | None) -> float | None:
+    """The full-batch figure of a `latency_ms` entry ({"batch_1": .., "batch_64": ..})."""
+    return next((v for k, v in (latency_ms or {}).items() if k != "batch_1"), None)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -55,11 +63,37 @@ def rows_of(runs: list[Path]) -> list[dict]:
             "test": best.get(score) if score else None,  # of the best checkpoint
             "final_test": s.get("final", {}).get(score) if score else None,
             "test_metric": score,
+            "macro_f1": best.get("test/macro_f1"),  # classification: of the best checkpoint
+            # regression: the best checkpoint's test MAE as a multiple of the linear baseline's (< 1 beats it)
+            "vs_linear": s.get("baselines", {}).get("linear", {}).get("model_mae_ratio", {}).get("best"),
             "params": s.get("model", {}).get("parameters", {}).get("total"),
             "flops": s.get("cost", {}).get("flops_per_sample"),
             "time_s": s.get("train", {}).get("seconds"),
+            "latency_ms": full_batch(s.get("cost", {}).get("latency_ms")),
         })
     return rows
+
+
+def variant_rows(rows: list[dict]) -> list[dict]:
+    """The cheaper variants `dlrun-compress` made of these runs (their compress.json), as rows of the
+    Pareto plot: named `<run>/<variant>`, with their own score, parameters, FLOPs and latency. The
+    original is the run's own point and is left out."""
+    found = []
+    for row in rows:
+        path = RunDir(Path(row["paths"][0])).compress_report
+        try:
+            report = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as err:
+            raise DlrunError(f"{path}: cannot be read ({err}); rerun dlrun-compress or remove it") from None
+        metric = report.get("metric")
+        for v in report.get("variants", []):
+            if v.get("name") == "original" or metric not in v or metric != row["test_metric"]:
+                continue
+            found.append({**{c: None for c in COLUMNS}, "run": f"{row['run']}/{v['name']}", "overrides": "",
+                          "test": v[metric], "test_metric": metric, "params": v.get("parameters"),
+                          "flops": v.get("flops_per_sample"), "latency_ms": full_batch(v.get("latency_ms")),
+                          "variant": True})
+    return found
 
 
 def by_configuration(rows: list[dict], merge_seeds: bool = True) -> list[dict]:
@@ -107,8 +141,14 @@ def _cell(value, std=None) -> str:
     return str(value)
 
 
-def cells(row: dict) -> list[str]:
-    return [_cell(row[c], row.get(f"{c}_std")) for c in COLUMNS]
+def shown(rows: list[dict]) -> list[str]:
+    """The columns worth printing: those some row has a value in (macro F1 is for classification,
+    vs_linear for regression)."""
+    return [c for c in COLUMNS if c in ("run", "overrides") or any(r[c] is not None for r in rows)]
+
+
+def cells(row: dict, columns: list[str]) -> list[str]:
+    return [_cell(row[c], row.get(f"{c}_std")) for c in columns]
 
 
 def write_table(rows: list[dict], path: Path) -> None:
@@ -123,8 +163,9 @@ def write_table(rows: list[dict], path: Path) -> None:
             writer.writeheader()
             writer.writerows({**r, "paths": " ".join(r["paths"])} for r in rows)
         return
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    columns = shown(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cells(r, columns)) + " |" for r in rows]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -137,7 +178,7 @@ def plot_runs(rows: list[dict], out_dir: Path, cost: str) -> list[Path]:
     maximise = score.endswith("acc")
     ranked = sorted(rows, key=lambda r: (r["test"] is None, -(r["test"] or 0) if maximise else (r["test"] or 0)))
     written = [save(sweep_curves(ranked, score.split("/")[1]), out_dir / "learning_curves.png")]
-    scored = [r for r in rows if r["test"] is not None and r[cost] is not None]
+    scored = [r for r in rows + variant_rows(rows) if r["test"] is not None and r.get(cost) is not None]
     if len(scored) >= 2:
         front = pareto_front([(float(r[cost]), r["test"] if maximise else -r["test"]) for r in scored])
         written.append(save(pareto_plot(scored, cost, COST_LABELS[cost], score, maximise, front), out_dir / "pareto.png"))
@@ -167,8 +208,8 @@ def report(argv: list[str] | None) -> None:
     parser.add_argument("--plots", type=Path, help="folder for the PNGs (default: <first folder>/plots)")
     parser.add_argument("--per-run", action="store_true",
                         help="one row per run (default: runs that differ only in trainer.seed are one row, mean ± std)")
-    parser.add_argument("--cost", default="params", choices=("params", "flops", "time_s"),
-                        help="the cost axis of the Pareto plot")
+    parser.add_argument("--cost", default="params", choices=tuple(COST_LABELS),
+                        help="the cost axis of the Pareto plot (variants made by dlrun-compress are points too)")
     args = parser.parse_args(argv)
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:
@@ -183,11 +224,12 @@ def report(argv: list[str] | None) -> None:
 
     table = Table(title=f"{len(runs)} runs" + (f", {len(rows)} configurations" if len(rows) < len(runs) else ""),
                   header_style="bold")
-    for column in COLUMNS:
+    columns = shown(rows)
+    for column in columns:
         left = column in ("run", "overrides", "status", "monitor")
         table.add_column(column, justify="left" if left else "right", overflow="fold", no_wrap=not left)
     for r in rows:
-        table.add_row(*cells(r))
+        table.add_row(*cells(r, columns))
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # piped or logged: room for the numbers
