@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir", help="where MNIST/raw/ is or will be written (default: a temp dir)")
     parser.add_argument("--device", default="cpu", help="where the batches are delivered")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs of each side, alternating")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(1)  # both sides on one thread: the comparison is the pipeline, not the BLAS
@@ -64,19 +66,27 @@ def main(argv: list[str] | None = None) -> dict:
         data_dir = args.data_dir or tmp
         if not (Path(data_dir) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
             write_mnist(Path(data_dir), n_train=args.samples, n_test=max(10, args.samples // 6))
-        n_ours, t_ours = dlrun_epoch(data_dir, args.batch_size, device)
-        n_tv, t_tv = torchvision_epoch(data_dir, args.batch_size, device)
+        sides = {"dlrun": lambda: dlrun_epoch(data_dir, args.batch_size, device),
+                 "torchvision": lambda: torchvision_epoch(data_dir, args.batch_size, device)}
+        rates: dict[str, list[float]] = {name: [] for name in sides}
+        for rep in range(args.repeats):  # alternating: neither side always goes first
+            for name in (list(sides) if rep % 2 == 0 else list(sides)[::-1]):
+                n, seconds = sides[name]()
+                rates[name].append(n / seconds)
+    med = {name: statistics.median(r) for name, r in rates.items()}
     result = {
         "bench": "data_pipeline",
         "batch_size": args.batch_size,
         "device": str(device),
-        "dlrun_samples_per_s": n_ours / t_ours,
-        "torchvision_samples_per_s": n_tv / t_tv,
-        "ratio": (n_ours / t_ours) / (n_tv / t_tv),
+        "repeats": args.repeats,
+        "dlrun_samples_per_s": med["dlrun"],
+        "torchvision_samples_per_s": med["torchvision"],
+        **{f"{name}_range": [min(r), max(r)] for name, r in rates.items()},
+        "ratio": med["dlrun"] / med["torchvision"],
     }
-    print(f"{'loader':<38}{'samples':>9}{'seconds':>10}{'samples/s':>14}")
-    print(f"{'dlrun in-memory (TensorSplit)':<38}{n_ours:>9}{t_ours:>10.3f}{n_ours / t_ours:>14,.0f}")
-    print(f"{'torchvision MNIST+ToTensor+DataLoader':<38}{n_tv:>9}{t_tv:>10.3f}{n_tv / t_tv:>14,.0f}")
+    print(f"samples/s, median over {args.repeats} epochs each (min-max)")
+    for name, label in (("dlrun", "dlrun in-memory (TensorSplit)"), ("torchvision", "torchvision MNIST+ToTensor+DataLoader")):
+        print(f"  {label:<38}{med[name]:>12,.0f}  ({min(rates[name]):,.0f}-{max(rates[name]):,.0f})")
     print(f"ratio (dlrun / torchvision): {result['ratio']:.1f}x")
     print(json.dumps(result))
     return result

@@ -4,9 +4,10 @@ The work: MNIST-format data (random patterned images written in torchvision's ID
 unless --data-dir has real MNIST), split 55k/5k/10k; an MLP 784-64-128-64-10 with batch
 norm; Adam, batch 128, one epoch (on the CPU unless --device cuda); then validation and test accuracy. The plain
 script is the usual one: torchvision MNIST with ToTensor + Normalize per sample and a
-DataLoader with num_workers=0. Both are timed as whole processes, start-up included.
+DataLoader with num_workers=0. Both are timed as whole processes, start-up included, alternating
+(--repeats times each); the medians and their min-max are reported.
 
-    python bench/end_to_end.py [--samples 60000] [--epochs 1] [--data-dir DIR] [--device cpu|cuda]
+    python bench/end_to_end.py [--samples 60000] [--epochs 1] [--data-dir DIR] [--device cpu|cuda] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DLRUN, report, timed
+from common import DLRUN, paired, report
 
 PLAIN = '''
 import sys, torch
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--data-dir", help="where MNIST/raw/ is or will be written (default: a temp dir)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating")
     args = parser.parse_args(argv)
     from datafiles import write_mnist
 
@@ -65,17 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
         (work / "plain.py").write_text(PLAIN)
         dlrun_cmd = [DLRUN, "dataset=mnist", f"dataset.data_dir={data_dir}", "dataset.val_fraction=0.0833333",
                      "model=mlp", "model.hidden=[64,128,64]", "model.dropout=0", "optimizer=adam",
-                     "trainer.batch_size=128", f"trainer.epochs={args.epochs}", f"device={args.device}",
-                     f"hydra.run.dir={work / 'run'}"]
-        plain = timed([sys.executable, str(work / "plain.py"), str(data_dir), str(args.epochs), args.device], work)
-        ours = timed(dlrun_cmd, work)
-    return report(
-        "end_to_end",
-        [("plain PyTorch + torchvision DataLoader", plain), ("dlrun (whole command)", ours)],
-        "speed-up of dlrun over the plain script", plain / ours,
-        {"samples": args.samples, "epochs": args.epochs, "device": args.device},
-    )
-
+                     "trainer.batch_size=128", f"trainer.epochs={args.epochs}", f"device={args.device}"]
+        times = paired({
+            "plain PyTorch + torchvision DataLoader":
+                lambda rep: [sys.executable, str(work / "plain.py"), str(data_dir), str(args.epochs), args.device],
+            "dlrun (whole command)": lambda rep: [*dlrun_cmd, f"hydra.run.dir={work / f'run{rep}'}"],
+        }, work, args.repeats)
+    return report("end_to_end", times, "speed-up of dlrun over the plain script",
+                  "plain PyTorch + torchvision DataLoader", "dlrun (whole command)",
+                  {"samples": args.samples, "epochs": args.epochs, "device": args.device})
 
 if __name__ == "__main__":
     main()

@@ -8,29 +8,26 @@ The CLI imports nothing heavy for these, so they should take a fraction of torch
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from common import DLRUN, median_time, report
+from common import DLRUN, paired, report
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each command; the median counts")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each command, alternating; the median counts")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
-        torch_s = median_time([sys.executable, "-c", "import torch"], cwd, args.repeats)
-        help_s = median_time([DLRUN, "--help"], cwd, args.repeats)
-        cfg_s = median_time([DLRUN, "--cfg", "job"], cwd, args.repeats)
-    return report(
-        "startup",
-        [('python -c "import torch"', torch_s), ("dlrun --help", help_s), ("dlrun --cfg job", cfg_s)],
-        "import torch / dlrun --help", torch_s / help_s,
-        {"cfg_ratio": torch_s / cfg_s},
-    )
-
+        times = paired({'python -c "import torch"': lambda rep: [sys.executable, "-c", "import torch"],
+                        "dlrun --help": lambda rep: [DLRUN, "--help"],
+                        "dlrun --cfg job": lambda rep: [DLRUN, "--cfg", "job"]}, cwd, args.repeats)
+    cfg_ratio = statistics.median(times['python -c "import torch"']) / statistics.median(times["dlrun --cfg job"])
+    return report("startup", times, "import torch / dlrun --help", 'python -c "import torch"', "dlrun --help",
+                  {"cfg_ratio": cfg_ratio})
 
 if __name__ == "__main__":
     main()

@@ -14,27 +14,25 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import DLRUN, report, timed
+from common import DLRUN, paired, report
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
     args = parser.parse_args(argv)
     seeds = ",".join(str(i) for i in range(args.jobs))
     common = ["-m", f"trainer.seed={seeds}", f"trainer.epochs={args.epochs}", "device=cpu"]
     with tempfile.TemporaryDirectory() as tmp:
         cwd = Path(tmp)
-        sequential = timed([DLRUN, *common, "hydra.sweep.dir=sequential"], cwd)
-        parallel = timed([DLRUN, *common, "launcher=local_parallel", "hydra.sweep.dir=parallel"], cwd)
-    return report(
-        "sweep",
-        [(f"{args.jobs} jobs, one after another", sequential), (f"{args.jobs} jobs, launcher=local_parallel", parallel)],
-        "speed-up of the parallel sweep", sequential / parallel,
-        {"jobs": args.jobs, "epochs": args.epochs, "cores": os.cpu_count()},
-    )
-
+        sequential, parallel = f"{args.jobs} jobs, one after another", f"{args.jobs} jobs, launcher=local_parallel"
+        times = paired({sequential: lambda rep: [DLRUN, *common, f"hydra.sweep.dir=sequential{rep}"],
+                        parallel: lambda rep: [DLRUN, *common, "launcher=local_parallel", f"hydra.sweep.dir=parallel{rep}"]},
+                       cwd, args.repeats)
+    return report("sweep", times, "speed-up of the parallel sweep", sequential, parallel,
+                  {"jobs": args.jobs, "epochs": args.epochs, "cores": os.cpu_count()})
 
 if __name__ == "__main__":
     main()

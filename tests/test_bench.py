@@ -44,9 +44,11 @@ def test_threads():
 
 
 def test_end_to_end(tmp_path):
-    result, _ = bench("end_to_end.py", "--samples", "600", "--data-dir", str(tmp_path))
+    result, out = bench("end_to_end.py", "--samples", "600", "--data-dir", str(tmp_path), "--repeats", "2")
     plain, ours = result["plain PyTorch + torchvision DataLoader"], result["dlrun (whole command)"]
     assert result["ratio"] == pytest.approx(plain / ours) and ours > 0
+    low, high = result["dlrun (whole command) range"]
+    assert low <= ours <= high and result["repeats"] == 2 and ", 2 runs)" in out
 
 
 def test_startup():
@@ -55,7 +57,7 @@ def test_startup():
 
 
 def test_sweep():
-    result, _ = bench("sweep.py", "--jobs", "2", "--epochs", "1")
+    result, _ = bench("sweep.py", "--jobs", "2", "--epochs", "1", "--repeats", "1")
     assert result["jobs"] == 2 and result["ratio"] > 0
 
 
