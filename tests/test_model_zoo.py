@@ -226,8 +226,6 @@ def test_transformer_dense_flops_are_counted():
     assert flops_per_sample(model, (1, 40), CPU) in (dense, dense + attention)
 
 
-@pytest.mark.xfail(strict=True, reason="cost.py's FlopCounterMode counts no scaled_dot_product_attention on the CPU "
-                                       "(aten._scaled_dot_product_flash_attention_for_cpu has no FLOP formula)")
 def test_transformer_attention_flops_are_counted():
     model = Transformer((1, 40), 10, d_model=16, heads=2, layers=2, ff_dim=32)
     assert flops_per_sample(model, (1, 40), CPU) == sum(transformer_flops(40, 1, 16, 2, 32, 10))

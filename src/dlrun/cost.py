@@ -20,6 +20,17 @@ def size_mb(model: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+# FlopCounterMode counts scaled_dot_product_attention's CUDA kernels but has no formula for the CPU
+# one (torch 2.14): the same count as the others (the two attention matmuls), from the shapes.
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 @torch.no_grad()
 def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch.device) -> int:
     """Forward FLOPs for one sample, counted by PyTorch's FlopCounterMode (matmuls and convolutions;
@@ -29,7 +40,7 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch
     runs as the matmuls the counter sees."""
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # oneDNN's note about Intel GPUs when its flags change
         with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), counter:
@@ -108,10 +119,15 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 def model_cost(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device,
                threads: int | None = None) -> dict[str, Any]:
-    """The summary's `cost` entries that describe the model itself (latency: see `latency_entries`)."""
+    """The summary's `cost` entries that describe the model itself (latency: see `latency_entries`).
+    Every run measures them after training, so the latency gets a short budget (RUN_LATENCY_S per
+    batch size); dlrun-compress, which is about latency, times longer."""
     return {
         "parameters": count_parameters(model),
         "size_mb": size_mb(model),
         "flops_per_sample": flops_per_sample(model, input_shape, device),
-        **latency_entries(latency_pair(model, input_shape, batch_size, device, threads)),
+        **latency_entries(latency_pair(model, input_shape, batch_size, device, threads, RUN_LATENCY_S)),
     }
+
+
+RUN_LATENCY_S = 0.05
