@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dlrun.figures import pareto_plot, run_curves, sweep_curves
+from dlrun.plots import pareto_plot, run_curves, sweep_curves
 from dlrun.rundir import RunDir, read_metrics
 from dlrun.errors import DlrunError
 from dlrun.tools.report import by_configuration, pareto_front, plot_runs, rows_of, shown, sort_rows, variant_rows

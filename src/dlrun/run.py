@@ -39,7 +39,7 @@ from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.rundir import RunDir, RunRecord
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink, MLflowSink, Sink, TensorBoardSink, flatten
-from dlrun.figures import learning_curves
+from dlrun.plots import learning_curves
 from dlrun.train import LoopSettings, Parts, StopFlag, TrainState, evaluate, evaluate_split, fit, steps_per_epoch
 
 log = logging.getLogger("dlrun")

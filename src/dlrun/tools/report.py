@@ -172,7 +172,7 @@ def write_table(rows: list[dict], path: Path) -> None:
 def plot_runs(rows: list[dict], out_dir: Path, cost: str) -> list[Path]:
     """learning_curves.png (a colour per configuration) and, for several configurations with a test
     score, pareto.png (test score against `cost`, the Pareto front marked, seeds as error bars)."""
-    from dlrun.figures import pareto_plot, save, sweep_curves
+    from dlrun.plots import pareto_plot, save, sweep_curves
 
     score = next((r["test_metric"] for r in rows if r["test_metric"]), "test/acc")
     maximise = score.endswith("acc")
