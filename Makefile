@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run test smoke sweep bench clean
+.PHONY: install run test smoke sweep bench results clean
 
 install: $(STAMP)
 
@@ -35,14 +35,14 @@ smoke: install
 sweep: install
 	$(BIN)/dlrun -m optimizer=sgd,adam trainer.epochs=5 $(ARGS)
 
-## Benchmarks: each prints a table and a JSON line with a ratio measured in the same run.
+## Benchmarks: each prints a table and a JSON line with ratios measured in one run; bench/run_all.py keeps
+## them in results/bench.json and regenerates the README's Performance table.
 bench: install
-	$(BIN)/python bench/loop_overhead.py
-	$(BIN)/python bench/end_to_end.py
-	$(BIN)/python bench/startup.py
-	$(BIN)/python bench/data_pipeline.py
-	$(BIN)/python bench/sweep.py
-	$(BIN)/python bench/ddp_overhead.py
+	$(BIN)/python bench/run_all.py $(ARGS)
+
+## Rerun every preset the README quotes and regenerate its results tables (about 10 minutes here).
+results: install
+	$(BIN)/python scripts/results.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist src/*.egg-info

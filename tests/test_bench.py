@@ -67,3 +67,11 @@ def test_ddp_overhead():
     (r,) = result["results"]
     assert r["ratio"] == pytest.approx(r["dlrun_samples_per_s"] / r["plain_samples_per_s"])
     assert "plain DDP samples/s" in out
+
+
+def test_post_training():
+    result, out = bench("post_training.py", "--repeats", "1", "--samples", "600")
+    for name in ("default run (digits CNN, 15 epochs)", "MNIST CNN, one epoch"):
+        r = result[name]
+        assert 0 < r["after_training_s"] and r["share"] == pytest.approx(r["after_training_s"] / r["train_s"])
+    assert "% of training" in out

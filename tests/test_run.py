@@ -98,5 +98,6 @@ def test_the_test_split_is_evaluated_once_when_the_best_weights_are_the_final_on
     summary = run(make_cfg("trainer.epochs=3", "device=cpu", "optimizer.lr=0.003", *overrides), run_dir=tmp_path)
     assert summary["best"]["epoch"] == best_epoch
     assert splits.count("test") == evaluations
+    assert 0 < summary["after_training_s"] < summary["wall_time_s"]
     same = {k: summary["best"][k] == summary["final"][k] for k in summary["final"] if k.startswith("test/")}
     assert all(same.values()) == (evaluations == 1), same

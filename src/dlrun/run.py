@@ -108,7 +108,8 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
                 jsonl.keep_epochs(state.epoch)
             started, first_step = time.perf_counter(), state.step
             state = fit_telling_checkpoints(parts, data, settings, sinks, checkpointer, state, stop, ranks)
-            trained = (time.perf_counter() - started, state.step - first_step)
+            trained_at = time.perf_counter()
+            trained = (trained_at - started, state.step - first_step)
             results = final_results(parts, checkpointer, data, settings, state, device, *trained) if main else {}
             if stop.signum:  # during the final evaluation: the run is checkpointed, its results are not
                 raise Interrupted(stop.signum, state.step, checkpointer.has_last())
@@ -120,6 +121,8 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
     record.update(status="completed", **results, wall_time_s=time.perf_counter() - clock)
     if main:
         learning_curves(folder)
+        # the post-training phase: test evaluation and analysis, cost, plots (bench/post_training.py)
+        record.update(after_training_s=time.perf_counter() - trained_at)
     for sink in sinks:
         sink.close(record.summary)
     return record.summary

@@ -103,7 +103,8 @@ class RunRecord:
     attempt and notes where it resumed.
     """
 
-    STALE = ("error", "final", "best", "monitor_value", "train", "steps", "classes", "outputs")
+    STALE = ("error", "final", "best", "monitor_value", "train", "steps", "classes", "outputs", "baselines",
+             "after_training_s")
 
     def __init__(self, run_dir: RunDir, entries: dict[str, Any], resumed_at: dict[str, Any] | None = None,
                  run_id: str | None = None, write: bool = True) -> None:

@@ -190,7 +190,9 @@ def summary_table(summary: dict[str, Any]):
     table.add_row(f"latency (batch 1, {full.split('_')[1]}" + (f"; {threads} threads" if threads else "") + ")",
                   f"{latency['batch_1']:.3f} ms", f"{latency[full]:.3f} ms")
     table.add_row("peak memory", f"{cost['peak_memory_mb']:,.0f} MiB", cost["memory"])
-    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s", f"{summary['train']['samples_per_s']:,.0f} samples/s")
+    after = summary.get("after_training_s")
+    table.add_row("wall time" + ("" if after is None else f" (after training {after:.1f} s)"),
+                  f"{summary['wall_time_s']:.1f} s", f"{summary['train']['samples_per_s']:,.0f} samples/s")
     processes = summary.get("processes", 1)
     table.add_row("device", summary["device"], f"{processes} processes (DDP)" if processes > 1 else "")
     return table

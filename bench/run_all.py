@@ -1,9 +1,10 @@
 """`make bench`: run every benchmark, keep their JSON lines in results/bench.json and regenerate the
-README's Performance table from them (nothing in it is typed by hand).
+README's Performance table and the measured tables of "Making a model cheaper" (bench/compress.py)
+from them (nothing in them is typed by hand).
 
-    python bench/all.py                      # all, with the thread count each bench states
-    python bench/all.py --only threads sweep # some; the others are kept from results/bench.json
-    python bench/all.py --render             # only rewrite the README from results/bench.json
+    python bench/run_all.py                      # all, with the thread count each bench states
+    python bench/run_all.py --only threads sweep # some; the others are kept from results/bench.json
+    python bench/run_all.py --render             # only rewrite the README from results/bench.json
 """
 
 from __future__ import annotations
@@ -38,9 +39,25 @@ BENCHES: dict[str, tuple[list[str], dict[str, str], str]] = {
                       "per core, one thread per job)"),
     "ddp_overhead": ([], {}, "samples/s of dlrun's `fit` on 2 gloo processes vs a plain PyTorch DDP loop in the same "
                              "processes (global batch 128)"),
+    "post_training": ([], {}, "seconds after the last training step (test evaluation and analysis, cost, plots) as a "
+                              "share of training time: the default run, and one epoch of the default CNN on 60k "
+                              "MNIST-format images, 1 thread"),
     "threads": ([], {}, "a training step with 2 threads: OpenMP's default wait policy vs PASSIVE (what dlrun sets), "
                         "idle and with one busy process per core that the bench starts"),
 }
+
+
+def run_compress() -> tuple[dict, str]:
+    """bench/compress.py: its results and its Markdown (the README's "Measured" tables)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compress.py"), "--out", tmp, "--threads", "1"],
+                              capture_output=True, text=True, cwd=ROOT)
+        print(proc.stdout, end="", flush=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench compress failed:\n{proc.stderr[-3000:]}")
+        return json.loads((Path(tmp) / "compress.json").read_text()), (Path(tmp) / "compress.md").read_text()
 
 
 def run(name: str) -> dict:
@@ -64,6 +81,9 @@ def figure(name: str, r: dict) -> str:
         return (f"under load PASSIVE is {r['busy: 2 threads default / PASSIVE (collapse avoided)']:.1f}x faster; "
                 f"idle it takes {r['idle: 2 threads PASSIVE / default (cost when idle)']:.2f}x the default's time "
                 f"(MLP step, medians over {r.get('repeats', 3)} repetitions)")
+    if name == "post_training":
+        return "; ".join(f"{k}: {100 * v['share']:.1f}% ({v['after_training_s']:.2f} s after {v['train_s']:.1f} s)"
+                         for k, v in r.items() if isinstance(v, dict))
     if name == "startup":
         return (f"{r['ratio']:.1f}x / {r['cfg_ratio']:.1f}x faster ({r['dlrun --help']:.2f} s, {r['dlrun --cfg job']:.2f} s "
                 f"vs {r['python -c \"import torch\"']:.2f} s)")
@@ -86,7 +106,7 @@ def render(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=list(BENCHES))
+    parser.add_argument("--only", nargs="+", choices=[*BENCHES, "compress"])
     parser.add_argument("--render", action="store_true", help="only rewrite the README from results/bench.json")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benches": {}}
@@ -94,12 +114,18 @@ def main() -> None:
         from results import machine
 
         results["machine"] = {**machine(), "date": datetime.date.today().isoformat()}
-        for name in args.only or BENCHES:
+        for name in args.only or [*BENCHES, "compress"]:
             print(f"== bench/{name}.py", flush=True)
-            results["benches"][name] = run(name)
+            if name == "compress":  # its own tables, for the README section "Making a model cheaper"
+                results["compress"], results["compress_md"] = run_compress()
+            else:
+                results["benches"][name] = run(name)
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    README.write_text(write_readme({"bench": render(results)}, README.read_text()))
+    blocks = {"bench": render(results)}
+    if "compress_md" in results:
+        blocks["compress"] = results["compress_md"].strip()
+    README.write_text(write_readme(blocks, README.read_text()))
     print(f"wrote {RESULTS.relative_to(ROOT)} and README.md's Performance table")
 
 
