@@ -32,8 +32,11 @@ from dlrun.optim import fused_kernels
 from dlrun.train import LoopSettings, Parts, fit
 
 MODELS = {
-    # the classic small CNN: conv32-pool-conv64-pool-fc128
-    "cnn": lambda: CNN((1, 28, 28), 10, channels=[32, 64], batch_norm=False, dropout=0.0, hidden=128),
+    # the brief's network, Keras's MNIST example (experiment=mnist_keras_cnn): conv32 valid - pool -
+    # conv64 valid - pool - dropout 0.5 - dense 10, 34,826 parameters
+    "cnn": lambda: CNN((1, 28, 28), 10, blocks=[{"channels": 32, "padding": "valid", "pool": "max"},
+                                                {"channels": 64, "padding": "valid", "pool": "max"}],
+                       batch_norm=False, hidden=0, head_dropout=0.5),
     "rnn": lambda: RNN((1, 28, 28), 10, cell="lstm", hidden_size=128),  # rows as time steps
     "mlp": lambda: MLP((1, 28, 28), 10, hidden=[64, 128, 64], batch_norm=True, dropout=0.0),
 }

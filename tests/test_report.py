@@ -188,6 +188,7 @@ def test_compress_variants_are_points_of_the_pareto_plot(tmp_path):
     ]
     (run / "compress.json").write_text(json.dumps({"metric": "test/acc", "variants": variants}))
     rows = rows_for([run])
+    assert rows[0]["latency_ms"] == 2.0 and "latency_ms" in shown(rows)  # the summary's full-batch median
     found = variant_rows(rows)
     assert [(v["run"], v["params"], v["latency_ms"]) for v in found] == [
         ("run/pruned-flops-0.5", 20_000, 1.0), ("run/original-onnx", 50_000, 0.5)]

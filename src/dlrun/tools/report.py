@@ -17,7 +17,7 @@ from dlrun.rundir import RunDir, find_runs, read_summary
 # ------------------------------------------------------------------ dlrun-report
 
 COLUMNS = ("run", "overrides", "n", "status", "monitor", "best", "test", "final_test", "macro_f1", "vs_linear",
-           "params", "flops", "time_s")
+           "params", "flops", "latency_ms", "time_s")
 # The figures that are averaged over a configuration's seeds (mean, std); the others are the same for all.
 AVERAGED = ("best", "test", "final_test", "macro_f1", "vs_linear", "time_s")
 COST_LABELS = {"params": "parameters", "flops": "FLOPs per sample", "time_s": "training seconds",
