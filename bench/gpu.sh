@@ -8,6 +8,7 @@ PY=${PYTHON:-.venv/bin/python}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh: torch finds no CUDA device')"
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
 "$PY" bench/loop_overhead.py --device cuda --samples 60000 --epochs 4
+"$PY" bench/loop_overhead.py --device cuda --samples 60000 --epochs 4 --precision bf16
 "$PY" bench/data_pipeline.py --device cuda
 "$PY" bench/end_to_end.py --device cuda
 # NCCL data parallel on two GPUs, where there are two (not yet run: no multi-GPU machine so far)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dlrun.data import Data, DataSpec, TensorSplit, channels_last, epoch_generator
-from dlrun.device import use_channels_last
+from dlrun.device import amp_dtype, use_channels_last
 from dlrun.distributed import SINGLE
 from dlrun.models import CNN, MLP, RNN
 from dlrun.optim import fused_kernels
@@ -44,7 +44,7 @@ MODELS = {
 DEFAULT_SAMPLES = {"cnn": 3000, "rnn": 6000, "mlp": 40000}
 
 
-def plain_epoch(model, opt, x, y, batch_size, epoch, sync):
+def plain_epoch(model, opt, x, y, batch_size, epoch, sync, amp=None):
     model.train()
     order = torch.randperm(len(y), generator=epoch_generator(0, epoch)).to(x.device)
     total = torch.zeros((), device=x.device)
@@ -53,8 +53,9 @@ def plain_epoch(model, opt, x, y, batch_size, epoch, sync):
     for i in range(0, len(y), batch_size):
         idx = order[i : i + batch_size]
         xb, yb = x[idx], y[idx]
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -84,30 +85,32 @@ def synthetic(samples: int, device: torch.device):
     return x, y, data, sync
 
 
-def side(name: str, device: torch.device, fast: bool):
+def side(name: str, device: torch.device, fast: bool, amp: torch.dtype | None):
     """A fresh model (same seed) and its Adam; with `fast`, dlrun's default fast paths."""
     torch.manual_seed(0)
     model = MODELS[name]().to(device)
-    nhwc = fast and use_channels_last(None, model, (1, 28, 28), device, None)
+    nhwc = fast and use_channels_last(None, model, (1, 28, 28), device, amp)
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
     return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=fast and fused_kernels(model)), nhwc
 
 
-def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch.device) -> dict:
+def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch.device, precision: str) -> dict:
     x, y, data, sync = synthetic(samples, device)
-    naive_model, naive_opt, _ = side(name, device, fast=False)
-    fast_model, fast_opt, nhwc = side(name, device, fast=True)
+    amp = amp_dtype(precision)
+    naive_model, naive_opt, _ = side(name, device, False, amp)
+    fast_model, fast_opt, nhwc = side(name, device, True, amp)
     x_fast = x.contiguous(memory_format=torch.channels_last) if nhwc else x
-    ours, ours_opt, _ = side(name, device, fast=True)
+    ours, ours_opt, _ = side(name, device, True, amp)
     parts = Parts(ours, ours_opt)
     ours_data = channels_last(data) if nhwc else data
     times: dict[str, list[float]] = {"naive": [], "fast": [], "dlrun": []}
     for epoch in range(1, epochs + 1):
         settings = LoopSettings(epochs=epoch, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
-                                eval_every=10**9, log_every=50, monitor="train/loss", monitor_mode="min")
-        runs = {"naive": lambda: plain_epoch(naive_model, naive_opt, x, y, batch_size, epoch, sync),
-                "fast": lambda: plain_epoch(fast_model, fast_opt, x_fast, y, batch_size, epoch, sync),
+                                eval_every=10**9, log_every=50, monitor="train/loss", monitor_mode="min",
+                                precision=precision)
+        runs = {"naive": lambda: plain_epoch(naive_model, naive_opt, x, y, batch_size, epoch, sync, amp),
+                "fast": lambda: plain_epoch(fast_model, fast_opt, x_fast, y, batch_size, epoch, sync, amp),
                 "dlrun": lambda: dlrun_epoch(parts, ours_data, settings, epoch, sync)}
         order = list(runs)[epoch % 3:] + list(runs)[:epoch % 3]  # a new order each epoch: the machine drifts
         for key in order:
@@ -126,17 +129,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", default="cnn,rnn,mlp")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast on both sides")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    results = [measure(m, args.samples or DEFAULT_SAMPLES[m], args.epochs, args.batch_size, device)
+    results = [measure(m, args.samples or DEFAULT_SAMPLES[m], args.epochs, args.batch_size, device, args.precision)
                for m in args.models.split(",")]
-    print(f"samples/s, median over {args.epochs} epochs (device {device}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size})")
+    print(f"samples/s, median over {args.epochs} epochs (device {device}, {args.precision}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch_size})")
     print(f"{'model':<6}{'plain naive':>13}{'plain fast':>13}{'dlrun':>13}{'vs naive':>10}{'vs fast':>9}")
     for r in results:
         print(f"{r['model']:<6}{r['naive_samples_per_s']:>13,.0f}{r['fast_samples_per_s']:>13,.0f}"
               f"{r['dlrun_samples_per_s']:>13,.0f}{r['vs_naive']:>10.2f}{r['vs_fast']:>9.2f}")
-    print(json.dumps({"bench": "loop_overhead", "device": str(device), "threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "loop_overhead", "device": str(device), "precision": args.precision,
+                      "threads": torch.get_num_threads(),
                       "results": results}))
     return results
 
