@@ -86,8 +86,9 @@ def figure(name: str, r: dict) -> str:
         return "; ".join(f"{k}: {100 * v['share']:.1f}% ({v['after_training_s']:.2f} s after {v['train_s']:.1f} s)"
                          for k, v in r.items() if isinstance(v, dict))
     if name == "startup":
+        torch_s = r['python -c "import torch"']
         return (f"{r['ratio']:.1f}x / {r['cfg_ratio']:.1f}x faster ({r['dlrun --help']:.2f} s, {r['dlrun --cfg job']:.2f} s "
-                f"vs {r['python -c \"import torch\"']:.2f} s)")
+                f"vs {torch_s:.2f} s)")
     if name == "data_pipeline":
         return f"{r['ratio']:.0f}x ({r['dlrun_samples_per_s']:,.0f} vs {r['torchvision_samples_per_s']:,.0f} samples/s)"
     sides = [k for k in r if isinstance(r[k], float) and f"{k} range" in r]
