@@ -83,7 +83,7 @@ def test_default_run_folder_is_timestamped_under_outputs(dlrun_cli, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["model=resnet"], "Could not find 'model/resnet'"),
+        (["model=vgg"], "Could not find 'model/vgg'"),
         (["trainer.epoch=3"], "Key 'epoch' not in 'TrainerConfig'"),
         (["trainer.epochs=many"], "Value 'many' of type 'str' could not be converted to Integer"),
         (["optimizer.lr=0"], "optimizer.lr=0.0 is invalid: must be > 0"),
