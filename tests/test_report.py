@@ -198,3 +198,9 @@ def test_compress_variants_are_points_of_the_pareto_plot(tmp_path):
     (run / "compress.json").write_text("{not json")
     with pytest.raises(DlrunError, match="compress.json: cannot be read"):
         variant_rows(rows)
+
+
+def test_run_names_sort_as_numbers(tmp_path):
+    folders = [fake_run(tmp_path / str(i), [f"optimizer.lr={i}"], 0.9, 1000, [1.0]) for i in (10, 9, 2, 100)]
+    rows = sort_rows(rows_for(folders), "run", False)
+    assert [r["run"] for r in rows] == ["2", "9", "10", "100"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 
@@ -14,12 +15,10 @@ from dlrun.errors import DlrunError
 from dlrun.rundir import RunDir, find_runs, read_summary
 
 
-# ------------------------------------------------------------------ dlrun-report
-
 COLUMNS = ("run", "overrides", "n", "status", "monitor", "best", "test", "final_test", "macro_f1", "vs_linear",
            "params", "flops", "latency_ms", "time_s")
 # The figures that are averaged over a configuration's seeds (mean, std); the others are the same for all.
-AVERAGED = ("best", "test", "final_test", "macro_f1", "vs_linear", "time_s")
+AVERAGED = ("best", "test", "final_test", "macro_f1", "vs_linear", "latency_ms", "time_s")
 COST_LABELS = {"params": "parameters", "flops": "FLOPs per sample", "time_s": "training seconds",
                "latency_ms": "latency at a full batch, ms (median)"}
 
@@ -103,9 +102,9 @@ def by_configuration(rows: list[dict], merge_seeds: bool = True) -> list[dict]:
     paths (`runs`, `paths`)."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        overrides = " ".join(o for o in row["overrides"].split() if not is_seed(o))
-        groups.setdefault(overrides if merge_seeds else row["path"], []).append({**row, "overrides": overrides}
-                                                                              if merge_seeds else row)
+        if merge_seeds:
+            row = {**row, "overrides": " ".join(o for o in row["overrides"].split() if not is_seed(o))}
+        groups.setdefault(row["overrides"] if merge_seeds else row["path"], []).append(row)
     merged = []
     for members in groups.values():
         first = members[0]
@@ -126,7 +125,14 @@ def sort_rows(rows: list[dict], column: str, descending: bool) -> list[dict]:
         raise SystemExit(f"dlrun-report: error: --sort {column}: allowed columns: {', '.join(COLUMNS)}")
     present = [r for r in rows if r[column] is not None]
     missing = [r for r in rows if r[column] is None]  # failed runs have no metrics: always last
-    return sorted(present, key=lambda r: r[column], reverse=descending) + missing
+    return sorted(present, key=lambda r: natural(r[column]), reverse=descending) + missing
+
+
+def natural(value):
+    """Sort key: numbers inside strings compare as numbers ("9" before "10", as run folders are numbered)."""
+    if not isinstance(value, str):
+        return value
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", value) if part]
 
 
 def _cell(value, std=None) -> str:
