@@ -43,8 +43,8 @@ BENCHES: dict[str, tuple[list[str], dict[str, str], str]] = {
     "post_training": ([], {}, "seconds after the last training step (test evaluation and analysis, cost, plots) as a "
                               "share of training time: the default run, and one epoch of the default CNN on 60k "
                               "MNIST-format images, 1 thread"),
-    "threads": ([], {}, "a training step with 2 threads: OpenMP's default wait policy vs PASSIVE (what dlrun sets), "
-                        "idle and with one busy process per core that the bench starts"),
+    "threads": ([], {}, "a training step with 2 threads: OpenMP's default wait policy vs PASSIVE (what dlrun sets on "
+                        "a machine busy at start), idle and with one busy process per core that the bench starts"),
 }
 
 
@@ -80,8 +80,8 @@ def figure(name: str, r: dict) -> str:
         return ", ".join(f"{m['model'].upper()} {m['ratio']:.2f}" for m in r["results"])
     if name == "threads":
         return (f"under load PASSIVE is {r['busy: 2 threads default / PASSIVE (collapse avoided)']:.1f}x faster; "
-                f"idle it takes {r['idle: 2 threads PASSIVE / default (cost when idle)']:.2f}x the default's time "
-                f"(MLP step, medians over {r.get('repeats', 3)} repetitions)")
+                f"idle it would take {r['idle: 2 threads PASSIVE / default (cost when idle)']:.2f}x the default's "
+                "time, so dlrun keeps the default there (MLP step, medians over 3 repetitions)")
     if name == "post_training":
         return "; ".join(f"{k}: {100 * v['share']:.1f}% ({v['after_training_s']:.2f} s after {v['train_s']:.1f} s)"
                          for k, v in r.items() if isinstance(v, dict))

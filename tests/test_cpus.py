@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import read_summary
-from dlrun.cpus import _cgroup_quota, usable_cpus
+from dlrun.cpus import _cgroup_quota, usable_cpus, wait_policy
 
 
 def test_cgroup_v2_quota(tmp_path):
@@ -39,13 +39,18 @@ def test_usable_cpus_is_the_smallest_limit(tmp_path, monkeypatch):
     assert usable_cpus(tmp_path) == 1
 
 
-def test_importing_dlrun_sets_a_passive_wait_policy_unless_the_user_set_one():
-    code = "import os, dlrun; print(os.environ['OMP_WAIT_POLICY'])"
+def test_a_busy_machine_gets_a_passive_wait_policy():
+    assert wait_policy(load=0.3, cpus=2) is None  # idle: OpenMP's default (spinning) is the fastest
+    assert wait_policy(load=1.0, cpus=2) == "PASSIVE"
+    assert wait_policy(load=7.5, cpus=16) is None and wait_policy(load=8.0, cpus=16) == "PASSIVE"
+
+
+def test_importing_dlrun_keeps_the_users_wait_policy():
+    code = "import os, dlrun; print(os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "PASSIVE"
-    assert subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
-                          text=True, check=True).stdout.strip() == "ACTIVE"
+    for policy in ("ACTIVE", "PASSIVE"):
+        assert subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": policy},
+                              capture_output=True, text=True, check=True).stdout.strip() == policy
 
 
 @pytest.mark.slow

@@ -5,12 +5,15 @@ container cpusets), the cgroup CPU quota (Docker `--cpus`, Kubernetes limits; cg
 and Slurm's allocation (SLURM_CPUS_PER_TASK). `os.cpu_count()` counts the host's cores, which is
 what a job in a container or a Slurm step must not take.
 
-OpenMP's default wait policy lets an idle worker thread spin for a while before it sleeps. When
-the machine is busy (other jobs, a CI runner, a VM whose host steals CPU time), the spinning
-threads compete with the very threads they wait for, and a two-thread torch step can take 10-100x
-longer than a one-thread step (bench/threads.py measures it). PASSIVE makes waiting threads sleep.
-dlrun sets it for its own processes unless the user has set OMP_WAIT_POLICY (see dlrun/__init__.py);
-it must be in the environment before torch (and with it the OpenMP runtime) is loaded.
+OpenMP's default wait policy lets an idle worker thread spin for a while before it sleeps. On an
+idle machine that is the fastest (a two-thread step of a small MLP: ~1.9 ms spinning, ~3.6 ms with
+PASSIVE, ~2.8 ms on one thread). On a busy one (other jobs, a CI runner, a VM whose host steals CPU
+time) the spinning threads compete with the very threads they wait for, and a two-thread step takes
+2-50x longer than with PASSIVE, where waiting threads sleep (bench/threads.py measures both). So dlrun
+picks PASSIVE when the machine is busy as it starts (a load average of at least half the usable
+CPUs) and leaves OpenMP's default otherwise, unless the user has set OMP_WAIT_POLICY (see
+dlrun/__init__.py). It must be decided before torch (and with it the OpenMP runtime) is loaded, so a
+load that only arrives later in a run is not seen.
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ import math
 import os
 from pathlib import Path
 
-WAIT_POLICY = "PASSIVE"
+BUSY = 0.5  # a load average of at least this share of the usable CPUs is a busy machine
+
+
+def wait_policy(load: float, cpus: int) -> str | None:
+    """PASSIVE on a busy machine, else None (OpenMP's default, spinning)."""
+    return "PASSIVE" if load >= BUSY * cpus else None
 
 
 def set_wait_policy() -> None:
-    """OMP_WAIT_POLICY=PASSIVE for this process and its children, unless already set."""
-    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    """OMP_WAIT_POLICY for this process and its children, as `wait_policy` decides, unless already set."""
+    if "OMP_WAIT_POLICY" not in os.environ and hasattr(os, "getloadavg"):
+        policy = wait_policy(os.getloadavg()[0], usable_cpus())
+        if policy:
+            os.environ["OMP_WAIT_POLICY"] = policy
 
 
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:

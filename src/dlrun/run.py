@@ -7,6 +7,7 @@ is the run itself, as a short list of named steps.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import signal
 import subprocess
@@ -191,6 +192,7 @@ def describe(parts: Parts, data: Data, settings: LoopSettings, device: torch.dev
     return {
         "device": device_name(device),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),  # see cpus.py
         "channels_last": use_channels_last(settings.channels_last, parts.model, data.spec.input_shape, device,
                                            settings.amp_dtype),
         "monitor": {"metric": settings.monitor, "mode": settings.mode},
@@ -435,8 +437,6 @@ def hydra_job_info() -> dict[str, Any]:
     """The command-line overrides and chosen group options, when running under Hydra."""
     if not HydraConfig.initialized():
         return {}
-    from hydra.types import RunMode
-
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
     job = {"job": hc.job.num} if hc.mode == RunMode.MULTIRUN else {}  # the sweep's job number
