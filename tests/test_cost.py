@@ -45,7 +45,7 @@ def test_latency_and_memory_are_measured():
     cost = model_cost(model, (1, 28, 28), 64, CPU, threads=1)
     assert set(cost["latency_ms"]) == {"batch_1", "batch_64"} and cost["parameters"]["total"] == 784 * 256 + 2 * 256 + 2570
     detail = cost["latency"]
-    assert detail["threads"] == 1 and "blocked_autorange" in detail["method"]
+    assert detail["threads"] == 1 and "torch.utils.benchmark.Timer" in detail["method"]
     for key, batch in (("batch_1", 1), ("batch_64", 64)):
         assert detail[key]["batch"] == batch and detail[key]["median_ms"] == cost["latency_ms"][key]
         assert {"iqr_ms", "min_ms", "max_ms", "blocks", "calls_per_block"} <= set(detail[key])
@@ -83,3 +83,13 @@ def test_every_run_reports_its_cost(make_cfg, tmp_path):
     assert cost["flops_per_sample"] == 694784  # the default CNN on 8x8 digits
     assert cost["size_mb"] > 0.2 and cost["peak_memory_mb"] > 0 and cost["latency_ms"]["batch_64"] > 0
     assert cost["latency"]["threads"] == summary["threads"] and cost["latency"]["batch_64"]["batch"] == 64
+
+
+def test_a_measurement_stays_within_its_budget():
+    import time
+
+    calls = []
+    # each call takes at least 2 ms, so a 0.05 s budget holds at most 25 timed calls, plus 2 warm-up calls
+    out = time_calls(lambda: calls.append(time.sleep(0.002)), threads=1, min_run_time=0.05)
+    assert len(calls) == 2 + out["blocks"] * out["calls_per_block"] <= 2 + 25
+    assert out["blocks"] >= 3 and out["min_ms"] >= 2.0

@@ -52,28 +52,35 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch
 # The batch a latency is measured at is capped: the figure is per call, and a run with
 # trainer.batch_size=100000 must not spend minutes and gigabytes timing one synthetic batch.
 LATENCY_BATCH_CAP = 256
-LATENCY_METHOD = ("torch.utils.benchmark.Timer.blocked_autorange: warm-up while sizing blocks of calls, then "
-                  "timed blocks for at least min_run_time; figures per call over the blocks")
+LATENCY_METHOD = ("torch.utils.benchmark.Timer: two warm-up calls (the second sizes the blocks), then 5 timed "
+                  "blocks (at least 3) of calls filling min_run_time; figures per call over the blocks")
+BLOCKS = 5
 
 
 def time_calls(call: Callable[[], Any], threads: int | None = None, min_run_time: float = 0.2) -> dict[str, Any]:
-    """How long `call()` takes: torch.utils.benchmark's blocked_autorange (its block sizing is the
-    warm-up; then blocks of calls are timed until `min_run_time` seconds are spent, at least 3 blocks).
-    Median, interquartile range, min and max per call over the blocks, in ms, with the torch thread
-    count it ran under (`threads`; None: the current count). Anything callable can be timed this way
-    (an ONNX Runtime session too), so every variant is measured alike."""
+    """How long `call()` takes, with torch.utils.benchmark's Timer (its thread setting and device sync):
+    two warm-up calls, the second of which sizes the blocks, then BLOCKS blocks of calls that together
+    take about `min_run_time` seconds (at least 3 blocks of one call for a slow call). So the whole
+    measurement stays within about `min_run_time` plus three calls, whatever the call costs; torch's own
+    blocked_autorange sizes blocks for timer overhead and can take several times its budget on a fast
+    call. Median, interquartile range, min and max per call over the blocks, in ms, with the torch
+    thread count it ran under (`threads`; None: the current count). Anything callable can be timed this
+    way (an ONNX Runtime session too), so every variant is measured alike."""
     from torch.utils import benchmark
 
     threads = threads or torch.get_num_threads()
     timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = m.times  # seconds per call, one value per timed block
-    if len(times) < 3:  # a call slower than min_run_time: time a few more blocks, within the budget
-        times = times + [timer.timeit(m.number_per_run).mean for _ in range(3 - len(times))]
+    # Timer._timeit(n): seconds for n calls under the Timer's threads and sync; Timer.timeit(n) would
+    # add its own warm-up calls to every block.
+    timer._timeit(1)  # first-call set-up (oneDNN primitives, allocations)
+    one = timer._timeit(1)
+    blocks = max(3, min(BLOCKS, int(min_run_time / one)))
+    number = max(1, int(min_run_time / blocks / one))
+    times = [timer._timeit(number) / number for _ in range(blocks)]  # seconds per call, one value per block
     ms = torch.tensor(times, dtype=torch.float64) * 1000
     q1, median, q3 = torch.quantile(ms, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
     return {"median_ms": median, "iqr_ms": q3 - q1, "min_ms": ms.min().item(), "max_ms": ms.max().item(),
-            "blocks": len(times), "calls_per_block": m.number_per_run, "threads": threads}
+            "blocks": blocks, "calls_per_block": number, "threads": threads}
 
 
 @torch.no_grad()
