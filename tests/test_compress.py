@@ -16,7 +16,7 @@ from dlrun.compress import prune
 from dlrun.compress.prune import cost_of, prune_globally, rebuilt_config, sparsity_of, structured
 from dlrun.data import build_data, load_digits
 from dlrun.errors import DlrunError
-from dlrun.models import CNN, MLP, build_model
+from dlrun.models import CNN, MLP
 from dlrun.run import run
 from dlrun.tools.compress import Plan, compress, load_variant, main
 from dlrun.train import evaluate

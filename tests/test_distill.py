@@ -4,11 +4,9 @@ for bit, the teacher is recorded, and a teacher of other data or a regression ru
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import read_summary
 from dlrun.compress.distill import distill_loss

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from dlrun import checkpoint, rundir
