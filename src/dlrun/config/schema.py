@@ -169,7 +169,7 @@ class TransformerConfig:
 
 
 # `fused`: null (the default) takes torch's fused kernel where it has one for the parameters' device
-# (CPU and CUDA: 1.2-1.4x faster optimizer steps here, bench/loop_overhead.py); true or false forces it.
+# (CPU and CUDA: faster optimizer steps, part of bench/loop_overhead.py's fast paths); true or false forces it.
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""The README's results tables are what `make results` and `make bench` measured, and its figures reproduce."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "bench"))
+import results  # noqa: E402  (scripts/results.py)
+import run_all  # noqa: E402  (bench/run_all.py)
+
+
+def test_the_readme_tables_are_results_json():
+    recorded = json.loads(results.RESULTS.read_text())
+    readme = results.README.read_text()
+    assert results.write_readme(results.render(recorded), readme) == readme, "README edited by hand: run make results"
+    benches = json.loads(run_all.RESULTS.read_text())
+    blocks = {"bench": run_all.render(benches), "compress": benches["compress_md"].strip()}
+    assert results.write_readme(blocks, readme) == readme, "README edited by hand: run make bench"
+    assert set(benches["benches"]) == set(run_all.BENCHES)
+    named = {name for table in results.TABLES.values() for name, _, _ in table} | set(results.NEEDS_DOWNLOAD)
+    assert set(recorded["rows"]) == named  # every row the script knows was measured
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mnist1d_logreg"])
+def test_a_readme_row_reproduces_exactly(name, tmp_path):
+    recorded = json.loads(results.RESULTS.read_text())["rows"][name]
+    (overrides,) = [o for table in results.TABLES.values() for n, o, _ in table if n == name]
+    again = results.run_row(overrides, tmp_path)
+    for key in ("test", "best_epoch", "epochs", "parameters", "flops_per_sample"):
+        assert again[key] == recorded[key], key
