@@ -121,43 +121,38 @@ def machine_line(m: dict) -> str:
             f"torch {m['torch']}")
 
 
+def _sequence_cells(r: dict, paper: str | None) -> list[str]:
+    base = r["baselines"]
+    return [f"{r['parameters']:,}", f"{r['test']:.4f}", f"{base['naive']:.4f}", f"{base['linear']:.4f}",
+            f"{r['test'] / base['linear']:.2f}", str(r["epochs"]), f"{r['wall_s']:.0f} s"]
+
+
+# table -> its columns after `command`, and the cells of a measured row
+COLUMNS = {
+    "mnist1d": (["parameters", "test accuracy", "paper", "epochs", "wall time"],
+                lambda r, paper: [f"{r['parameters']:,}", _pct(r), paper or "-", str(r["epochs"]), f"{r['wall_s']:.0f} s"]),
+    "sequence": (["parameters", "test MAE", "naive MAE", "linear MAE", "model / linear", "epochs", "wall time"],
+                 _sequence_cells),
+    "presets": (["parameters", "FLOPs/sample", "test", "epochs", "wall time"],
+                lambda r, paper: [f"{r['parameters']:,}", f"{r['flops_per_sample']:,}", _pct(r), str(r["epochs"]),
+                                  f"{r['wall_s']:.0f} s"]),
+}
+
+
 def render(results: dict) -> dict[str, str]:
     """Markdown for each marked block of the README, from results.json (the Performance table is
     bench/run_all.py's)."""
     where = (f"Made by `make results` ({machine_line(results['machine'])}), one thread per run. Test score of the "
              "best validation epoch; wall time is the whole `dlrun` command on that machine.")
-    rows = results["rows"]
-    blocks = {}
-    lines = ["| command | parameters | test accuracy | paper | epochs | wall time |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, overrides, paper in TABLES["mnist1d"]:
-        if name not in rows:
-            continue
-        r = rows[name]
-        lines.append(f"| {command(overrides)} | {r['parameters']:,} | {_pct(r)} | {paper or '-'} | {r['epochs']} | "
-                     f"{r['wall_s']:.0f} s |")
-    blocks["mnist1d"] = "\n".join([where, "", *lines])
-    lines = ["| command | parameters | test MAE | naive MAE | linear MAE | model / linear | epochs | wall time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, overrides, _ in TABLES["sequence"]:
-        if name not in rows:
-            continue
-        r = rows[name]
-        base = r["baselines"]
-        lines.append(f"| {command(overrides)} | {r['parameters']:,} | {r['test']:.4f} | {base['naive']:.4f} | "
-                     f"{base['linear']:.4f} | {r['test'] / base['linear']:.2f} | {r['epochs']} | {r['wall_s']:.0f} s |")
-    blocks["sequence"] = "\n".join([where, "", *lines])
-    lines = ["| command | parameters | FLOPs/sample | test | epochs | wall time |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, overrides, _ in TABLES["presets"]:
-        if name not in rows:
-            continue
-        r = rows[name]
-        lines.append(f"| {command(overrides)} | {r['parameters']:,} | {r['flops_per_sample']:,} | {_pct(r)} | {r['epochs']} | "
-                     f"{r['wall_s']:.0f} s |")
-    for name, (overrides, _, _) in NEEDS_DOWNLOAD.items():
-        if name in rows:
-            lines.append(f"| {command(overrides)} | {rows[name]['parameters']:,} | - | not run here (needs the download) "
-                         "| - | - |")
-    blocks["presets"] = "\n".join([where, "", *lines])
+    rows, blocks = results["rows"], {}
+    for table, (header, cells) in COLUMNS.items():
+        lines = ["| command | " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(header)]
+        lines += [f"| {command(overrides)} | " + " | ".join(cells(rows[name], paper)) + " |"
+                  for name, overrides, paper in TABLES[table] if name in rows]
+        if table == "presets":  # the presets whose data this machine cannot download: their size only
+            lines += [f"| {command(overrides)} | {rows[name]['parameters']:,} | - | not run here (needs the download) "
+                      "| - | - |" for name, (overrides, _, _) in NEEDS_DOWNLOAD.items() if name in rows]
+        blocks[table] = "\n".join([where, "", *lines])
     return blocks
 
 
@@ -175,12 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", help="rows to rerun (the others are kept from results.json)")
     parser.add_argument("--check", action="store_true", help="only check that README.md matches results.json")
+    parser.add_argument("--render", action="store_true", help="only rewrite README.md's tables from results.json")
     args = parser.parse_args(argv)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
     if args.check:
         if write_readme(render(old), README.read_text()) != README.read_text():
             raise SystemExit("results: README.md's tables differ from results/results.json: run `make results`")
         print("README.md's tables are results/results.json's")
+        return
+    if args.render:
+        README.write_text(write_readme(render(old), README.read_text()))
         return
     rows = dict(old["rows"])
     runs = [(name, overrides) for table in TABLES.values() for name, overrides, _ in table]
