@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +66,10 @@ def run_row(overrides: list[str], workdir: Path) -> dict:
     """One `dlrun` run with one thread; the figures of its summary."""
     folder = workdir / f"run{len(list(workdir.iterdir()))}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.perf_counter()
     proc = subprocess.run([DLRUN, *overrides, "device=cpu", "device.threads=1", f"hydra.run.dir={folder}"],
                           cwd=workdir, env=env, capture_output=True, text=True)
+    command_s = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"results: dlrun {' '.join(overrides)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     summary = json.loads((folder / "summary.json").read_text())
@@ -75,7 +78,7 @@ def run_row(overrides: list[str], workdir: Path) -> dict:
     row = {"overrides": overrides, "metric": metric, "test": best[metric], "best_epoch": best["epoch"],
            "epochs": summary["epochs"], "parameters": summary["model"]["parameters"]["total"],
            "flops_per_sample": summary["cost"]["flops_per_sample"], "train_s": summary["train"]["seconds"],
-           "wall_s": summary["wall_time_s"]}
+           "wall_s": command_s, "run_s": summary["wall_time_s"]}
     if "baselines" in summary:
         row["baselines"] = {name: b["mae"] for name, b in summary["baselines"].items()}
     return row

@@ -121,7 +121,7 @@ def test_help_cfg_and_completion_do_not_import_torch(args, tmp_path):
 
 def test_help_lists_the_groups(dlrun_cli):
     out = dlrun_cli("--help", check=True).stdout
-    for line in ("model: cnn, custom, mlp, rnn", "debug: fast_dev_run, limit, overfit", "optimizer: adam, adamw, momentum, rmsprop, sgd",
+    for line in ("model: cnn, custom, mlp, resnet, rnn, transformer", "debug: fast_dev_run, limit, overfit", "optimizer: adam, adamw, momentum, rmsprop, sgd",
                  "scheduler: cosine, none, onecycle, plateau, step", "logger: default, mlflow", "dataset: cifar10, cifar100, digits, fashion_mnist, imagefolder, mnist, mnist1d, sequence", "device: auto, cpu, cuda"):
         assert line in out
 

@@ -123,7 +123,8 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
     if main:
         learning_curves(folder)
         # the post-training phase: test evaluation and analysis, cost, plots (bench/post_training.py)
-        record.update(after_training_s=time.perf_counter() - trained_at)
+        ended = time.perf_counter()
+        record.update(after_training_s=ended - trained_at, wall_time_s=ended - clock)
     for sink in sinks:
         sink.close(record.summary)
     return record.summary

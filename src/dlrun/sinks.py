@@ -131,17 +131,17 @@ class ConsoleSink:
             if metrics:
                 line += f"  {split} " + " ".join(metrics)
         line += f"  lr {record['lr']:.3g}  {record['samples_per_s']:,.0f} samples/s"
-        self.progress.console.print(line, highlight=False, soft_wrap=True)
+        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def close(self, summary: dict[str, Any] | None) -> None:
         self.progress.stop()
         if summary is None:
             return
         if summary.get("stopped_early"):
-            self.console.print(f"{self.prefix}{stopped_early(summary)}", highlight=False, soft_wrap=True)
+            self.console.print(f"{self.prefix}{stopped_early(summary)}", markup=False, highlight=False, soft_wrap=True)
         self.console.print(summary_table(summary))
         # Whole, never cut to the terminal's width: users copy it to resume, report and predict.
-        self.console.print(f"{self.prefix}run folder: {summary['run_dir']}", highlight=False, soft_wrap=True)
+        self.console.print(f"{self.prefix}run folder: {summary['run_dir']}", markup=False, highlight=False, soft_wrap=True)
 
 
 def stopped_early(summary: dict[str, Any]) -> str:
