@@ -13,6 +13,7 @@ every predicted value, as the model's (see dlrun.train.loss_and_score).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -65,10 +66,7 @@ def baselines(data: Data) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     if len(spec.input_shape) == 2 and spec.input_shape[0] == 1:
         out["naive"] = errors(naive(x, y.shape[1], data.mean[0], data.std[0]), y)
-    features = 1
-    for size in spec.input_shape:
-        features *= size
-    if features <= MAX_LINEAR_FEATURES:
+    if math.prod(spec.input_shape) <= MAX_LINEAR_FEATURES:
         out["linear"] = errors(predict_linear(fit_linear(*_tensors(data.splits["train"])), x), y)
     return out
 

@@ -124,6 +124,9 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process RSS"
 
 
+RUN_LATENCY_S = 0.05  # seconds per batch size for the latency every run measures after training
+
+
 def model_cost(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device,
                threads: int | None = None) -> dict[str, Any]:
     """The summary's `cost` entries that describe the model itself (latency: see `latency_entries`).
@@ -135,6 +138,3 @@ def model_cost(model: nn.Module, input_shape: Sequence[int], batch_size: int, de
         "flops_per_sample": flops_per_sample(model, input_shape, device),
         **latency_entries(latency_pair(model, input_shape, batch_size, device, threads, RUN_LATENCY_S)),
     }
-
-
-RUN_LATENCY_S = 0.05

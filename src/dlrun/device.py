@@ -31,11 +31,10 @@ def resolve_device(cfg: DictConfig) -> torch.device:
     return torch.device(kind)
 
 
-def set_threads(threads: int) -> int:
+def set_threads(threads: int) -> None:
     """`device.threads` intra-op threads; 0: torch's default, capped at the CPUs this process may use
     (its affinity mask, cgroup quota or Slurm allocation: torch counts the host's cores)."""
     torch.set_num_threads(threads if threads > 0 else min(torch.get_num_threads(), usable_cpus()))
-    return torch.get_num_threads()
 
 
 def seed_everything(seed: int) -> None:
@@ -70,11 +69,9 @@ def use_channels_last(asked: bool | None, model: torch.nn.Module, input_shape: t
     """`trainer.channels_last`: true or false as asked; null (the default) decides: NHWC for a model with
     2-D convolutions on images, in fp32 on the CPU (faster training steps for dlrun's CNNs on an x86 CPU:
     bench/loop_overhead.py, whose ratios the README's Performance table shows) and on CUDA under autocast
-    (tensor cores). Plain fp32 on CUDA
-    stays NCHW (not measured here), and so does bf16 on the CPU: oneDNN's bf16 NHWC convolution in torch
+    (tensor cores). Plain fp32 on CUDA stays NCHW (not measured here), and so does bf16 on the CPU: oneDNN's bf16 NHWC convolution in torch
     2.14 returns wrong values for some shapes (1 input channel, a (1, W) kernel)."""
     if asked is not None:
         return asked
     convolutional = len(input_shape) == 3 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     return convolutional and ((device.type == "cpu" and amp is None) or (device.type == "cuda" and amp is not None))
-

@@ -150,6 +150,11 @@ def stopped_early(summary: dict[str, Any]) -> str:
             f"(best {_number(summary.get('monitor_value'))} at epoch {best.get('epoch', '-')})")
 
 
+def full_batch(latency_ms: dict[str, float]) -> str | None:
+    """The full-batch key of a summary's `latency_ms` ({"batch_1": .., "batch_64": ..} -> "batch_64")."""
+    return next((k for k in latency_ms if k != "batch_1"), None)
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -182,7 +187,7 @@ def summary_table(summary: dict[str, Any]):
                       *(_confused_pairs(summary["classes"].get(w, {})) for w in ("best", "final")))
     params, cost = summary["model"]["parameters"], summary["cost"]
     latency = cost["latency_ms"]
-    full = next(k for k in latency if k != "batch_1")
+    full = full_batch(latency)
     table.add_section()
     table.add_row("parameters", f"{params['total']:,}", f"{params['trainable']:,} trainable")
     table.add_row("size, FLOPs/sample", f"{cost['size_mb']:.3f} MiB", f"{cost['flops_per_sample']:,}")

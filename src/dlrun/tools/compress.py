@@ -37,6 +37,7 @@ from dlrun.cost import LATENCY_METHOD, flops_per_sample, latency_entries, latenc
 from dlrun.data import Data, DataSpec, build_dataset
 from dlrun.errors import DlrunError
 from dlrun.models import build_model, count_parameters
+from dlrun.sinks import full_batch
 from dlrun.optim import build_optimizer
 from dlrun.rundir import RunDir
 from dlrun.train import LoopSettings, Parts, evaluate, fit, loss_and_score
@@ -361,7 +362,7 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     metric, variants = result["metric"], result["variants"]
-    full = next(k for k in variants[0]["latency_ms"] if k != "batch_1").split("_")[1]
+    full = full_batch(variants[0]["latency_ms"]).split("_")[1]
     table = Table(title=f"dlrun-compress: {result['run_dir']} (CPU, {result['threads']} threads; latency: median "
                         "ms per call, ± IQR)", header_style="bold")
     for column in ("variant", "runtime", metric, "change", "params", "FLOPs/sample", "file MiB", "batch 1 ms",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dlrun.errors import DlrunError
 from dlrun.rundir import RunDir, find_runs, read_summary
+from dlrun.sinks import full_batch
 
 
 COLUMNS = ("run", "overrides", "n", "status", "monitor", "best", "test", "final_test", "macro_f1", "vs_linear",
@@ -23,9 +24,10 @@ COST_LABELS = {"params": "parameters", "flops": "FLOPs per sample", "time_s": "t
                "latency_ms": "latency at a full batch, ms (median)"}
 
 
-def full_batch(latency_ms: dict[str, float] | None) -> float | None:
-    """The full-batch figure of a `latency_ms` entry ({"batch_1": .., "batch_64": ..})."""
-    return next((v for k, v in (latency_ms or {}).items() if k != "batch_1"), None)
+def full_batch_ms(latency_ms: dict[str, float] | None) -> float | None:
+    """The full-batch figure of a `latency_ms` entry, if there is one."""
+    key = full_batch(latency_ms or {})
+    return latency_ms[key] if key else None
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -68,7 +70,7 @@ def rows_of(runs: list[Path]) -> list[dict]:
             "params": s.get("model", {}).get("parameters", {}).get("total"),
             "flops": s.get("cost", {}).get("flops_per_sample"),
             "time_s": s.get("train", {}).get("seconds"),
-            "latency_ms": full_batch(s.get("cost", {}).get("latency_ms")),
+            "latency_ms": full_batch_ms(s.get("cost", {}).get("latency_ms")),
         })
     return rows
 
@@ -90,7 +92,7 @@ def variant_rows(rows: list[dict]) -> list[dict]:
                 continue
             found.append({**{c: None for c in COLUMNS}, "run": f"{row['run']}/{v['name']}", "overrides": "",
                           "test": v[metric], "test_metric": metric, "params": v.get("parameters"),
-                          "flops": v.get("flops_per_sample"), "latency_ms": full_batch(v.get("latency_ms")),
+                          "flops": v.get("flops_per_sample"), "latency_ms": full_batch_ms(v.get("latency_ms")),
                           "variant": True})
     return found
 
