@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlrun.cost import LATENCY_BATCH_CAP, flops_per_sample, latency, model_cost, peak_memory_mb, size_mb, time_calls
+from dlrun.cost import (LATENCY_BATCH_CAP, flops_per_sample, latency, model_cost, peak_memory_mb, run_latency_budget,
+                        size_mb, time_calls)
 from dlrun.models import CNN, MLP, RNN
 from dlrun.run import run
 
@@ -42,13 +43,18 @@ def test_latency_and_memory_are_measured():
     assert 0 < one["min_ms"] <= one["median_ms"] <= one["max_ms"] and one["iqr_ms"] >= 0
     peak, kind = peak_memory_mb(CPU)
     assert kind == "process RSS" and peak > 50  # torch alone takes more than that
-    cost = model_cost(model, (1, 28, 28), 64, CPU, threads=1)
+    cost = model_cost(model, (1, 28, 28), 64, CPU, 1.0, threads=1)
     assert set(cost["latency_ms"]) == {"batch_1", "batch_64"} and cost["parameters"]["total"] == 784 * 256 + 2 * 256 + 2570
     detail = cost["latency"]
     assert detail["threads"] == 1 and "torch.utils.benchmark.Timer" in detail["method"]
     for key, batch in (("batch_1", 1), ("batch_64", 64)):
         assert detail[key]["batch"] == batch and detail[key]["median_ms"] == cost["latency_ms"][key]
         assert {"iqr_ms", "min_ms", "max_ms", "blocks", "calls_per_block"} <= set(detail[key])
+
+
+def test_a_run_times_its_latency_within_a_share_of_its_training_time():
+    assert run_latency_budget(1.0) == 0.01 and run_latency_budget(3.0) == 0.03 and run_latency_budget(600) == 0.05
+    assert run_latency_budget(0.0) == 0.01
 
 
 def test_latency_batch_is_capped():

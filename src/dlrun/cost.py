@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import warnings
@@ -66,8 +67,7 @@ def time_calls(call: Callable[[], Any], threads: int | None = None, min_run_time
     call. Median, interquartile range, min and max per call over the blocks, in ms, with the torch
     thread count it ran under (`threads`; None: the current count). Anything callable can be timed this
     way (an ONNX Runtime session too), so every variant is measured alike."""
-    from torch.utils import benchmark
-
+    benchmark = _torch_benchmark()
     threads = threads or torch.get_num_threads()
     timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
     # Timer._timeit(n): seconds for n calls under the Timer's threads and sync; Timer.timeit(n) would
@@ -81,6 +81,19 @@ def time_calls(call: Callable[[], Any], threads: int | None = None, min_run_time
     q1, median, q3 = torch.quantile(ms, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
     return {"median_ms": median, "iqr_ms": q3 - q1, "min_ms": ms.min().item(), "max_ms": ms.max().item(),
             "blocks": blocks, "calls_per_block": number, "threads": threads}
+
+
+def _torch_benchmark() -> Any:
+    """torch.utils.benchmark, imported without the warning its import of cpp_extension logs on a
+    machine with a CUDA toolkit and no GPU ("No CUDA runtime is found"): dlrun compiles nothing."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        quiet.setLevel(level)
+    return benchmark
 
 
 @torch.no_grad()
@@ -124,17 +137,24 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process RSS"
 
 
-RUN_LATENCY_S = 0.05  # seconds per batch size for the latency every run measures after training
+# The latency every run measures after training: per batch size, 1% of the training time, between
+# 10 and 50 ms (a 1-second run spends ~30 ms on it in all; dlrun-compress, which is about latency,
+# times longer).
+RUN_LATENCY_SHARE, RUN_LATENCY_S = 0.01, (0.01, 0.05)
+
+
+def run_latency_budget(train_seconds: float) -> float:
+    return min(max(RUN_LATENCY_SHARE * train_seconds, RUN_LATENCY_S[0]), RUN_LATENCY_S[1])
 
 
 def model_cost(model: nn.Module, input_shape: Sequence[int], batch_size: int, device: torch.device,
-               threads: int | None = None) -> dict[str, Any]:
-    """The summary's `cost` entries that describe the model itself (latency: see `latency_entries`).
-    Every run measures them after training, so the latency gets a short budget (RUN_LATENCY_S per
-    batch size); dlrun-compress, which is about latency, times longer."""
+               train_seconds: float, threads: int | None = None) -> dict[str, Any]:
+    """The summary's `cost` entries that describe the model itself (latency: see `latency_entries`),
+    the latency timed within `run_latency_budget(train_seconds)` per batch size."""
+    budget = run_latency_budget(train_seconds)
     return {
         "parameters": count_parameters(model),
         "size_mb": size_mb(model),
         "flops_per_sample": flops_per_sample(model, input_shape, device),
-        **latency_entries(latency_pair(model, input_shape, batch_size, device, threads, RUN_LATENCY_S)),
+        **latency_entries(latency_pair(model, input_shape, batch_size, device, threads, budget)),
     }

@@ -1,6 +1,8 @@
 """Every PNG dlrun draws. Inputs arrive as plain arrays, lists or run folders, never tensors on a
-device; matplotlib (Agg, files only) is imported inside the functions, so the CLI path stays light;
-every PNG is written atomically through the run folder's one write.
+device; matplotlib is imported inside the functions, so the CLI path stays light, and used through
+its object API (a Figure on an Agg canvas: no pyplot, whose registry of open figures is global state
+and which costs another 30 ms to import); every PNG is written atomically through the run folder's
+one write.
 
 - every run, at its end: its learning curves (`learning_curves`), and what the model gets wrong,
   the confusion matrix or the predicted-vs-true scatter (see metrics.py);
@@ -25,23 +27,27 @@ ANNOTATE_UP_TO = 20  # classes: beyond this the confusion matrix shows colours o
 DPI = 100
 
 
-def _pyplot():
+def figure(**kwargs: Any) -> Any:
+    """A new matplotlib Figure (`Figure(**kwargs)`) drawn by Agg, nothing else holding it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def colormap(name: str, colours: int | None = None) -> Any:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    cmap = matplotlib.colormaps[name]
+    return cmap.resampled(colours) if colours else cmap
 
 
 def save(fig: Any, path: Path) -> Path:
-    """Render to PNG in memory, then write it atomically (its folder made if need be); closes the figure."""
-    plt = _pyplot()
+    """Render to PNG in memory, then write it atomically (its folder made if need be)."""
     buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=DPI)
-    finally:
-        plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=DPI)
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
@@ -54,7 +60,6 @@ def save(fig: Any, path: Path) -> Path:
 def confusion_matrix(path: Path, matrix: Sequence[Sequence[int]], names: Sequence[str], title: str) -> Path:
     """Rows (true classes) normalised to sum 1 and coloured by that share; the counts written in the
     cells when there are at most ANNOTATE_UP_TO classes; class names on both axes (smaller with many)."""
-    plt = _pyplot()
     from matplotlib.colors import PowerNorm
 
     counts = np.asarray(matrix, dtype=np.int64)
@@ -63,7 +68,8 @@ def confusion_matrix(path: Path, matrix: Sequence[Sequence[int]], names: Sequenc
     shares = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
     side = min(5.0 + 0.16 * k, 22.0)
     font = max(5.0, min(10.0, 0.5 * 72 * 0.85 * side / max(k, 1)))  # half a cell high, in points
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    fig = figure(figsize=(side + 1.2, side))
+    ax = fig.subplots()
     # margins for the longest class name, set by hand: tight_layout would draw the figure twice
     # (a third of the run's cost of this picture)
     label = (max(map(len, names), default=1) * 0.6 * font + 24) / 72 / side  # inches of text, as a share
@@ -87,12 +93,12 @@ def confusion_matrix(path: Path, matrix: Sequence[Sequence[int]], names: Sequenc
 def predicted_vs_true(path: Path, true: np.ndarray, predicted: np.ndarray, title: str) -> Path:
     """Each (sample, output) as a point, predicted against true, coloured by output; the diagonal
     is a perfect prediction."""
-    plt = _pyplot()
     true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
     true, predicted = true.reshape(len(true), -1), predicted.reshape(len(predicted), -1)
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig = figure(figsize=(6, 5.5), layout="tight")
+    ax = fig.subplots()
     outputs = true.shape[1] if true.size else 0
-    colours = plt.get_cmap("viridis", max(outputs, 1))
+    colours = colormap("viridis", max(outputs, 1))
     for j in range(outputs):
         ax.scatter(true[:, j], predicted[:, j], s=6, alpha=0.5, color=colours(j),
                    label=f"output {j}" if outputs <= 10 else None)
@@ -104,7 +110,6 @@ def predicted_vs_true(path: Path, true: np.ndarray, predicted: np.ndarray, title
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", markerscale=2)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     return save(fig, path)
 
 
@@ -121,20 +126,20 @@ def _display(x: np.ndarray) -> tuple[np.ndarray, str | None]:
     return x.mean(axis=0), "gray"
 
 
-def _grid(plt: Any, n: int, per_row: int, cell: tuple[float, float]) -> tuple[Any, np.ndarray]:
+def _grid(n: int, per_row: int, cell: tuple[float, float]) -> tuple[Any, np.ndarray]:
     rows = max(1, math.ceil(n / per_row))
-    fig, axes = plt.subplots(rows, per_row, figsize=(cell[0] * per_row, cell[1] * rows), squeeze=False,
-                             layout="constrained")
+    fig = figure(figsize=(cell[0] * per_row, cell[1] * rows), layout="constrained")
+    axes = fig.subplots(rows, per_row, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, axes
 
 
-def _overlay(plt: Any, heat: np.ndarray) -> np.ndarray:
+def _overlay(heat: np.ndarray) -> np.ndarray:
     """An (H, W, 4) RGBA layer: red for positive, blue for negative attribution, as opaque as the value
     is large (zero is transparent, so the input shows through)."""
     bound = float(np.abs(heat).max()) or 1.0
-    rgba = plt.get_cmap("bwr")(0.5 + 0.5 * heat / bound)
+    rgba = colormap("bwr")(0.5 + 0.5 * heat / bound)
     rgba[..., 3] = 0.9 * np.abs(heat) / bound
     return rgba
 
@@ -144,16 +149,15 @@ def attribution_images(path: Path, inputs: np.ndarray, maps: np.ndarray, caption
     """For each example two panels: the input (captioned with its true label) and the attribution
     map summed over channels, in red (pushes towards the target) and blue (away from it) over the
     input in grey (captioned with the prediction). Four examples per row."""
-    plt = _pyplot()
     n = len(inputs)
     pairs = min(4, max(n, 1))
-    fig, axes = _grid(plt, 2 * n, 2 * pairs, (2.1, 2.6))
+    fig, axes = _grid(2 * n, 2 * pairs, (2.1, 2.6))
     for i in range(n):
         image, cmap = _display(inputs[i])
         left, right = axes.flat[2 * i], axes.flat[2 * i + 1]
         left.imshow(image, cmap=cmap)
         right.imshow(inputs[i].mean(axis=0), cmap="gray")
-        right.imshow(_overlay(plt, maps[i].sum(axis=0)))
+        right.imshow(_overlay(maps[i].sum(axis=0)))
         for ax, caption in zip((left, right), captions[i]):
             ax.set_title(caption, fontsize=8)
             ax.set_xticks([])
@@ -166,10 +170,9 @@ def attribution_signals(path: Path, inputs: np.ndarray, maps: np.ndarray, captio
                         title: str) -> Path:
     """For each example the signal (C, L: a line per channel) over a band coloured by the attribution
     per step (summed over channels): red pushes towards the target, blue away from it. Two per row."""
-    plt = _pyplot()
     n = len(inputs)
     per_row = 2 if n > 1 else 1
-    fig, axes = _grid(plt, n, per_row, (5.2, 2.4))
+    fig, axes = _grid(n, per_row, (5.2, 2.4))
     for i in range(n):
         ax, signal, steps = axes.flat[i], inputs[i], maps[i].sum(axis=0)
         bound = float(np.abs(steps).max()) or 1.0
@@ -190,11 +193,10 @@ def attribution_signals(path: Path, inputs: np.ndarray, maps: np.ndarray, captio
 
 def examples(path: Path, inputs: np.ndarray, captions: Sequence[str], title: str) -> Path:
     """A grid of inputs (images, or signals drawn as lines), each with its caption; six per row."""
-    plt = _pyplot()
     n = len(inputs)
     images = inputs.ndim == 4
     per_row = min(6, max(n, 1))
-    fig, axes = _grid(plt, max(n, 1), per_row, (2.0, 2.2) if images else (3.0, 1.9))
+    fig, axes = _grid(max(n, 1), per_row, (2.0, 2.2) if images else (3.0, 1.9))
     for i in range(n):
         ax = axes.flat[i]
         if images:
@@ -275,11 +277,19 @@ def run_curves(run_dir: RunDir, records: list[dict[str, Any]]):
     overrides, the best epoch marked."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
     summary = run_dir.read_summary() if run_dir.summary.exists() else {}
     best = summary.get("best", {}).get("epoch")
     metrics = sorted({k.split("/", 1)[1] for r in records for k in r if "/" in k}, key=lambda m: m != "loss")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    overrides = " ".join(summary.get("overrides", [])) or "defaults"
+    title = f"{run_dir.path.name}: {overrides}"
+    width, height = 5.0 * len(metrics), 3.8
+    fig = figure(figsize=(width, height))
+    # margins set by hand (tick labels, axis labels, the title's lines at ~0.08 inch a character):
+    # tight_layout would draw the figure twice, half the cost of this picture
+    lines = math.ceil(len(title) * 0.08 / (width - 0.4))
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.5 / height,
+                        top=1 - (0.2 + 0.2 * lines) / height, wspace=0.9 / 5.0)
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for split in sorted({k.split("/", 1)[0] for r in records for k in r if k.endswith("/" + metric)}):
             points = [(r["epoch"], r[f"{split}/{metric}"]) for r in records if f"{split}/{metric}" in r]
@@ -291,9 +301,7 @@ def run_curves(run_dir: RunDir, records: list[dict[str, Any]]):
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    overrides = " ".join(summary.get("overrides", [])) or "defaults"
-    fig.suptitle(f"{run_dir.path.name}: {overrides}", fontsize=10, wrap=True)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=10, wrap=True)
     return fig
 
 
@@ -309,10 +317,12 @@ def sweep_curves(rows: list[dict[str, Any]], score_metric: str):
     LEGEND_ENTRIES rows (rows come best first when there are more; the rest are grey). Returns the figure."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     named = rows[:LEGEND_ENTRIES]
-    colors = plt.get_cmap("tab10" if len(named) <= 10 else "tab20").colors
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    colors = colormap("tab10" if len(named) <= 10 else "tab20").colors
+    fig = figure(figsize=(12, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
     for i, row in enumerate(rows):
         color, width = (colors[i % len(colors)], 1.5) if i < len(named) else ("0.7", 0.8)
         for path in row["paths"]:
@@ -327,9 +337,9 @@ def sweep_curves(rows: list[dict[str, Any]], score_metric: str):
         ax.set_ylabel(f"{metric} (val solid, train dashed)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=colors[i % len(colors)], label=_label(row)) for i, row in enumerate(named)]
+    handles = [Line2D([], [], color=colors[i % len(colors)], label=_label(row)) for i, row in enumerate(named)]
     if len(rows) > len(named):
-        handles.append(plt.Line2D([], [], color="0.7", label=f"{len(rows) - len(named)} more (grey)"))
+        handles.append(Line2D([], [], color="0.7", label=f"{len(rows) - len(named)} more (grey)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")
     return fig
 
@@ -338,8 +348,8 @@ def pareto_plot(rows: list[dict[str, Any]], cost: str, cost_label: str, score_me
                 front: list[int]):
     """Test score against `cost`, one point per row (error bars: the std over seeds where a row has
     several), the Pareto front marked; returns the figure (the caller saves it)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = figure(figsize=(8, 5))
+    ax = fig.subplots()
     xs, ys = [float(r[cost]) for r in rows], [r["test"] for r in rows]
     runs = [i for i, r in enumerate(rows) if not r.get("variant")]
     errors = [rows[i].get("test_std") or 0.0 for i in runs]

@@ -228,7 +228,7 @@ def final_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings
         best_test = evaluate_split(parts, "test", test, settings, analyses["best"].update)
     best = {"epoch": state.best_epoch, **state.best_metrics, **best_test}
     analysed = analyse_test(analyses, {"final": final, "best": best}, checkpointer.run_dir, data.spec.task)
-    cost = model_cost(parts.model, data.spec.input_shape, settings.batch_size, device)
+    cost = model_cost(parts.model, data.spec.input_shape, settings.batch_size, device, seconds)
     samples = steps / steps_per_epoch(len(data.splits["train"]), settings) * data.sizes()["train"]
     peak, memory_kind = peak_memory_mb(device)
     return {

@@ -411,7 +411,9 @@ class DistillConfig:
 class TrainerConfig:
     epochs: int = 15
     batch_size: int = 64
-    eval_batch_size: int = 512
+    # 128: on a CPU, a CNN evaluates about twice as fast as in batches of 512 (its activations stay in
+    # the cache); an MLP is indifferent to it and an LSTM a few percent slower
+    eval_batch_size: int = 128
     seed: int = 0
     eval_every: int = 1  # validate every N epochs (and always after the last)
     log_every: int = 10  # steps between progress-display refreshes (each one reads the loss)
