@@ -10,7 +10,7 @@ import torch
 
 from conftest import read_summary
 from dlrun.compress.distill import distill_loss
-from dlrun.config.validate import validate_trainer
+from dlrun.config.validate import validate
 from dlrun.errors import ConfigError
 from dlrun.run import run
 
@@ -84,24 +84,43 @@ def test_a_teacher_of_other_data_is_refused(make_cfg, tmp_path, teacher):
 def test_a_regression_run_cannot_distill(make_cfg, tmp_path, teacher):
     cfg = make_cfg("dataset=sequence", "model=rnn", *SMALL, f"trainer.distill.teacher={teacher}",
                    "trainer.distill.temperature=2")
-    with pytest.raises(ConfigError, match=r"is invalid: distillation needs a classification dataset \(sequence is "
-                                          r"regression\)$"):
+    with pytest.raises(ConfigError, match=r"is invalid: distillation needs a classification dataset "
+                                          r"\(dataset=sequence is regression\)$"):
         run(cfg, run_dir=tmp_path / "regression")
     assert not (tmp_path / "regression" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+def test_a_refused_distillation_writes_nothing(dlrun_cli, tmp_path):
+    """From the command line, the refusals come before Hydra makes the run folder: one line, exit 1,
+    nothing written (the teacher's dataset is read from its saved config)."""
+    teacher = tmp_path / "teacher"
+    dlrun_cli(*SMALL, "trainer.epochs=1", f"hydra.run.dir={teacher}", check=True)
+    for args, reason in (
+        (["dataset=sequence", "model=rnn", "trainer.distill.temperature=2"],
+         "distillation needs a classification dataset (dataset=sequence is regression)"),
+        (["dataset=mnist1d"], "the teacher was trained on other data (dlrun.data.load_digits; the student's: "
+                              "dlrun.data.load_mnist1d)"),
+        (["trainer.distill.alpha=2"], "must be in [0, 1] (0 = plain training)"),
+    ):
+        proc = dlrun_cli(*SMALL, *args, f"trainer.distill.teacher={teacher}", cwd=tmp_path)
+        assert proc.returncode == 1 and proc.stderr.strip().endswith(reason), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]  # no outputs/ folder
+
+
 @pytest.mark.parametrize("change,expected", [
     ({"alpha": 1.5}, "trainer.distill.alpha=1.5 is invalid: must be in [0, 1] (0 = plain training)"),
-    ({"temperature": 0}, "trainer.distill.temperature=0.0 is invalid: must be > 0"),
+    ({"temperature": 0.0}, "trainer.distill.temperature=0.0 is invalid: must be > 0"),
     ({"teacher": "/nonexistent/run"}, "trainer.distill.teacher='/nonexistent/run' is invalid: must be a finished "
                                       "dlrun run folder (with checkpoints/best.pt)"),
 ])
 def test_bad_distill_settings(make_cfg, teacher, change, expected):
-    trainer = make_cfg(f"trainer.distill.teacher={teacher}").trainer
+    cfg = make_cfg(f"trainer.distill.teacher={teacher}")
     for key, value in change.items():
-        trainer.distill[key] = value
+        cfg.trainer.distill[key] = value
     with pytest.raises(ConfigError) as err:
-        validate_trainer(trainer)
+        validate(cfg)
     assert str(err.value) == expected
 
 

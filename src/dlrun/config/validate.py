@@ -17,6 +17,7 @@ from dlrun.config.schema import CNNConfig, ConvBlockConfig
 from dlrun.errors import ConfigError
 
 SEED_MAX = 2**32 - 1  # numpy.random.seed's largest seed
+SEQUENCE = "dlrun.data.load_sequence"  # the regression dataset (a forecast)
 
 
 def resolve_monitor(trainer: DictConfig | TrainerConfig, task: str) -> tuple[str, str]:
@@ -69,6 +70,8 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
 def validate(cfg: DictConfig) -> None:
     """Range and cross-field rules, checked before any tensor exists."""
     validate_trainer(cfg.trainer)
+    if cfg.trainer.get("distill") is not None and cfg.trainer.distill.teacher is not None:
+        validate_distill(cfg.trainer.distill, cfg.dataset)
     opt = cfg.optimizer
     _require(opt.get("lr", 1.0) > 0, "optimizer.lr", "must be > 0", opt.get("lr"))
     _require(opt.get("weight_decay", 0.0) >= 0, "optimizer.weight_decay", "must be >= 0", opt.get("weight_decay"))
@@ -95,8 +98,6 @@ def validate_trainer(t: DictConfig) -> None:
              t.early_stopping.patience)
     _require(t.early_stopping.min_delta >= 0, "trainer.early_stopping.min_delta", "must be >= 0",
              t.early_stopping.min_delta)
-    if t.get("distill") is not None and t.distill.teacher is not None:
-        validate_distill(t.distill)
     splits = ("train", "val", "val_ema") if t.ema_decay > 0 else ("train", "val")
     split, _, metric = t.monitor.partition("/")
     _require(
@@ -107,14 +108,22 @@ def validate_trainer(t: DictConfig) -> None:
     )
 
 
-def validate_distill(d: DictConfig) -> None:
-    """trainer.distill: a teacher run folder with a best checkpoint, T > 0, alpha in [0, 1]. (Its data
-    must match the student's: checked once the data is known, dlrun.compress.distill.load_teacher.)"""
-    best = Path(d.teacher).expanduser() / "checkpoints" / "best.pt"
-    _require(best.is_file(), "trainer.distill.teacher", "must be a finished dlrun run folder (with checkpoints/best.pt)",
-             d.teacher)
+def validate_distill(d: DictConfig, dataset: DictConfig) -> None:
+    """trainer.distill: a teacher run folder with a best checkpoint, T > 0, alpha in [0, 1], a
+    classification dataset, the one the teacher's saved config names. (The data itself, classes and
+    shapes, is compared once it is loaded: dlrun.compress.distill.load_teacher.)"""
+    key, folder = "trainer.distill.teacher", Path(d.teacher).expanduser()
+    _require((folder / "checkpoints" / "best.pt").is_file(), key,
+             "must be a finished dlrun run folder (with checkpoints/best.pt)", d.teacher)
     _require(d.temperature > 0, "trainer.distill.temperature", "must be > 0", d.temperature)
     _require(0 <= d.alpha <= 1, "trainer.distill.alpha", "must be in [0, 1] (0 = plain training)", d.alpha)
+    ours = dataset.get("_target_")
+    _require(ours != SEQUENCE, key, "distillation needs a classification dataset (dataset=sequence is regression)",
+             d.teacher)
+    saved = folder / ".hydra" / "config.yaml"
+    theirs = OmegaConf.select(OmegaConf.load(saved), "dataset._target_", default=None) if saved.is_file() else None
+    _require(theirs in (None, ours), key, f"the teacher was trained on other data ({theirs}; the student's: {ours})",
+             d.teacher)
 
 
 def validate_model(model: DictConfig) -> None:
@@ -223,7 +232,7 @@ def forecast_shift_problem(crop_padding: int) -> str | None:
 
 def validate_shift(ds: DictConfig) -> None:
     """1-D shifts: none for forecasts (sequence), fewer steps than a signal has for MNIST-1D."""
-    if ds.get("_target_") == "dlrun.data.load_sequence":
+    if ds.get("_target_") == SEQUENCE:
         problem = forecast_shift_problem(ds.crop_padding)
         if problem:
             raise ConfigError(problem)

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from dlrun import rundir
-from dlrun.config.validate import dir_problem
+from dlrun.config.validate import dir_problem, validate
 from dlrun.errors import ConfigError, DlrunError, signal_exit_code
 from dlrun.rundir import RunDir
 
@@ -36,6 +36,7 @@ class DlrunCallback(Callback):
                 rundir.check_not_in_use(RunDir(Path(config.resume).expanduser().resolve()))
             else:
                 check_set(config, "run")
+                validate(config)  # bad input is refused before the run folder exists
                 claim_output_dir(config, "run")
         except DlrunError as err:
             raise SystemExit(f"dlrun: error: {err}") from None
