@@ -197,3 +197,43 @@ def test_taylor_importance_and_steps_with_finetuning():
     assert graded and all(p.grad is None for p in pruned.parameters())  # gradients used, then dropped
     assert len(tuned) == 2 and 0.70 <= tuned[0] / before <= 0.75 and 0.45 <= tuned[1] / before <= 0.5
     assert cost_of(pruned, "params", (1, 8, 8)) == tuned[1]
+
+
+def test_a_1d_network_is_quantised_as_the_same_network_in_2d():
+    """Inductor cannot lower 1-D int8 convolutions (torch 2.14), so static int8 takes the 1-D CNN as
+    2-D over a height-1 input: the same outputs; a network that works on the length itself stays 1-D."""
+    from dlrun.compress.quantize import Rows2d, as_2d
+
+    torch.manual_seed(0)
+    model = CNN((1, 40), 10, channels=[8, 8], kernel_size=5, pool="max", batch_norm=True, hidden=16).eval()
+    x = torch.randn(16, 1, 40)
+    flat = as_2d(model, x)
+    assert isinstance(flat, Rows2d) and not any(isinstance(m, torch.nn.Conv1d) for m in flat.modules())
+    assert any(isinstance(m, torch.nn.Conv2d) for m in flat.modules())
+    with torch.no_grad():
+        assert torch.allclose(flat(x), model(x), atol=1e-6)
+
+    class LastStep(torch.nn.Module):
+        def forward(self, x):
+            return x[..., -1]
+
+    on_length = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), LastStep()).eval()
+    assert as_2d(on_length, x) is on_length
+
+
+@pytest.mark.slow
+def test_static_int8_of_a_1d_cnn_runs_under_inductor():
+    import torch._inductor.config as inductor
+
+    from dlrun.compress.quantize import compiled, static_int8
+
+    torch.manual_seed(0)
+    model = CNN((1, 40), 10, channels=[8, 8], kernel_size=5, pool="max", batch_norm=False, hidden=0).eval()
+    batches = [torch.randn(32, 1, 40) for _ in range(4)]
+    quantised = static_int8(model, batches, batches[0])
+    with inductor.patch(freezing=True), torch.no_grad():
+        fast = compiled(quantised, batches[0])
+        out = fast(batches[1])
+    with torch.no_grad():
+        reference = model(batches[1])
+    assert out.shape == reference.shape and (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.9

@@ -6,7 +6,8 @@ import logging
 import resource
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -83,16 +84,27 @@ def time_calls(call: Callable[[], Any], threads: int | None = None, min_run_time
             "blocks": blocks, "calls_per_block": number, "threads": threads}
 
 
+@contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Within the block, the named loggers (torch's internal notes that say nothing to a dlrun user:
+    cpp_extension's "No CUDA runtime is found" on a machine with a CUDA toolkit and no GPU, torchao's
+    registrations) pass errors only; Python warnings are not shown either."""
+    saved = [(logger, logger.level) for logger in map(logging.getLogger, loggers)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger, _ in saved:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in saved:
+                logger.setLevel(level)
+
+
 def _torch_benchmark() -> Any:
-    """torch.utils.benchmark, imported without the warning its import of cpp_extension logs on a
-    machine with a CUDA toolkit and no GPU ("No CUDA runtime is found"): dlrun compiles nothing."""
-    quiet = logging.getLogger("torch.utils.cpp_extension")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    """torch.utils.benchmark, imported quietly (its import of cpp_extension may log; dlrun compiles nothing)."""
+    with quiet("torch.utils.cpp_extension"):
         from torch.utils import benchmark
-    finally:
-        quiet.setLevel(level)
     return benchmark
 
 

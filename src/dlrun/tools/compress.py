@@ -33,7 +33,7 @@ from dlrun.compress.export import check_and_time, export_onnx, session
 from dlrun.compress.quantize import HALF, Cast, compiled, dynamic_int8, static_int8
 from dlrun.config.schema import score_name
 from dlrun.config.targets import import_user_code
-from dlrun.cost import LATENCY_METHOD, flops_per_sample, latency_entries, latency_pair
+from dlrun.cost import LATENCY_METHOD, flops_per_sample, latency_entries, latency_pair, quiet
 from dlrun.data import Data, DataSpec, build_dataset
 from dlrun.errors import DlrunError
 from dlrun.models import build_model, count_parameters
@@ -320,7 +320,8 @@ def inductor_variant(job: Job, name: str, model: nn.Module, source: nn.Module, f
     is compiled before it is timed (the latency's warm-up), and the compile time is not counted."""
     import torch._inductor.config as inductor
 
-    with inductor.patch(freezing=True), torch.no_grad():
+    # each new batch shape compiles, and inductor's lowerings warn about their own tensor copies
+    with inductor.patch(freezing=True), torch.no_grad(), quiet("torch.utils.cpp_extension"):
         fast = compiled(model, torch.randn(1, *job.shape))
         record = measure(job, f"{name}+inductor", fast, source, Path(file), kind=f"{name}+inductor")
     record["runtime"] = "inductor"
