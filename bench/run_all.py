@@ -42,7 +42,7 @@ BENCHES: dict[str, tuple[list[str], dict[str, str], str]] = {
                              "processes (global batch 128)"),
     "post_training": ([], {}, "seconds after the last training step (test evaluation and analysis, cost, plots) as a "
                               "share of training time: the default run, and one epoch of the default CNN on 60k "
-                              "MNIST-format images, 1 thread"),
+                              "MNIST-format images (also with the earlier evaluation batch of 512), 1 thread"),
     "threads": ([], {}, "a training step with 2 threads: OpenMP's default wait policy vs PASSIVE (what dlrun sets on "
                         "a machine busy at start), idle and with one busy process per core that the bench starts"),
 }
