@@ -230,7 +230,7 @@ def test_deterministic_mode_is_on_during_the_run_only(make_cfg, tmp_path, switch
 def test_fast_dev_run(make_cfg, tmp_path):
     summary = run(make_cfg("debug=fast_dev_run", "device=cpu"), run_dir=tmp_path)
     assert summary["steps"] == 1 and summary["epochs"] == 1
-    assert summary["data"]["sizes"] == {"train": 1259, "val": 179, "test": 359}  # eval batches are 512 wide
+    assert summary["data"]["sizes"] == {"train": 1259, "val": 128, "test": 128}  # one eval batch of 128 each
     assert not (tmp_path / "checkpoints").exists()
 
 
