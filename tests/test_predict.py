@@ -42,7 +42,9 @@ def test_top_k_for_image_files(folder_run):
     model, _, data = load_model(run_dir)
     assert data["classes"] == ["class0", "class1", "class2"]
     files = sorted(root.glob("class*/*.png"))
-    probs, index = predict(model, read_inputs(files, data), topk=2)
+    x, sources = read_inputs(files, data)
+    assert sources == [str(f) for f in files]
+    probs, index = predict(model, x, topk=2)
     assert probs.shape == (len(files), 2) and (probs[:, 0] >= probs[:, 1]).all() and (probs.sum(1) <= 1 + 1e-6).all()
     truth = torch.tensor([data["classes"].index(f.parent.name) for f in files])
     assert (index[:, 0] == truth).float().mean() > 0.9
@@ -61,14 +63,34 @@ def test_tensor_file_in_the_datasets_raw_scale(tmp_path):
     np.save(tmp_path / "inputs.npy", x)
     model, _, data = load_model(tmp_path / "run" / "checkpoints" / "best.pt")
     for name in ("inputs.pt", "inputs.npy"):
-        _, index = predict(model, read_inputs([tmp_path / name], data), topk=1)
+        _, index = predict(model, read_inputs([tmp_path / name], data)[0], topk=1)
         accuracy = (index[:, 0].numpy() == y).mean()
         assert accuracy == pytest.approx(summary["best"]["test/acc"])  # the same as the run's own evaluation
     torch.save(torch.from_numpy(x[0]), tmp_path / "one.pt")  # a single sample, without the batch axis
-    assert read_inputs([tmp_path / "one.pt"], data).shape == (1, 1, 8, 8)
+    one, sources = read_inputs([tmp_path / "one.pt"], data)
+    assert one.shape == (1, 1, 8, 8) and sources == [str(tmp_path / "one.pt")]
     torch.save(torch.zeros(2, 3, 3), tmp_path / "wrong.pt")
     with pytest.raises(ConfigError, match=r"expected \(N, 1, 8, 8\)"):
         read_inputs([tmp_path / "wrong.pt"], data)
+
+
+def test_mixed_image_and_tensor_files_keep_their_order(folder_run, tmp_path):
+    """Each row is named by the file it came from, in the order given (a tensor file's samples by index)."""
+    run_dir, root = folder_run
+    model, _, data = load_model(run_dir)
+    images = sorted(root.glob("class*/*.png"))[:2]
+    x_images, _ = read_inputs(images, data)
+    std, mean = (torch.tensor(data[k]).view(1, -1, 1, 1) for k in ("std", "mean"))
+    torch.save(x_images.flip(0) * std + mean, tmp_path / "two.pt")  # the two images again, raw scale, reversed
+    x, sources = read_inputs([images[0], tmp_path / "two.pt", images[1]], data)
+    assert sources == [str(images[0]), f"{tmp_path / 'two.pt'} [0]", f"{tmp_path / 'two.pt'} [1]", str(images[1])]
+    assert torch.allclose(x[0], x_images[0]) and torch.allclose(x[1], x_images[1], atol=1e-5)
+    assert torch.allclose(x[2], x_images[0], atol=1e-5) and torch.allclose(x[3], x_images[1])
+    out = subprocess.run([DLRUN_PREDICT, str(run_dir), str(tmp_path / "two.pt"), str(images[0]), "--topk", "1"],
+                         capture_output=True, text=True, check=True, env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"}).stdout
+    rows = [line for line in out.splitlines() if "two.pt" in line or images[0].name in line]
+    assert [("two.pt [0]" in r, "two.pt [1]" in r, images[0].name in r) for r in rows] == \
+        [(True, False, False), (False, True, False), (False, False, True)], out
 
 
 @pytest.mark.slow

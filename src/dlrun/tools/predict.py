@@ -47,8 +47,9 @@ def load_model(path: Path, trust: Iterable[str] = ()) -> tuple[nn.Module, DictCo
     return model.eval(), config, data
 
 
-def read_inputs(paths: list[Path], data: dict[str, Any]) -> torch.Tensor:
-    """Raw inputs, normalised as in training: (N, *input_shape) float32.
+def read_inputs(paths: list[Path], data: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+    """Raw inputs, normalised as in training: (N, *input_shape) float32, in the order of `paths`, and
+    what each row is (the file's name, with the sample's index for a tensor file of several).
 
     Image files are decoded and resized. A .pt file holds one tensor (torch.save) and a .npy file
     one array (numpy.save) of real numbers (bool, integer or floating point: converted to float32),
@@ -58,7 +59,7 @@ def read_inputs(paths: list[Path], data: dict[str, Any]) -> torch.Tensor:
     """
     shape = tuple(data["input_shape"])
     dims = ", ".join(map(str, shape))
-    parts = []
+    parts, labels = [], []
     for path in paths:
         if not path.is_file():
             raise ConfigError(f"{path}: no such file")
@@ -67,6 +68,7 @@ def read_inputs(paths: list[Path], data: dict[str, Any]) -> torch.Tensor:
             if len(shape) != 3:
                 raise ConfigError(f"{path}: an image, but the model takes {shape} inputs")
             parts.append(torch.from_numpy(_read_image(path, shape)).float()[None])
+            labels.append(str(path))
             continue
         if suffix not in (".pt", ".npy"):
             raise ConfigError(f"{path}: not an image ({', '.join(sorted(IMAGE_SUFFIXES))}) or a .pt/.npy tensor")
@@ -84,10 +86,11 @@ def read_inputs(paths: list[Path], data: dict[str, Any]) -> torch.Tensor:
             what = "values beyond float32's range" if overflow else "NaN or infinite values"
             raise ConfigError(f"{path}: holds {what} (sample {sample}); expected finite numbers")
         parts.append(x)
+        labels += [str(path)] if len(x) == 1 else [f"{path} [{i}]" for i in range(len(x))]
     x = torch.cat(parts)
     stats_shape = (1, -1) + (1,) * (x.dim() - 2)
     mean, std = torch.tensor(data["mean"]).view(stats_shape), torch.tensor(data["std"]).view(stats_shape)
-    return (x - mean) / std
+    return (x - mean) / std, labels
 
 
 def _empty_file(path: Path, expected: str) -> None:
@@ -222,16 +225,14 @@ def main(argv: list[str] | None = None) -> None:
             scores = evaluate(model, split, cfg.trainer.eval_batch_size, task=data["task"])
             console.print(f"test split of {data['name']}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if args.inputs:
-            x = read_inputs(args.inputs, data)
+            x, sources = read_inputs(args.inputs, data)
             if data["task"] == "regression":
                 with torch.no_grad():
-                    for i, row in enumerate(model(x)):
-                        console.print(f"{i}: " + " ".join(f"{v:.4f}" for v in row.tolist()))
+                    for source, row in zip(sources, model(x)):
+                        console.print(f"{source}: " + " ".join(f"{v:.4f}" for v in row.tolist()))
                 return
             probs, index = predict(model, x, args.topk)
             names = data.get("classes") or [str(i) for i in range(data["num_outputs"])]
-            sources = [str(p) for p in args.inputs for _ in range(1 if p.suffix.lower() in IMAGE_SUFFIXES else 0)]
-            sources += [f"sample {i}" for i in range(len(sources), len(x))]
             table = Table(header_style="bold")
             for column in ("input", "rank", "class", "probability"):
                 table.add_column(column, justify="right" if column == "probability" else "left")
