@@ -53,3 +53,25 @@ def test_mlflow_run_in_a_local_sqlite_store(make_cfg, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
     assert {"summary.json", "metrics.jsonl", "checkpoints"} <= artifacts
     assert (tmp_path / "store" / "mlflow-artifacts").is_dir()  # beside the database
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_mlflow_run(dlrun_cli, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    folder = tmp_path / "run"
+    common = ["logger=mlflow", f"logger.mlflow_tracking_uri={uri}", "device=cpu", "device.threads=1"]
+    dlrun_cli(*common, "trainer.epochs=1", f"hydra.run.dir={folder}", check=True)
+    first = read_summary(folder)["mlflow_run_id"]
+    dlrun_cli(f"resume={folder}", "trainer.epochs=2", check=True)
+    summary = read_summary(folder)
+    assert summary["mlflow_run_id"] == first and summary["status"] == "completed" and summary["epochs"] == 2
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("dlrun").experiment_id])
+    assert found.info.run_id == first and found.info.status == "FINISHED"
+    history = client.get_metric_history(first, "val/acc")
+    assert [(h.step, h.value) for h in history] == [(m["step"], m["val/acc"]) for m in read_metrics(folder)]
+    # params cannot change: the one the resume changed is a tag
+    assert found.data.params["trainer.epochs"] == "1" and found.data.tags["dlrun.resumed.trainer.epochs"] == "2"

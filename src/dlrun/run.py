@@ -92,7 +92,7 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
         with stop_on_signals() as stop, ExitStack() as scope:
             validate(cfg)
             trainer = trainer_config(cfg.trainer)
-            sinks += optional_sinks(cfg, folder) if main else []
+            sinks += optional_sinks(cfg, folder, record) if main else []
             device = rank_device(cfg, ranks)
             scope.enter_context(deterministic_algorithms(trainer.deterministic))
             seed_everything(trainer.seed)
@@ -332,16 +332,19 @@ def rank_logging(ranks: Ranks, path: Path) -> None:
     root.setLevel(logging.INFO)
 
 
-def optional_sinks(cfg: DictConfig, folder: RunDir) -> list[Sink]:
-    """TensorBoard and MLflow, as `cfg.logger` asks (a config saved before they existed: TensorBoard only)."""
+def optional_sinks(cfg: DictConfig, folder: RunDir, record: RunRecord) -> list[Sink]:
+    """TensorBoard and MLflow, as `cfg.logger` asks (a config saved before they existed: TensorBoard only);
+    the MLflow run's id goes into the summary (`mlflow_run_id`), so that a resume continues that run."""
     logger = cfg.get("logger") or {"tensorboard": True, "mlflow": False}
     sinks: list[Sink] = []
     if logger["tensorboard"]:
         sinks.append(TensorBoardSink(folder.tensorboard))
     if logger["mlflow"]:
         params = {k: v for k, v in flatten(to_plain(cfg)).items() if not k.startswith(("logger", "resume"))}
-        sinks.append(MLflowSink(logger["mlflow_tracking_uri"], logger["mlflow_experiment"], folder.path.name, params,
-                                folder.path))
+        mlflow = MLflowSink(logger["mlflow_tracking_uri"], logger["mlflow_experiment"], folder.path.name, params,
+                            folder.path, record.summary.get("mlflow_run_id"))
+        record.update(mlflow_run_id=mlflow.run_id)
+        sinks.append(mlflow)
     return sinks
 
 

@@ -244,23 +244,45 @@ def final_and_best(summary: dict[str, Any]) -> dict[str, float]:
 
 class MLflowSink:
     """One MLflow run per dlrun run: the config as params, every epoch's metrics, the final and best
-    metrics, and the run folder as artifacts, in the tracking store at `tracking_uri`."""
+    metrics, and the run folder as artifacts, in the tracking store at `tracking_uri`.
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], run_dir: Path):
+    `run_id`: the MLflow run of a resumed dlrun run (its summary's `mlflow_run_id`), continued if the
+    store still has it; the epochs after the checkpoint are logged again at their steps, and params are
+    logged only where new (MLflow params cannot change: a resume's `trainer.epochs=N` becomes the tag
+    `dlrun.resumed.trainer.epochs`)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], run_dir: Path,
+                 run_id: str | None = None):
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_dir = MlflowClient(tracking_uri), run_dir
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            artifacts = None
-            if tracking_uri.startswith("sqlite:///"):  # keep the artifacts next to the database
-                artifacts = (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlflow-artifacts").as_uri()
-            experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
+        logged: dict[str, str] = {}
+        try:
+            earlier = self.client.get_run(run_id) if run_id else None
+        except MlflowException:  # another store, or the run was deleted: a new MLflow run
+            earlier = None
+        if earlier is not None:
+            self.run_id, logged = run_id, dict(earlier.data.params)
+            self.client.update_run(run_id, status="RUNNING")
         else:
-            experiment_id = found.experiment_id
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags={"dlrun.run_dir": str(run_dir)}).info.run_id
-        self._log(params=[Param(key, str(value)) for key, value in params.items()])
+            self.run_id = self.client.create_run(self._experiment(experiment, tracking_uri), run_name=run_name,
+                                                 tags={"dlrun.run_dir": str(run_dir)}).info.run_id
+        values = {key: str(value) for key, value in params.items()}
+        for key in sorted(k for k in values if k in logged and values[k] != logged[k]):
+            self.client.set_tag(self.run_id, f"dlrun.resumed.{key}", values[key])
+        self._log(params=[Param(key, value) for key, value in values.items() if key not in logged])
+
+    def _experiment(self, name: str, tracking_uri: str) -> str:
+        """The experiment's id, made if need be (a SQLite store keeps its artifacts beside the database)."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        artifacts = None
+        if tracking_uri.startswith("sqlite:///"):
+            artifacts = (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlflow-artifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=artifacts)
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         pass
