@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,9 +110,8 @@ def distillation(out: Path, threads: int) -> tuple[dict, list[str]]:
         rows.append((seed, plain, taught))
     sizes = [s["model"]["parameters"]["total"] for s in (teacher, rows[0][1])]
     gains = [(taught["best"]["test/acc"] - plain["best"]["test/acc"]) * 100 for _, plain, taught in rows]
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    plain_mean = mean([plain["best"]["test/acc"] for _, plain, _ in rows])
-    taught_mean = mean([taught["best"]["test/acc"] for _, _, taught in rows])
+    plain_mean = statistics.mean(plain["best"]["test/acc"] for _, plain, _ in rows)
+    taught_mean = statistics.mean(taught["best"]["test/acc"] for _, _, taught in rows)
     wins = sum(g > 0 for g in gains)
     met = sizes[1] * 4 <= sizes[0] and wins == len(rows)
     lines = ["| model | params | seed | test/acc (best checkpoint) |", "|---|---|---|---|",

@@ -43,8 +43,7 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # oneDNN's note about Intel GPUs when its flags change
+    with quiet():  # oneDNN's note about Intel GPUs when its flags change
         with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), counter:
             model(torch.zeros(1, *input_shape, device=device))
     model.train(was_training)

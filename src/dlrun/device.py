@@ -69,8 +69,9 @@ def use_channels_last(asked: bool | None, model: torch.nn.Module, input_shape: t
     """`trainer.channels_last`: true or false as asked; null (the default) decides: NHWC for a model with
     2-D convolutions on images, in fp32 on the CPU (faster training steps for dlrun's CNNs on an x86 CPU:
     bench/loop_overhead.py, whose ratios the README's Performance table shows) and on CUDA under autocast
-    (tensor cores). Plain fp32 on CUDA stays NCHW (not measured here), and so does bf16 on the CPU: oneDNN's bf16 NHWC convolution in torch
-    2.14 returns wrong values for some shapes (1 input channel, a (1, W) kernel)."""
+    (tensor cores). Plain fp32 on CUDA stays NCHW (not measured here), and so does bf16 on the CPU:
+    oneDNN's bf16 NHWC convolution in torch 2.14 returns wrong values for some shapes (1 input channel,
+    a (1, W) kernel)."""
     if asked is not None:
         return asked
     convolutional = len(input_shape) == 3 and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())

@@ -4,7 +4,6 @@ the file with ONNX Runtime on the CPU against PyTorch's outputs, and timed like 
 from __future__ import annotations
 
 import io
-import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,15 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlrun.cost import LATENCY_BATCH_CAP, time_calls
+from dlrun.cost import LATENCY_BATCH_CAP, quiet, time_calls
 from dlrun.rundir import atomic_write
 
 
 def export_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> None:
     """`model` (eval mode, fp32) as an ONNX file with a dynamic batch dimension."""
     example = torch.randn(2, *input_shape)
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # the exporter's progress lines
-        warnings.simplefilter("ignore")
+    with quiet(), redirect_stdout(io.StringIO()):  # the exporter's warnings and progress lines
         program = torch.onnx.export(model.eval(), (example,), input_names=["x"], output_names=["y"],
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo=True)
     atomic_write(path, lambda f: f.write(program.model_proto.SerializeToString()))

@@ -15,7 +15,6 @@ wrong size), so a 1-D convolution stack is quantised as the same network in 2-D 
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Iterable
 
 import torch
@@ -54,8 +53,7 @@ class Exported(nn.Module):
 
 def dynamic_int8(model: nn.Module) -> nn.Module:
     """Dynamic int8 quantisation of the Linear, LSTM and GRU layers (CPU)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's note that quantized tensor types are being phased out
+    with quiet():  # torch's note that quantized tensor types are being phased out
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8)
 
 
@@ -130,8 +128,7 @@ def static_int8(model: nn.Module, calibration: Iterable[torch.Tensor], example: 
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     batch = torch.export.Dim("batch", min=1, max=1024)
     model = as_2d(model.eval(), example)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
         prepared = prepare_pt2e(graph, quantizer)
         with torch.no_grad():
@@ -145,7 +142,6 @@ def compiled(model: nn.Module, example: torch.Tensor) -> nn.Module:
     `torch._inductor.config.patch(freezing=True)`: the int8 kernels of a PT2E model are chosen by
     inductor's freezing passes (the fp32 original gets the same treatment, to compare)."""
     fast = torch.compile(model, dynamic=False)  # freezing with dynamic shapes fails in torch 2.14 (a stride assertion)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), quiet():
         fast(example)
     return fast

@@ -16,7 +16,6 @@ import argparse
 import copy
 import io
 import sys
-import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -299,8 +298,7 @@ def static_variants(job: Job, base: nn.Module, plan: Plan, skipped: list[dict[st
         model = static_int8(copy.deepcopy(base), batches, batches[0])
         file = job.folder.variant("int8-static", ".pt2")
         file.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             archive = torch.export.export(model.graph, (batches[0],),
                                           dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
             rundir.atomic_write(file, lambda f: torch.export.save(archive, f))
