@@ -1,7 +1,8 @@
-"""Per-class test metrics (metrics.py), their pictures (plots.py) and the run's summary of them."""
+"""Per-class test metrics (metrics.py), their pictures (charts.py) and the run's summary of them."""
 
 from __future__ import annotations
 
+import io
 import math
 import subprocess
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import read_summary
-from dlrun import plots
+from dlrun import charts
 from dlrun.data import TensorSplit
 from dlrun.metrics import ClassMetrics, OutputMetrics, analysis_for, most_confused
 from dlrun.train import evaluate
@@ -163,15 +164,46 @@ def test_confusion_matrix_png(tmp_path, k):
     rng = np.random.default_rng(0)
     matrix = rng.integers(0, 5, (k, k)) + 20 * np.eye(k, dtype=int)
     matrix[0] = 0  # a class with no test samples: an empty row, not a division by zero
-    path = plots.confusion_matrix(tmp_path / "plots" / "cm.png", matrix.tolist(), [f"c{i}" for i in range(k)], "t")
+    names = [f"c{i}" for i in range(k)]
+    path = charts.write(tmp_path / "plots" / "cm.png", charts.confusion_matrix(matrix.tolist(), names, "t"))
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.size[0] > 500 and image.size[1] > 400
+        assert image.format == "PNG" and image.size[0] >= 420 and image.size[1] > 16 * k + 100
+        colours = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+    # the diagonal's share (20 of ~30 at k=3, of ~100 at k=40) is drawn in its own colour
+    share = matrix[1, 1] / matrix[1].sum()
+    assert tuple(charts.blues(np.array(share))) in colours
+
+
+def test_the_colour_scale_runs_from_white_to_dark_blue_on_a_square_root_scale():
+    scale = charts.blues(np.linspace(0, 1, 101))
+    assert scale[0].tolist() == [247, 251, 255] and scale[-1].tolist() == [8, 48, 107]
+    assert np.all(np.diff(scale.astype(int).sum(axis=1)) <= 0)  # darker as the share grows
+    assert charts.blues(np.array(0.25)).tolist() == charts.BLUES[4].astype(int).tolist()  # sqrt(0.25): halfway
+
+
+def test_ticks_are_round_numbers_inside_the_range():
+    assert charts.nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert charts.nice_ticks(0.13, 2.2) == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert charts.nice_ticks(0.3, 15.7, 6, integer=True) == [5, 10, 15]
+    assert charts.nice_ticks(0.95, 2.05, 6, integer=True) == [1, 2]  # epochs: never half an epoch
+    assert charts.tick_label(0.5, [0.5, 1.0]) == "0.5" and charts.tick_label(10.0, [5.0, 10.0]) == "10"
+
+
+def test_learning_curves_png_leave_out_diverged_epochs(tmp_path):
+    records = [{"epoch": e, "train/loss": 1 / e, "val/loss": 1.1 / e, "train/acc": 0.5, "val/acc": 0.4}
+               for e in (1, 2, 3)]
+    records[2]["train/loss"] = float("nan")
+    assert charts.curves(records, "loss") == {"train": [(1, 1.0), (2, 0.5)], "val": [(1, 1.1), (2, 0.55), (3, 1.1 / 3)]}
+    with Image.open(io.BytesIO(charts.learning_curves(records, 2, "t"))) as image:
+        assert image.format == "PNG" and image.width == 1000 and image.height == 380  # a panel per metric
 
 
 def test_predicted_vs_true_png(tmp_path):
     true = np.linspace(-1, 1, 60).reshape(20, 3)
-    path = plots.predicted_vs_true(tmp_path / "p.png", true, true + 0.1, "t")
-    assert path.stat().st_size > 5000
+    path = charts.write(tmp_path / "p.png", charts.predicted_vs_true(true, true + 0.1, "t"))
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - charts.hex_rgb(charts.TAB10[1])).sum(axis=1) < 60).any()  # output 1's points
 
 
 # ------------------------------------------------------------ end to end

@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from dlrun.plots import pareto_plot, run_curves, sweep_curves
-from dlrun.rundir import RunDir, read_metrics
+from dlrun import charts
+from dlrun.plots import pareto_plot, sweep_curves
+from dlrun.rundir import RunDir
 from dlrun.errors import DlrunError
 from dlrun.tools.report import by_configuration, pareto_front, plot_runs, rows_of, shown, sort_rows, variant_rows
 
@@ -120,12 +122,14 @@ def test_learning_curve_legend_is_outside_the_data(tmp_path, n_runs):
 
 
 def test_a_runs_plot_names_its_overrides_and_marks_the_best_epoch(tmp_path):
-    folder = fake_run(tmp_path / "run", ["model=cnn", "optimizer.lr=0.01"], 0.9, 1000, [1.0, 0.5, 0.7], best_epoch=2)
-    fig = run_curves(RunDir(folder), read_metrics(RunDir(folder)))
-    assert fig._suptitle.get_text() == "run: model=cnn optimizer.lr=0.01"
-    for ax in fig.axes:
-        marks = [line for line in ax.get_lines() if line.get_label().startswith("best epoch")]
-        assert [list(m.get_xdata()) for m in marks] == [[2, 2]]
+    folder = RunDir(fake_run(tmp_path / "run", ["model=cnn", "optimizer.lr=0.01"], 0.9, 1000, [1.0, 0.5, 0.7], best_epoch=2))
+    summary = folder.read_summary()
+    assert charts.marked(folder, summary) == (2, "run: model=cnn optimizer.lr=0.01")
+    with Image.open(charts.run_curves(folder, summary)) as png:
+        pixels = np.asarray(png.convert("RGB")).astype(int)
+    # the best epoch's dotted grey line: in each panel one column of grey dashes down the plot area
+    grey = (np.abs(pixels - 128).sum(axis=2) < 40).sum(axis=0)
+    assert sum(1 for x in range(1, pixels.shape[1] - 1) if grey[x] > 40 and grey[x] >= grey[x - 1] and grey[x] >= grey[x + 1]) >= 2
 
 
 # ------------------------------------------------------------------ seeds: mean ± std (n)

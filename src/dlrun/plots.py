@@ -1,11 +1,10 @@
-"""Every PNG dlrun draws. Inputs arrive as plain arrays, lists or run folders, never tensors on a
-device; matplotlib is imported inside the functions, so the CLI path stays light, and used through
-its object API (a Figure on an Agg canvas: no pyplot, whose registry of open figures is global state
+"""The PNGs dlrun's tools draw with matplotlib (a run's own pictures are drawn faster, with Pillow:
+charts.py). Inputs arrive as plain arrays, lists or run folders, never tensors on a device;
+matplotlib is imported inside the functions, so the CLI path stays light, and used through its
+object API (a Figure on an Agg canvas: no pyplot, whose registry of open figures is global state
 and which costs another 30 ms to import); every PNG is written atomically through the run folder's
 one write.
 
-- every run, at its end: its learning curves (`learning_curves`), and what the model gets wrong,
-  the confusion matrix or the predicted-vs-true scatter (see metrics.py);
 - dlrun-report: the curves of several runs and the accuracy-versus-cost Pareto plot, readable from
   1 to 50 runs: legends outside the data, labels that never overlap (a label that finds no free
   place is left out; the table names every run), tick labels on every axis whatever its span;
@@ -23,7 +22,6 @@ import numpy as np
 
 from dlrun.rundir import RunDir, atomic_write, read_metrics
 
-ANNOTATE_UP_TO = 20  # classes: beyond this the confusion matrix shows colours only
 DPI = 100
 
 
@@ -52,65 +50,6 @@ def save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
     return path
-
-
-# ------------------------------------------------------------ every run
-
-
-def confusion_matrix(path: Path, matrix: Sequence[Sequence[int]], names: Sequence[str], title: str) -> Path:
-    """Rows (true classes) normalised to sum 1 and coloured by that share; the counts written in the
-    cells when there are at most ANNOTATE_UP_TO classes; class names on both axes (smaller with many)."""
-    from matplotlib.colors import PowerNorm
-
-    counts = np.asarray(matrix, dtype=np.int64)
-    k = len(names)
-    support = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
-    side = min(5.0 + 0.16 * k, 22.0)
-    font = max(5.0, min(10.0, 0.5 * 72 * 0.85 * side / max(k, 1)))  # half a cell high, in points
-    fig = figure(figsize=(side + 1.2, side))
-    ax = fig.subplots()
-    # margins for the longest class name, set by hand: tight_layout would draw the figure twice
-    # (a third of the run's cost of this picture)
-    label = (max(map(len, names), default=1) * 0.6 * font + 24) / 72 / side  # inches of text, as a share
-    fig.subplots_adjust(left=min(0.08 + label, 0.4), bottom=min(0.08 + label, 0.4), right=0.86, top=0.93)
-    # a square-root colour scale, so that confusions of a few percent still show among 100 classes
-    image = ax.imshow(shares, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="share of the true class")
-    ax.set_xticks(range(k), labels=names, rotation=90, fontsize=font)
-    ax.set_yticks(range(k), labels=names, fontsize=font)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if k <= ANNOTATE_UP_TO:
-        for (i, j), count in np.ndenumerate(counts):
-            if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=min(9.0, font),
-                        color="white" if shares[i, j] > 0.4 else "black")
-    ax.set_title(title, fontsize=10)
-    return save(fig, path)
-
-
-def predicted_vs_true(path: Path, true: np.ndarray, predicted: np.ndarray, title: str) -> Path:
-    """Each (sample, output) as a point, predicted against true, coloured by output; the diagonal
-    is a perfect prediction."""
-    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
-    true, predicted = true.reshape(len(true), -1), predicted.reshape(len(predicted), -1)
-    fig = figure(figsize=(6, 5.5), layout="tight")
-    ax = fig.subplots()
-    outputs = true.shape[1] if true.size else 0
-    colours = colormap("viridis", max(outputs, 1))
-    for j in range(outputs):
-        ax.scatter(true[:, j], predicted[:, j], s=6, alpha=0.5, color=colours(j),
-                   label=f"output {j}" if outputs <= 10 else None)
-    if true.size:
-        low, high = float(min(true.min(), predicted.min())), float(max(true.max(), predicted.max()))
-        ax.plot([low, high], [low, high], color="black", linewidth=1, label="predicted = true")
-    ax.set_xlabel("true value")
-    ax.set_ylabel("predicted value")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", markerscale=2)
-    ax.set_title(title, fontsize=10)
-    return save(fig, path)
 
 
 # ------------------------------------------------------------ dlrun-explain
@@ -264,45 +203,6 @@ def place_labels(ax, points: list[tuple[float, float]], labels: list[str], prior
                 break
             text.remove()
     return texts
-
-
-def learning_curves(run_dir: RunDir) -> Path | None:
-    """plots/learning_curves.png (see `run_curves`), if the run has metrics."""
-    records = read_metrics(run_dir)
-    return save(run_curves(run_dir, records), run_dir.plots / "learning_curves.png") if records else None
-
-
-def run_curves(run_dir: RunDir, records: list[dict[str, Any]]):
-    """Loss and the second metric (accuracy or MAE) per epoch, train and val, titled with the run's
-    overrides, the best epoch marked."""
-    from matplotlib.ticker import MaxNLocator
-
-    summary = run_dir.read_summary() if run_dir.summary.exists() else {}
-    best = summary.get("best", {}).get("epoch")
-    metrics = sorted({k.split("/", 1)[1] for r in records for k in r if "/" in k}, key=lambda m: m != "loss")
-    overrides = " ".join(summary.get("overrides", [])) or "defaults"
-    title = f"{run_dir.path.name}: {overrides}"
-    width, height = 5.0 * len(metrics), 3.8
-    fig = figure(figsize=(width, height))
-    # margins set by hand (tick labels, axis labels, the title's lines at ~0.08 inch a character):
-    # tight_layout would draw the figure twice, half the cost of this picture
-    lines = math.ceil(len(title) * 0.08 / (width - 0.4))
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.5 / height,
-                        top=1 - (0.2 + 0.2 * lines) / height, wspace=0.9 / 5.0)
-    axes = fig.subplots(1, len(metrics), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for split in sorted({k.split("/", 1)[0] for r in records for k in r if k.endswith("/" + metric)}):
-            points = [(r["epoch"], r[f"{split}/{metric}"]) for r in records if f"{split}/{metric}" in r]
-            ax.plot(*zip(*points), marker="o", markersize=3, label=split)
-        if best is not None:
-            ax.axvline(best, color="grey", linestyle=":", label=f"best epoch ({best})")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(title, fontsize=10, wrap=True)
-    return fig
 
 
 def _label(row: dict[str, Any]) -> str:

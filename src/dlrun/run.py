@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import dlrun
-from dlrun import baselines, checkpoint, distributed, plots, rundir
+from dlrun import baselines, charts, checkpoint, distributed, rundir
 from dlrun.checkpoint import Checkpointer
 from dlrun.compress.distill import load_teacher
 from dlrun.config.schema import TrainerConfig, to_plain, trainer_config
@@ -40,7 +40,6 @@ from dlrun.models import build_model, count_parameters
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.rundir import RunDir, RunRecord
 from dlrun.sinks import ConsoleSink, JsonlSink, LogSink, MLflowSink, Sink, TensorBoardSink, flatten
-from dlrun.plots import learning_curves
 from dlrun.train import LoopSettings, Parts, StopFlag, TrainState, evaluate, evaluate_split, fit, steps_per_epoch
 
 log = logging.getLogger("dlrun")
@@ -121,7 +120,7 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
         raise
     record.update(status="completed", **results, wall_time_s=time.perf_counter() - clock)
     if main:
-        learning_curves(folder)
+        charts.run_curves(folder, record.summary)
         # the post-training phase: test evaluation and analysis, cost, plots (bench/post_training.py)
         ended = time.perf_counter()
         record.update(after_training_s=ended - trained_at, wall_time_s=ended - clock)
@@ -259,9 +258,9 @@ def analyse_test(analyses: dict[str, TestAnalysis], results: dict[str, dict[str,
     best = analyses["best"]
     title = f"{folder.path.name}: best weights (epoch {results['best'].get('epoch')}), test split"
     if task == "regression":
-        plots.predicted_vs_true(folder.predicted_vs_true, *(t.numpy() for t in best.predictions()), title)
+        charts.write(folder.predicted_vs_true, charts.predicted_vs_true(*(t.numpy() for t in best.predictions()), title))
         return {"outputs": {"best": section["best"], "final": section["final"]}}
-    plots.confusion_matrix(folder.confusion_matrix, section["best"]["confusion_matrix"], best.names, title)
+    charts.write(folder.confusion_matrix, charts.confusion_matrix(section["best"]["confusion_matrix"], best.names, title))
     return {"classes": {"names": best.names, "best": section["best"], "final": section["final"]}}
 
 
