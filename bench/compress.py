@@ -10,7 +10,7 @@ most a quarter of the teacher's parameters (the tuned preset) with and without t
 seeds (same seed, same epochs each). Prints the tables and whether each target of
 issue 16 is met, and writes them to <out>/compress.md and <out>/compress.json. Every command runs on
 `--threads` CPU threads (1 by default: the machine is shared, and more threads measured there are
-noise). Timings are medians of torch.utils.benchmark blocks: compare within one run.
+noise). Timings are medians of dlrun.cost.time_calls blocks: compare within one run.
 """
 
 from __future__ import annotations

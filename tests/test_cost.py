@@ -46,7 +46,7 @@ def test_latency_and_memory_are_measured():
     cost = model_cost(model, (1, 28, 28), 64, CPU, 1.0, threads=1)
     assert set(cost["latency_ms"]) == {"batch_1", "batch_64"} and cost["parameters"]["total"] == 784 * 256 + 2 * 256 + 2570
     detail = cost["latency"]
-    assert detail["threads"] == 1 and "torch.utils.benchmark.Timer" in detail["method"]
+    assert detail["threads"] == 1 and "timeit" in detail["method"]
     for key, batch in (("batch_1", 1), ("batch_64", 64)):
         assert detail[key]["batch"] == batch and detail[key]["median_ms"] == cost["latency_ms"][key]
         assert {"iqr_ms", "min_ms", "max_ms", "blocks", "calls_per_block"} <= set(detail[key])

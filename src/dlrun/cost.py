@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+import time
+import timeit
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -53,30 +55,36 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch
 # The batch a latency is measured at is capped: the figure is per call, and a run with
 # trainer.batch_size=100000 must not spend minutes and gigabytes timing one synthetic batch.
 LATENCY_BATCH_CAP = 256
-LATENCY_METHOD = ("torch.utils.benchmark.Timer: two warm-up calls (the second sizes the blocks), then 5 timed "
-                  "blocks (at least 3) of calls filling min_run_time; figures per call over the blocks")
+LATENCY_METHOD = ("timeit with a clock that synchronises CUDA, under the stated torch thread count (as "
+                  "torch.utils.benchmark.Timer times): two warm-up calls (the second sizes the blocks), then 5 "
+                  "timed blocks (at least 3) of calls filling min_run_time; figures per call over the blocks")
 BLOCKS = 5
 
 
 def time_calls(call: Callable[[], Any], threads: int | None = None, min_run_time: float = 0.2) -> dict[str, Any]:
-    """How long `call()` takes, with torch.utils.benchmark's Timer (its thread setting and device sync):
-    two warm-up calls, the second of which sizes the blocks, then BLOCKS blocks of calls that together
-    take about `min_run_time` seconds (at least 3 blocks of one call for a slow call). So the whole
-    measurement stays within about `min_run_time` plus three calls, whatever the call costs; torch's own
-    blocked_autorange sizes blocks for timer overhead and can take several times its budget on a fast
-    call. Median, interquartile range, min and max per call over the blocks, in ms, with the torch
-    thread count it ran under (`threads`; None: the current count). Anything callable can be timed this
-    way (an ONNX Runtime session too), so every variant is measured alike."""
-    benchmark = _torch_benchmark()
+    """How long `call()` takes: the standard library's timeit under `threads` torch threads, with a
+    clock that waits for CUDA's queued work (what torch.utils.benchmark.Timer does; importing that
+    package costs ~60 ms, as much as the rest of a small run's measurement). Two warm-up calls, the
+    second of which sizes the blocks, then BLOCKS blocks of calls that together take about
+    `min_run_time` seconds (at least 3 blocks of one call for a slow call). So the whole measurement
+    stays within about `min_run_time` plus three calls, whatever the call costs. Median,
+    interquartile range, min and max per call over the blocks, in ms, with the torch thread count it
+    ran under (`threads`; None: the current count). Anything callable can be timed this way (an ONNX
+    Runtime session too), so every variant is measured alike."""
     threads = threads or torch.get_num_threads()
-    timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
-    # Timer._timeit(n): seconds for n calls under the Timer's threads and sync; Timer.timeit(n) would
-    # add its own warm-up calls to every block.
-    timer._timeit(1)  # first-call set-up (oneDNN primitives, allocations)
-    one = timer._timeit(1)
-    blocks = max(3, min(BLOCKS, int(min_run_time / one)))
-    number = max(1, int(min_run_time / blocks / one))
-    times = [timer._timeit(number) / number for _ in range(blocks)]  # seconds per call, one value per block
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def clock() -> float:
+        sync()
+        return time.perf_counter()
+
+    timer = timeit.Timer(call, timer=clock)
+    with torch_threads(threads):
+        timer.timeit(1)  # first-call set-up (oneDNN primitives, allocations)
+        one = max(timer.timeit(1), 1e-9)
+        blocks = max(3, min(BLOCKS, int(min_run_time / one)))
+        number = max(1, int(min_run_time / blocks / one))
+        times = [timer.timeit(number) / number for _ in range(blocks)]  # seconds per call, one value per block
     ms = torch.tensor(times, dtype=torch.float64) * 1000
     q1, median, q3 = torch.quantile(ms, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
     return {"median_ms": median, "iqr_ms": q3 - q1, "min_ms": ms.min().item(), "max_ms": ms.max().item(),
@@ -84,10 +92,20 @@ def time_calls(call: Callable[[], Any], threads: int | None = None, min_run_time
 
 
 @contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` within the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def quiet(*loggers: str) -> Iterator[None]:
-    """Within the block, the named loggers (torch's internal notes that say nothing to a dlrun user:
-    cpp_extension's "No CUDA runtime is found" on a machine with a CUDA toolkit and no GPU, torchao's
-    registrations) pass errors only; Python warnings are not shown either."""
+    """Within the block, the named loggers (torch's internal notes that say nothing to a dlrun user,
+    such as torchao's registrations) pass errors only; Python warnings are not shown either."""
     saved = [(logger, logger.level) for logger in map(logging.getLogger, loggers)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -98,13 +116,6 @@ def quiet(*loggers: str) -> Iterator[None]:
         finally:
             for logger, level in saved:
                 logger.setLevel(level)
-
-
-def _torch_benchmark() -> Any:
-    """torch.utils.benchmark, imported quietly (its import of cpp_extension may log; dlrun compiles nothing)."""
-    with quiet("torch.utils.cpp_extension"):
-        from torch.utils import benchmark
-    return benchmark
 
 
 @torch.no_grad()
