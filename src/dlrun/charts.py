@@ -1,8 +1,9 @@
 """The pictures every run draws at its end, with Pillow (torchvision's own image library): the
-learning curves, and the confusion matrix or the predicted-vs-true scatter. They are plain charts, and
-drawing them here takes ~30 ms where matplotlib took ~0.45 s (its import alone ~0.2 s), which was a
-third of the default run's whole time after training. matplotlib still draws what needs its layout
-engine: dlrun-report's comparisons and dlrun-explain's grids (plots.py).
+learning curves, and the confusion matrix or the predicted-vs-true scatter. They are plain charts;
+drawn with matplotlib (its import, layout and rendering) they were most of the default run's time
+after training (bench/post_training.py). matplotlib still draws what needs its layout engine:
+dlrun-report's comparisons and dlrun-explain's grids (plots.py). Pillow's built-in font is scalable
+where Pillow has FreeType, as its wheels do (pillow>=10.1).
 
 A `Canvas` is drawn at SCALE times its size and reduced once at the end, so lines, markers and text
 come out smooth; every coordinate given to it is in pixels of the final picture.
@@ -72,7 +73,7 @@ class Canvas:
         self.draw.line(self._xy(points), fill=colour, width=max(1, round(width * SCALE)), joint="curve")
 
     def dotted(self, start: tuple[float, float], end: tuple[float, float], colour: Any, step: float = 4.0) -> None:
-        length = math.dist(start, end)
+        length = math.dist(start, end) or 1.0
         for i in range(int(length // step) + 1):
             a, b = i * step / length, min((i * step + step / 2) / length, 1.0)
             self.line([(start[0] + a * (end[0] - start[0]), start[1] + a * (end[1] - start[1])),

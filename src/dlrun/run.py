@@ -113,17 +113,16 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
             results = final_results(parts, checkpointer, data, settings, state, device, *trained) if main else {}
             if stop.signum:  # during the final evaluation: the run is checkpointed, its results are not
                 raise Interrupted(stop.signum, state.step, checkpointer.has_last())
+            if main:
+                charts.run_curves(folder, {**record.summary, **results})
     except BaseException as err:
         record.fail(err, wall_time_s=time.perf_counter() - clock)
         for sink in sinks:
             sink.close(None)
         raise
-    record.update(status="completed", **results, wall_time_s=time.perf_counter() - clock)
-    if main:
-        charts.run_curves(folder, record.summary)
-        # the post-training phase: test evaluation and analysis, cost, plots (bench/post_training.py)
-        ended = time.perf_counter()
-        record.update(after_training_s=ended - trained_at, wall_time_s=ended - clock)
+    # after_training_s: the post-training phase (test evaluation and analysis, cost, plots; bench/post_training.py)
+    ended = time.perf_counter()
+    record.update(status="completed", **results, after_training_s=ended - trained_at, wall_time_s=ended - clock)
     for sink in sinks:
         sink.close(record.summary)
     return record.summary

@@ -17,11 +17,10 @@ import copy
 import io
 import sys
 import zlib
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -32,7 +31,7 @@ from dlrun.compress.export import check_and_time, export_onnx, session
 from dlrun.compress.quantize import HALF, Cast, compiled, dynamic_int8, static_int8
 from dlrun.config.schema import score_name
 from dlrun.config.targets import import_user_code
-from dlrun.cost import LATENCY_METHOD, flops_per_sample, latency_entries, latency_pair, quiet
+from dlrun.cost import LATENCY_METHOD, flops_per_sample, latency_entries, latency_pair, quiet, torch_threads
 from dlrun.data import Data, DataSpec, build_dataset
 from dlrun.errors import DlrunError
 from dlrun.models import build_model, count_parameters
@@ -141,16 +140,6 @@ def serialized_mb(state: dict[str, Any]) -> tuple[float, float]:
     torch.save(state, buffer)
     raw = buffer.getvalue()
     return len(raw) / 2**20, len(zlib.compress(raw, 6)) / 2**20
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 class OnnxRuntime(nn.Module):
