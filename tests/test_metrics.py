@@ -198,6 +198,17 @@ def test_learning_curves_png_leave_out_diverged_epochs(tmp_path):
         assert image.format == "PNG" and image.width == 1000 and image.height == 380  # a panel per metric
 
 
+def test_a_legend_keeps_clear_of_the_lines_and_the_best_epoch():
+    canvas = charts.Canvas((500, 380))
+    panel = charts.Panel(canvas, (70, 30, 485, 335), [1, 10], [0.0, 1.0], integer_x=True)
+    panel.plot([(1, 0.0), (10, 1.0)], charts.TAB10[0])  # bottom left to top right
+    assert any(math.dist(p, panel.at(5.5, 0.5)) < 8 for p in panel.points)  # the line between the markers counts
+    assert panel.legend([("train", charts.TAB10[0], "line")])[0] < 200  # top left
+    panel.vertical_dotted(1.5, (128, 128, 128))  # now the left side is taken too
+    x, y = panel.legend([("train", charts.TAB10[0], "line")])
+    assert x > 200 and y > 200  # bottom right
+
+
 def test_predicted_vs_true_png(tmp_path):
     true = np.linspace(-1, 1, 60).reshape(20, 3)
     path = charts.write(tmp_path / "p.png", charts.predicted_vs_true(true, true + 0.1, "t"))

@@ -176,11 +176,20 @@ class Panel:
 
     def plot(self, points: Sequence[tuple[float, float]], colour: str, markers: bool = True, width: float = 1.5) -> None:
         pixels = [self.at(x, y) for x, y in points]
+        for (x0, y0), (x1, y1) in zip(pixels, pixels[1:]):  # the legend keeps clear of the lines too
+            steps = max(1, int(math.dist((x0, y0), (x1, y1)) // 8))
+            self.points += [(x0 + (x1 - x0) * t / steps, y0 + (y1 - y0) * t / steps) for t in range(steps)]
         self.points += pixels
         if len(pixels) > 1:
             self.canvas.line(pixels, colour, width)
         for p in pixels if markers else ():
             self.canvas.dot(p, 2.5, colour)
+
+    def vertical_dotted(self, x: float, colour: Any) -> None:
+        """A dotted line across the plot area at `x` (the legend keeps clear of it where it can)."""
+        (px, bottom), (_, top) = self.at(x, self.y_range[0]), self.at(x, self.y_range[1])
+        self.canvas.dotted((px, bottom), (px, top), colour)
+        self.points += [(px, y) for y in np.linspace(top, bottom, 20)]
 
     def scatter(self, points: Sequence[tuple[float, float]], colour: str, radius: float = 2.0) -> None:
         pixels = [self.at(x, y) for x, y in points]
@@ -189,8 +198,10 @@ class Panel:
         for p in pixels:
             self.canvas.dot(p, radius, fill)
 
-    def legend(self, entries: Sequence[tuple[str, Any, str]]) -> None:
-        """(label, colour, style: "line" | "dotted" | "dot") in a box, in the corner with fewest points."""
+    def legend(self, entries: Sequence[tuple[str, Any, str]]) -> tuple[float, float]:
+        """(label, colour, style: "line" | "dotted" | "dot") in a box, in the corner that covers the fewest
+        of the points and lines drawn (the first such of top right, top left, bottom right, bottom left);
+        returns the box's top-left corner."""
         c, (left, top, right, bottom) = self.canvas, self.box
         w = 34 + max(c.width(label, 10) for label, _, _ in entries)
         h = 6 + 15 * len(entries)
@@ -208,6 +219,7 @@ class Panel:
             else:
                 c.line([(x + 6, cy), (x + 26, cy)], colour, 1.5)
             c.text((x + 30, cy), label, 10, "lm")
+        return x, y
 
 
 def padded(values: Sequence[float], share: float) -> tuple[float, float]:
@@ -243,8 +255,7 @@ def learning_curves(records: Sequence[dict[str, Any]], best_epoch: int | None, t
             panel.plot(points, colour)
             entries.append((split, colour, "line"))
         if best_epoch is not None:
-            (x, y0), (_, y1) = panel.at(best_epoch, panel.y_range[0]), panel.at(best_epoch, panel.y_range[1])
-            canvas.dotted((x, y0), (x, y1), (128, 128, 128))
+            panel.vertical_dotted(best_epoch, (128, 128, 128))
             entries.append((f"best epoch ({best_epoch})", (128, 128, 128), "dotted"))
         panel.legend(entries)
     return canvas.png()
