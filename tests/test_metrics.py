@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import read_summary
 from dlrun import charts
 from dlrun.data import TensorSplit
+from dlrun.rundir import write_bytes
 from dlrun.metrics import ClassMetrics, OutputMetrics, analysis_for, most_confused
 from dlrun.train import evaluate
 
@@ -165,7 +166,7 @@ def test_confusion_matrix_png(tmp_path, k):
     matrix = rng.integers(0, 5, (k, k)) + 20 * np.eye(k, dtype=int)
     matrix[0] = 0  # a class with no test samples: an empty row, not a division by zero
     names = [f"c{i}" for i in range(k)]
-    path = charts.write(tmp_path / "plots" / "cm.png", charts.confusion_matrix(matrix.tolist(), names, "t"))
+    path = write_bytes(tmp_path / "plots" / "cm.png", charts.confusion_matrix(matrix.tolist(), names, "t"))
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] >= 420 and image.size[1] > 16 * k + 100
         colours = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
@@ -211,7 +212,7 @@ def test_a_legend_keeps_clear_of_the_lines_and_the_best_epoch():
 
 def test_predicted_vs_true_png(tmp_path):
     true = np.linspace(-1, 1, 60).reshape(20, 3)
-    path = charts.write(tmp_path / "p.png", charts.predicted_vs_true(true, true + 0.1, "t"))
+    path = write_bytes(tmp_path / "p.png", charts.predicted_vs_true(true, true + 0.1, "t"))
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
     assert (np.abs(pixels.astype(int) - charts.hex_rgb(charts.TAB10[1])).sum(axis=1) < 60).any()  # output 1's points

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dlrun.rundir import RunDir, atomic_write, read_metrics
+from dlrun.rundir import RunDir, read_metrics, write_bytes
 
 SCALE = 2
 ANNOTATE_UP_TO = 20  # classes: beyond this the confusion matrix shows colours only
@@ -341,18 +341,11 @@ def predicted_vs_true(true: np.ndarray, predicted: np.ndarray, title: str) -> by
     return canvas.png()
 
 
-def write(path: Path, png: bytes) -> Path:
-    """The PNG written atomically (its folder made if need be)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(png))
-    return path
-
-
 def run_curves(folder: RunDir, summary: dict[str, Any]) -> Path | None:
     """plots/learning_curves.png of a run (see `learning_curves`), if it has metrics; titled with the
     folder's name and the run's overrides."""
     records = read_metrics(folder)
-    return write(folder.plots / "learning_curves.png", learning_curves(records, *marked(folder, summary))) \
+    return write_bytes(folder.plots / "learning_curves.png", learning_curves(records, *marked(folder, summary))) \
         if records else None
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dlrun.rundir import RunDir, atomic_write, read_metrics
+from dlrun.rundir import RunDir, read_metrics, write_bytes
 
 DPI = 100
 
@@ -46,10 +46,7 @@ def save(fig: Any, path: Path) -> Path:
     """Render to PNG in memory, then write it atomically (its folder made if need be)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(data))
-    return path
+    return write_bytes(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------ dlrun-explain
@@ -161,7 +158,6 @@ def examples(path: Path, inputs: np.ndarray, captions: Sequence[str], title: str
 LEGEND_ENTRIES = 10
 
 
-
 def human(value: float, _pos: Any = None) -> str:
     """53098 -> '53.1k', 1.2e6 -> '1.2M', 0.5 -> '0.5': short tick labels for a cost axis."""
     for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -210,14 +206,12 @@ def _label(row: dict[str, Any]) -> str:
     return label if len(label) <= 60 else label[:57] + "..."
 
 
-
 def sweep_curves(rows: list[dict[str, Any]], score_metric: str):
     """Validation (solid) and training (dashed) loss and score per epoch, one colour per row (a
     configuration: its seeds share the colour); the legend beside the plots, naming at most
     LEGEND_ENTRIES rows (rows come best first when there are more; the rest are grey). Returns the figure."""
-    from matplotlib.ticker import MaxNLocator
-
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     named = rows[:LEGEND_ENTRIES]
     colors = colormap("tab10" if len(named) <= 10 else "tab20").colors

@@ -257,9 +257,9 @@ def analyse_test(analyses: dict[str, TestAnalysis], results: dict[str, dict[str,
     best = analyses["best"]
     title = f"{folder.path.name}: best weights (epoch {results['best'].get('epoch')}), test split"
     if task == "regression":
-        charts.write(folder.predicted_vs_true, charts.predicted_vs_true(*(t.numpy() for t in best.predictions()), title))
+        rundir.write_bytes(folder.predicted_vs_true, charts.predicted_vs_true(*(t.numpy() for t in best.predictions()), title))
         return {"outputs": {"best": section["best"], "final": section["final"]}}
-    charts.write(folder.confusion_matrix, charts.confusion_matrix(section["best"]["confusion_matrix"], best.names, title))
+    rundir.write_bytes(folder.confusion_matrix, charts.confusion_matrix(section["best"]["confusion_matrix"], best.names, title))
     return {"classes": {"names": best.names, "best": section["best"], "final": section["final"]}}
 
 

@@ -187,9 +187,14 @@ def _chain(err: BaseException | None) -> Iterator[BaseException]:
         err = err.__cause__ or err.__context__
 
 
-def write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2) + "\n").encode()
+def write_bytes(path: Path, data: bytes) -> Path:
+    """`data` as the file at `path`, written atomically (its folder made if need be)."""
     atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def append_line(path: Path, line: str) -> None:

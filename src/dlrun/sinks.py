@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from dlrun.rundir import RunDir, append_line, atomic_write, read_metrics
+from dlrun.rundir import RunDir, append_line, read_metrics, write_bytes
 
 log = logging.getLogger("dlrun")
 
@@ -47,8 +47,7 @@ class JsonlSink:
         records = read_metrics(self.run_dir)
         kept = [r for r in records if r["epoch"] <= last_epoch]
         if kept != records:
-            data = "".join(json.dumps(r) + "\n" for r in kept).encode()
-            atomic_write(self.path, lambda f: f.write(data))
+            write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         pass
