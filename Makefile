@@ -23,13 +23,13 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/dlrun $(ARGS)
 
-## The whole test suite, slow end-to-end runs included.
+## The whole test suite, slow end-to-end runs included, on every core (pytest-xdist).
 test: install
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n auto $(ARGS)
 
-## The quick part of the suite (no CLI subprocess runs).
+## The quick part of the suite: no test that starts a process (they are marked slow).
 smoke: install
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -n auto -m "not slow" $(ARGS)
 
 ## A small sweep: two optimizers, one run folder each under outputs/multirun/.
 sweep: install

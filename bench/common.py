@@ -53,3 +53,13 @@ def report(name: str, times: dict[str, list[float]], ratio_label: str, numerator
               "ratio": ratio, "repeats": len(next(iter(times.values()))), "load_average": os.getloadavg()[0], **extra}
     print(json.dumps(result))
     return result
+
+
+def loop_settings(**changes):
+    """dlrun's trainer settings (conf/trainer/default.yaml's values) with `changes`, as its loop reads them."""
+    from omegaconf import OmegaConf
+
+    from dlrun.config.schema import with_current_keys
+    from dlrun.train import LoopSettings
+
+    return LoopSettings.of(with_current_keys(OmegaConf.create({})).trainer, "classification", **changes)

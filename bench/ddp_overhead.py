@@ -21,12 +21,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from common import loop_settings
 from loop_overhead import DEFAULT_SAMPLES, MODELS, dlrun_epoch, synthetic
 
 from dlrun import distributed
 from dlrun.config.schema import cpu_share
 from dlrun.data import epoch_generator
-from dlrun.train import LoopSettings, Parts
+from dlrun.train import Parts
 
 
 def plain_epoch(model, opt, x, y, batch_size, epoch, ranks, sync):
@@ -61,8 +62,8 @@ def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch
     parts = Parts(ours, torch.optim.Adam(ours.parameters(), lr=1e-3), ddp=distributed.wrap(ours, device))
     plain_times, ours_times = [], []
     for epoch in range(1, epochs + 1):
-        settings = LoopSettings(epochs=epoch, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
-                                eval_every=10**9, log_every=50, monitor="train/loss", monitor_mode="min")
+        settings = loop_settings(epochs=epoch, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
+                                 eval_every=10**9, log_every=50, monitor="train/loss", monitor_mode="min")
         runs = [lambda: plain_times.append(plain_epoch(plain_model, plain_opt, x, y, batch_size, epoch, ranks, sync)),
                 lambda: ours_times.append(dlrun_epoch(parts, data, settings, epoch, sync, ranks))]
         for run in runs if epoch % 2 else runs[::-1]:  # alternate who goes first: the machine drifts

@@ -23,21 +23,23 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import loop_settings
 
 from dlrun.data import Data, DataSpec, TensorSplit, channels_last, epoch_generator
 from dlrun.device import amp_dtype, use_channels_last
 from dlrun.distributed import SINGLE
 from dlrun.models import CNN, MLP, RNN
 from dlrun.optim import fused_kernels
-from dlrun.train import LoopSettings, Parts, fit
+from dlrun.train import Parts, fit
 
+BLOCK = {"kernel": 3, "stride": 1, "padding": "valid", "pool": "max", "pool_size": 2, "dropout": 0.0}
 MODELS = {
     # the brief's network, Keras's MNIST example (experiment=mnist_keras_cnn): conv32 valid - pool -
     # conv64 valid - pool - dropout 0.5 - dense 10, 34,826 parameters
-    "cnn": lambda: CNN((1, 28, 28), 10, blocks=[{"channels": 32, "padding": "valid", "pool": "max"},
-                                                {"channels": 64, "padding": "valid", "pool": "max"}],
-                       batch_norm=False, hidden=0, head_dropout=0.5),
-    "rnn": lambda: RNN((1, 28, 28), 10, cell="lstm", hidden_size=128),  # rows as time steps
+    "cnn": lambda: CNN((1, 28, 28), 10, blocks=[{**BLOCK, "channels": 32}, {**BLOCK, "channels": 64}],
+                       batch_norm=False, dropout=0.0, hidden=0, head="flatten", head_dropout=0.5),
+    "rnn": lambda: RNN((1, 28, 28), 10, cell="lstm", hidden_size=128, num_layers=1, bidirectional=False, dropout=0.0,
+                       readout="last"),  # rows as time steps
     "mlp": lambda: MLP((1, 28, 28), 10, hidden=[64, 128, 64], batch_norm=True, dropout=0.0),
 }
 
@@ -106,9 +108,9 @@ def measure(name: str, samples: int, epochs: int, batch_size: int, device: torch
     ours_data = channels_last(data) if nhwc else data
     times: dict[str, list[float]] = {"naive": [], "fast": [], "dlrun": []}
     for epoch in range(1, epochs + 1):
-        settings = LoopSettings(epochs=epoch, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
-                                eval_every=10**9, log_every=50, monitor="train/loss", monitor_mode="min",
-                                precision=precision)
+        settings = loop_settings(epochs=epoch, batch_size=batch_size, eval_batch_size=batch_size, seed=0,
+                                 eval_every=10**9, log_every=50, monitor="train/loss", monitor_mode="min",
+                                 precision=precision)
         runs = {"naive": lambda: plain_epoch(naive_model, naive_opt, x, y, batch_size, epoch, sync, amp),
                 "fast": lambda: plain_epoch(fast_model, fast_opt, x_fast, y, batch_size, epoch, sync, amp),
                 "dlrun": lambda: dlrun_epoch(parts, ours_data, settings, epoch, sync)}

@@ -89,13 +89,13 @@ def parameters_only(overrides: list[str], input_shape: tuple[int, ...], classes:
     from hydra import compose, initialize_config_dir
 
     from dlrun.config.schema import register_configs
-    from dlrun.data import DataSpec
-    from dlrun.models import build_model, count_parameters
+    from dlrun.cost import count_parameters
+    from dlrun.models import build_model
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    model = build_model(cfg.model, DataSpec(input_shape, classes))
+    model = build_model(cfg.model, input_shape, classes)
     return {"overrides": overrides, "parameters": count_parameters(model)["total"], "not_run": "needs a download"}
 
 

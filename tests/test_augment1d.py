@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import read_metrics, read_summary
+from conftest import CPU, model_of, read_metrics, read_summary
 from dlrun import checkpoint
 from dlrun.config.validate import validate
 from dlrun.data import Augment, Augment1D, batch_generator, build_data, load_mnist1d, load_sequence
 from dlrun.errors import ConfigError, Interrupted
-from dlrun.models import CNN
 from dlrun.train import Parts, StopFlag, fit
 from test_train import Recorder, fit_config
 
@@ -100,7 +99,8 @@ def test_interrupted_mnist1d_run_with_augmentation_resumes_exactly(data_dir, tmp
 
     def build(seed=0):
         torch.manual_seed(seed)
-        model = CNN(data.spec.input_shape, 10, channels=[8, 8], hidden=16, dropout=0.1)
+        model = model_of("model=cnn", "model.channels=[8,8]", "model.hidden=16", "model.dropout=0.1",
+                         shape=data.spec.input_shape)
         return Parts(model, torch.optim.Adam(model.parameters(), lr=3e-3))
 
     parts = build()
@@ -130,13 +130,12 @@ def test_interrupted_mnist1d_run_with_augmentation_resumes_exactly(data_dir, tmp
     assert any(not torch.equal(v, expected[k]) for k, v in plain.model.state_dict().items())
 
 
-@pytest.mark.slow
-def test_mnist1d_run_with_augmentation_resumed_with_the_cli_equals_the_uninterrupted_one(dlrun_cli, tmp_path):
+def test_mnist1d_run_with_augmentation_resumed_with_the_cli_equals_the_uninterrupted_one(cli, tmp_path):
     run = ["dataset=mnist1d", "dataset.num_samples=1000", "dataset.crop_padding=2", "dataset.augment_noise=0.1",
-           "model.channels=[8,8]", "model.hidden=16", "device=cpu", "device.threads=1"]
-    dlrun_cli("hydra.run.dir=short", *run, "trainer.epochs=2", check=True)
-    dlrun_cli("hydra.run.dir=long", *run, "trainer.epochs=4", check=True)
-    dlrun_cli("resume=short", "trainer.epochs=4", check=True)
+           "model.channels=[8,8]", "model.hidden=16", *CPU]
+    cli("dlrun", "hydra.run.dir=short", *run, "trainer.epochs=2", check=True)
+    cli("dlrun", "hydra.run.dir=long", *run, "trainer.epochs=4", check=True)
+    cli("dlrun", "resume=short", "trainer.epochs=4", check=True)
     short, long = read_summary(tmp_path / "short"), read_summary(tmp_path / "long")
     assert short["epochs"] == 4 and short["final"] == long["final"] and short["best"] == long["best"]
     timing = {"seconds", "samples_per_s"}

@@ -1,9 +1,10 @@
 """Bad input to `dlrun` fails with one line that names the key and what is allowed: exit status 1,
 no traceback, and nothing already written is lost (a failure in the Hydra callback writes nothing).
 
-The subprocess tests run the real `dlrun` command (marked slow); the rest check the same rules
-in-process: `dir_problem`, the unset-value check, the seed and split-fraction rules, a data dir
-that cannot be written, and caches that cannot be read.
+The command runs in this process (`cli`); a process of its own only shows that an unset value is
+refused before torch is imported. The rest checks the same rules directly: `dir_problem`, the
+unset-value check, the seed and split-fraction rules, a data dir that cannot be written, and caches
+that cannot be read.
 """
 
 from __future__ import annotations
@@ -17,19 +18,18 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import CPU, Ran
 from dlrun.config.validate import dir_problem, validate
 from dlrun.errors import ConfigError
 from dlrun.hydra_ext import callbacks
 
-CPU = ["device=cpu", "device.threads=1"]
 
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:
+def assert_one_line_error(ran: Ran, *expected: str) -> str:
     """Exit status 1 and exactly one non-empty stderr line, `dlrun: error: ...`, holding each of `expected`."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
-    assert len(lines) == 1, proc.stderr
+    lines = [line for line in ran.stderr.splitlines() if line.strip()]
+    assert ran.returncode == 1, ran.stderr
+    assert "Traceback" not in ran.stderr and "Traceback" not in ran.stdout, ran.stderr
+    assert len(lines) == 1, ran.stderr
     assert lines[0].startswith("dlrun: error: "), lines[0]
     for part in expected:
         assert part in lines[0], f"{part!r} not in {lines[0]!r}"
@@ -64,11 +64,9 @@ CASES = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args,expected,before_hydra", CASES)
-def test_bad_input_is_one_line_naming_the_key(dlrun_cli, tmp_path, args, expected, before_hydra):
-    proc = dlrun_cli(*CPU, *args)
-    assert_one_line_error(proc, *expected)
+def test_bad_input_is_one_line_naming_the_key(cli, tmp_path, args, expected, before_hydra):
+    assert_one_line_error(cli("dlrun", *CPU, *args), *expected)
     if before_hydra:  # refused in the callback: no run or sweep folder was made
         assert not (tmp_path / "outputs").exists()
 
@@ -112,35 +110,49 @@ def no_torch(tmp_path: Path, monkeypatch) -> Path:
     return notes
 
 
-def test_the_no_torch_hook_sees_an_import(tmp_path, monkeypatch):
-    notes = no_torch(tmp_path, monkeypatch)
-    proc = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "must not be imported" in proc.stderr
-    assert notes.read_text().splitlines() == ["loaded", "import torch"]
+UNSET = [(["model=custom"], "model._target_"), (["dataset=imagefolder"], "dataset.root"),
+         (["-m", "model=custom"], "model._target_")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,key", [(["model=custom"], "model._target_"), (["dataset=imagefolder"], "dataset.root"),
-                                      (["-m", "model=custom"], "model._target_")])
-def test_an_unset_value_fails_before_torch_is_imported(dlrun_cli, tmp_path, monkeypatch, args, key):
+def test_unset_values_fail_before_torch_is_imported(tmp_path, monkeypatch):
+    """Whether torch is imported is the interpreter's to say: a process with the hook runs `dlrun` for
+    each unset value in turn, then imports torch itself (so the hook is shown to see an import)."""
     notes = no_torch(tmp_path, monkeypatch)
+    code = (
+        "import sys\n"
+        "from dlrun.cli import main\n"
+        f"for args in {[args for args, _ in UNSET]!r}:\n"
+        f"    sys.argv = ['dlrun', *{list(CPU)!r}, *args]\n"
+        "    try:\n        main()\n    except SystemExit as done:\n        print(done.code)\n"
+        "import torch\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert "must not be imported" in proc.stderr  # the script's own import, at the end
+    refusals = proc.stdout.splitlines()
+    assert len(refusals) == len(UNSET), proc.stdout + proc.stderr
+    for line, (_, key) in zip(refusals, UNSET):
+        assert line.startswith("dlrun: error: ") and f"{key} is not set" in line, line
+    assert notes.read_text().splitlines() == ["loaded", "import torch"]  # torch was asked for only by the script
+
+
+@pytest.mark.parametrize("args,key", UNSET)
+def test_an_unset_value_is_refused_before_anything_is_written(cli, tmp_path, args, key):
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
     run_dir = [] if "-m" in args else ["hydra.run.dir=keep"]
-    assert_one_line_error(dlrun_cli(*CPU, *run_dir, *args), f"{key} is not set")
-    assert notes.read_text().splitlines() == ["loaded"]  # the hook ran in dlrun, and torch was never asked for
+    assert_one_line_error(cli("dlrun", *CPU, *run_dir, *args), f"{key} is not set")
     assert [p.name for p in (tmp_path / "keep").iterdir()] == ["notes.txt"]  # no .hydra/, log or summary added
 
 
-@pytest.mark.slow
-def test_a_swept_value_is_not_unset(dlrun_cli, tmp_path):
+def test_a_swept_value_is_not_unset(cli, tmp_path):
     """`-m model._target_=a.B,c.D` sets the key in each job: the sweep starts (its jobs then fail to import)."""
-    proc = dlrun_cli(*CPU, "-m", "model=custom", "model._target_=no_such_pkg.A,no_such_pkg.B", "trainer.epochs=1")
-    assert "is not set" not in proc.stderr
+    ran = cli("dlrun", *CPU, "-m", "model=custom", "model._target_=no_such_pkg.A,no_such_pkg.B", "trainer.epochs=1")
+    assert "is not set" not in ran.stderr
     sweeps = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     assert len(sweeps) == 1 and {p.name for p in sweeps[0].iterdir()} >= {"0", "1"}
     assert (sweeps[0] / "sweep_summary.json").is_file()  # a sweep that started is still summarised
-    assert proc.returncode == 1 and "2 of 2 jobs did not complete" in proc.stderr
+    assert ran.returncode == 1 and "2 of 2 jobs did not complete" in ran.stderr
 
 
 def test_unset_keys_outside_hydra(make_cfg):
@@ -255,24 +267,35 @@ def read_only(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(os, "access", access)
 
 
-def test_a_read_only_data_dir_with_the_cache_is_used(make_cfg, mnist1d_dir, monkeypatch):
-    from dlrun import data
+def without_the_generator(monkeypatch) -> None:
+    """As if the mnist1d package were not installed: a load that generates the data fails with ImportError."""
+    monkeypatch.setitem(sys.modules, "mnist1d", None)
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
 
-    before = data.load_mnist1d(str(mnist1d_dir), **MNIST1D)
+
+def test_a_read_only_data_dir_with_the_cache_is_used(make_cfg, mnist1d_dir, monkeypatch):
+    from dlrun.data import load_mnist1d
+
+    before = load_mnist1d(str(mnist1d_dir), **MNIST1D)
+    (cache,) = (mnist1d_dir / "mnist1d").glob("*.npz")
+    written = cache.stat()
     read_only(monkeypatch, mnist1d_dir)
     validate(make_cfg("dataset=mnist1d", f"dataset.data_dir={mnist1d_dir}"))  # not refused up front
-    monkeypatch.setattr(data, "_generate_mnist1d", lambda params: pytest.fail("the cache was not used"))
-    again = data.load_mnist1d(str(mnist1d_dir), **MNIST1D)
+    without_the_generator(monkeypatch)  # the cache must be used
+    again = load_mnist1d(str(mnist1d_dir), **MNIST1D)
     np.testing.assert_array_equal(before.test[0], again.test[0])
+    assert (cache.stat().st_ino, cache.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # not rewritten
 
 
 def test_a_read_only_data_dir_without_the_cache_names_the_key(mnist1d_dir, monkeypatch):
-    from dlrun import data
+    from dlrun.data import load_mnist1d
 
+    files = sorted(mnist1d_dir.rglob("*"))
     read_only(monkeypatch, mnist1d_dir)
-    monkeypatch.setattr(data, "_generate_mnist1d", lambda params: pytest.fail("generated, then refused"))
+    without_the_generator(monkeypatch)  # refused before generating what could not be kept
     with pytest.raises(ConfigError, match=rf"^dataset\.data_dir={mnist1d_dir} .*is not writable"):
-        data.load_mnist1d(str(mnist1d_dir), **{**MNIST1D, "generator_seed": 7})  # another cache file
+        load_mnist1d(str(mnist1d_dir), **{**MNIST1D, "generator_seed": 7})  # another cache file
+    assert sorted(mnist1d_dir.rglob("*")) == files
 
 
 def test_validate_still_refuses_a_data_dir_that_is_a_file(make_cfg, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_summary
+from conftest import CPU, read_summary
 from dlrun import baselines
 from dlrun.data import RawSplits, build_data, load_digits, load_sequence
 from dlrun.sinks import summary_table
@@ -82,8 +82,8 @@ def test_the_final_table_shows_each_baseline_and_the_models_ratio():
                "baselines": baselines.compared({"naive": {"mae": 0.5, "mse": 0.3}, "linear": {"mae": 0.25, "mse": 0.1}},
                                                {"test/mae": 0.1}, {"test/mae": 0.2}),
                "model": {"parameters": {"total": 10, "trainable": 10}},
-               "cost": {"latency_ms": {"batch_1": 0.1, "batch_64": 1.0}, "size_mb": 0.1, "flops_per_sample": 100,
-                        "peak_memory_mb": 100, "memory": "process RSS"},
+               "cost": {"latency_ms": {"batch_1": 0.1, "batch_64": 1.0}, "latency": {"threads": 1}, "size_mb": 0.1,
+                        "flops_per_sample": 100, "peak_memory_mb": 100, "memory": "process RSS"},
                "wall_time_s": 1.0, "train": {"samples_per_s": 100.0}, "device": "cpu", "run_dir": "run"}
     console = Console(width=200, record=True)
     console.print(summary_table(summary))
@@ -92,10 +92,9 @@ def test_the_final_table_shows_each_baseline_and_the_models_ratio():
     assert "linear baseline test/mae 0.2500" in text and "model ×0.800" in text
 
 
-@pytest.mark.slow
-def test_summary_of_a_sequence_run_holds_the_baselines(dlrun_cli, tmp_path):
-    proc = dlrun_cli("hydra.run.dir=run", "dataset=sequence", "dataset.num_series=400", "model=rnn",
-                     "model.hidden_size=16", "trainer.epochs=1", "device=cpu", "device.threads=1", check=True)
+def test_summary_of_a_sequence_run_holds_the_baselines(cli, tmp_path):
+    ran = cli("dlrun", "hydra.run.dir=run", "dataset=sequence", "dataset.num_series=400", "model=rnn",
+              "model.hidden_size=16", "trainer.epochs=1", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     found = summary["baselines"]
     data = build_data(load_sequence(400, 50, 5, 2, 0.05, 0.1, 0.2, 0), torch.device("cpu"))
@@ -106,4 +105,4 @@ def test_summary_of_a_sequence_run_holds_the_baselines(dlrun_cli, tmp_path):
         for which in ("best", "final"):
             assert found[name]["model_mae_ratio"][which] == pytest.approx(
                 summary[which]["test/mae"] / found[name]["mae"])
-    assert f"naive baseline test/mae {found['naive']['mae']:.4f}" in proc.stdout
+    assert f"naive baseline test/mae {found['naive']['mae']:.4f}" in ran.stdout

@@ -39,6 +39,7 @@ def test_replace_keeps_the_old_file_until_the_new_one_is_complete(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the temp file is gone too
 
 
+@pytest.mark.slow  # a process killed between the write and the rename
 def test_killed_between_temp_write_and_rename(tmp_path):
     """A real SIGKILL in the window between writing the temp file and renaming it."""
     path = tmp_path / "last.pt"

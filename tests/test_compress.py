@@ -4,6 +4,7 @@ Torch-Pruning; static int8 keeps the accuracy; ONNX Runtime agrees with PyTorch;
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,48 +13,47 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dlrun.compress import prune
+from conftest import CPU, DLRUN, compose_config, model_of
+from dlrun.compress import Plan, prune
 from dlrun.compress.prune import cost_of, prune_globally, rebuilt_config, sparsity_of, structured
 from dlrun.data import build_data, load_digits
 from dlrun.errors import DlrunError
-from dlrun.models import CNN, MLP
-from dlrun.run import run
-from dlrun.tools.compress import Plan, compress, load_variant, main
+from dlrun.models import build_model
+from dlrun.tools.variants import compress, load_variant
 from dlrun.train import evaluate
 
-CPU = torch.device("cpu")
+COMPRESS = str(Path(DLRUN).with_name("dlrun-compress"))
+MLP_RUN = ("model=mlp", "model.hidden=[64]", "trainer.epochs=8", *CPU)
+CNN_RUN = ("trainer.epochs=3", *CPU)  # the digits CNN test_explain explains too
+# dlrun-compress writes variants/ and compress.json into the run folder: each test compresses a copy of the shared run
 
 
 def test_global_pruning_reaches_the_sparsity():
     torch.manual_seed(0)
-    model = MLP((1, 8, 8), 10, hidden=[32, 32], batch_norm=False)
-    targets = prune_globally(model, 0.75)
+    mlp = model_of("model=mlp", "model.hidden=[32,32]", "model.batch_norm=false")
+    targets = prune_globally(mlp, 0.75)
     assert sparsity_of(targets) == pytest.approx(0.75, abs=1e-3)
     # global: the layers end up with different sparsities, the smallest weights of all going first
     per_layer = [float((m.weight == 0).float().mean()) for m, _ in targets]
     assert len(set(round(p, 3) for p in per_layer)) > 1
 
 
-CNN_CFG = {"_target_": "dlrun.models.CNN", "channels": [32, 64], "hidden": 128}
-MLP_CFG = {"_target_": "dlrun.models.MLP", "hidden": [64, 32]}
-
-
-@pytest.mark.parametrize("model_cfg", [CNN_CFG, MLP_CFG], ids=["cnn", "mlp"])
+@pytest.mark.parametrize("overrides", [("model=cnn", "model.channels=[32,64]", "model.hidden=128"),
+                                       ("model=mlp", "model.hidden=[64,32]")], ids=["cnn", "mlp"])
 @pytest.mark.parametrize("by", ["params", "flops"])
 @pytest.mark.parametrize("scope", ["global", "uniform"])
-def test_structured_pruning_removes_the_asked_share(model_cfg, by, scope):
+def test_structured_pruning_removes_the_asked_share(overrides, by, scope):
     torch.manual_seed(0)
-    cls = CNN if "CNN" in model_cfg["_target_"] else MLP
-    model = cls((1, 8, 8), 10, **{k: v for k, v in model_cfg.items() if k != "_target_"}).eval()
-    before = {b: cost_of(model, b, (1, 8, 8)) for b in ("params", "flops")}
-    pruned = structured(model, (1, 8, 8), 0.6, by, scope, "magnitude")
+    model_cfg = compose_config(*overrides).model
+    original = build_model(model_cfg, (1, 8, 8), 10).eval()
+    before = {b: cost_of(original, b, (1, 8, 8)) for b in ("params", "flops")}
+    pruned = structured(original, (1, 8, 8), 0.6, by, scope, "magnitude")
     after = {b: cost_of(pruned, b, (1, 8, 8)) for b in ("params", "flops")}
     kept = after[by] / before[by]
     assert 0.36 <= kept <= 0.40  # 40% kept, less at most one channel's worth
     assert after["params"] < before["params"] and after["flops"] < before["flops"]  # both really drop
     # a plain dlrun model at the pruned widths holds the pruned weights exactly
-    config = rebuilt_config(pruned, OmegaConf.create(model_cfg))
-    rebuilt = cls((1, 8, 8), 10, **{k: v for k, v in config.items() if k != "_target_"}).eval()
+    rebuilt = build_model(OmegaConf.create(rebuilt_config(pruned, model_cfg)), (1, 8, 8), 10).eval()
     rebuilt.load_state_dict(pruned.state_dict())
     x = torch.randn(5, 1, 8, 8)
     assert torch.equal(rebuilt(x), pruned(x))
@@ -64,32 +64,10 @@ def test_recurrent_models_get_a_reason():
         prune.check_structured(OmegaConf.create({"_target_": "dlrun.models.RNN"}))
 
 
-def trained(tmp_path_factory, *overrides: str) -> Path:
-    from hydra import compose, initialize_config_dir
-
-    from dlrun.cli import config_dir
-    from dlrun.config.schema import register_configs
-
-    register_configs()
-    run_dir = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=config_dir()):
-        cfg = compose("config", overrides=[*overrides, "device=cpu", "device.threads=1"])
-    run(cfg, run_dir=run_dir)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    return trained(tmp_path_factory, "model=mlp", "model.hidden=[64]", "trainer.epochs=8")
-
-
-@pytest.fixture(scope="module")
-def cnn_run(tmp_path_factory):
-    return trained(tmp_path_factory, "trainer.epochs=4")
-
-
-def test_variants_are_measured_saved_and_loadable(trained_run):
-    result = compress(trained_run, [0.5, 0.9], finetune_epochs=1, half=True, quantize=True, log=lambda s: None)
+def test_variants_are_measured_saved_and_loadable(trained, tmp_path):
+    run = shutil.copytree(trained(*MLP_RUN), tmp_path / "run")
+    plan = Plan(prune=[], sparsity=[0.5, 0.9], finetune_epochs=1, quantize=["dynamic"], half=True, onnx=False)
+    result = compress(run, plan, log=lambda s: None)
     names = [v["name"] for v in result["variants"]]
     assert names == ["original", "sparse-0.5", "sparse-0.9", "int8-dynamic", "bf16", "fp16"]
     by = {v["name"]: v for v in result["variants"]}
@@ -102,22 +80,19 @@ def test_variants_are_measured_saved_and_loadable(trained_run):
     assert abs(by["int8-dynamic"]["delta"]) <= 0.02  # int8 keeps the accuracy on digits
     assert by["int8-dynamic"]["file_mb"] < 0.5 * by["original"]["file_mb"]
     assert abs(by["bf16"]["delta"]) <= 0.02 and abs(by["fp16"]["delta"]) <= 0.01
-    assert json.loads((trained_run / "compress.json").read_text())["variants"][0]["name"] == "original"
+    assert json.loads((run / "compress.json").read_text())["variants"][0]["name"] == "original"
 
-    data = build_data(load_digits(0.2, 0.1, 0), CPU)
+    data = build_data(load_digits(0.2, 0.1, 0), torch.device("cpu"))
     for name in ("sparse-0.9", "int8-dynamic", "bf16"):
-        model = load_variant(trained_run / "variants" / f"{name}.pt")  # weights_only, like any checkpoint
-        assert evaluate(model, data.splits["test"], 512)["acc"] == pytest.approx(by[name]["test/acc"])
+        loaded = load_variant(run / "variants" / f"{name}.pt")  # weights_only, like any checkpoint
+        assert evaluate(loaded, data.splits["test"], 512)["acc"] == pytest.approx(by[name]["test/acc"])
 
 
-@pytest.fixture(scope="module")
-def cnn_result(cnn_run):
+def test_cnn_variants_side_by_side(trained, tmp_path):
+    run = shutil.copytree(trained(*CNN_RUN), tmp_path / "run")
     plan = Plan(prune=[0.5], by="flops", finetune_epochs=1, quantize=["static"], half=False, onnx=True)
-    return compress(cnn_run, log=lambda s: None, threads=1, plan=plan)
-
-
-def test_cnn_variants_side_by_side(cnn_run, cnn_result):
-    by = {v["name"]: v for v in cnn_result["variants"]}
+    result = compress(run, plan, log=lambda s: None, threads=1)
+    by = {v["name"]: v for v in result["variants"]}
     assert list(by) == ["original", "pruned-flops-0.5", "int8-static", "original+onnxruntime",
                         "pruned-flops-0.5+onnxruntime"]
     original, pruned = by["original"], by["pruned-flops-0.5"]
@@ -130,26 +105,31 @@ def test_cnn_variants_side_by_side(cnn_run, cnn_result):
     for v in by.values():  # one measurement for all: medians at batch 1 and the run's batch, 1 thread
         assert set(v["latency_ms"]) == {"batch_1", "batch_64"} and v["latency"]["threads"] == 1
         assert v["latency"]["batch_64"]["batch"] == 64 and v["latency_ms"]["batch_1"] > 0
-    assert cnn_result["threads"] == 1 and set(cnn_result["pareto"]) <= set(by)
-    assert json.loads((cnn_run / "compress.json").read_text())["variants"][1]["name"] == "pruned-flops-0.5"
-    assert (cnn_run / "variants" / "original.onnx").is_file() and (cnn_run / "variants" / "int8-static.pt2").is_file()
+    assert result["threads"] == 1 and set(result["pareto"]) <= set(by)
+    assert json.loads((run / "compress.json").read_text())["variants"][1]["name"] == "pruned-flops-0.5"
+    assert (run / "variants" / "original.onnx").is_file() and (run / "variants" / "int8-static.pt2").is_file()
 
 
-def test_a_pruned_variant_reloads_without_torch_pruning(cnn_run, cnn_result):
-    acc = next(v for v in cnn_result["variants"] if v["name"] == "pruned-flops-0.5")["test/acc"]
+@pytest.mark.slow
+def test_a_pruned_variant_reloads_without_torch_pruning(trained, tmp_path):
+    """A fresh process: only there does "Torch-Pruning was never imported" show."""
+    run = shutil.copytree(trained(*CNN_RUN), tmp_path / "run")
+    plan = Plan(prune=[0.5], by="flops", finetune_epochs=1, quantize=[], half=False, onnx=False)
+    (pruned,) = [v for v in compress(run, plan, log=lambda s: None, threads=1)["variants"]
+                 if v["name"] == "pruned-flops-0.5"]
     code = (
         "import sys, torch\n"
-        "from dlrun.tools.compress import load_variant\n"
+        "from dlrun.tools.variants import load_variant\n"
         "from dlrun.data import build_data, load_digits\n"
         "from dlrun.train import evaluate\n"
-        f"model = load_variant({str(cnn_run / 'variants' / 'pruned-flops-0.5.pt')!r})\n"
+        f"model = load_variant({str(run / 'variants' / 'pruned-flops-0.5.pt')!r})\n"
         "data = build_data(load_digits(0.2, 0.1, 0), torch.device('cpu'))\n"
         "print(evaluate(model, data.splits['test'], 512)['acc'], 'torch_pruning' in sys.modules,"
         " sum(p.numel() for p in model.parameters()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    params = next(v for v in cnn_result["variants"] if v["name"] == "pruned-flops-0.5")["parameters"]
-    assert float(out[0]) == pytest.approx(acc) and out[1] == "False" and int(out[2]) == params
+    assert float(out[0]) == pytest.approx(pruned["test/acc"]) and out[1] == "False"
+    assert int(out[2]) == pruned["parameters"]
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -160,30 +140,34 @@ def test_a_pruned_variant_reloads_without_torch_pruning(cnn_run, cnn_result):
     (["--importance", "random"], "--importance 'random' is invalid: allowed: magnitude, taylor"),
     (["--sparsity", "1"], "--sparsity 1 is invalid: each must be in [0, 1)"),
 ])
-def test_bad_options_are_one_line_and_write_nothing(tmp_path, args, expected):
+def test_bad_options_are_one_line_and_write_nothing(cli, tmp_path, args, expected):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with pytest.raises(SystemExit) as stop:
-        main([str(run_dir), *args])
-    assert str(stop.value) == f"dlrun-compress: error: {expected}"
+    ran = cli("dlrun-compress", run_dir, *args)
+    assert ran.returncode == 1 and ran.stderr == f"dlrun-compress: error: {expected}\n"
     assert list(run_dir.iterdir()) == []
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["dlrun-compress", "dlrun-optimize"])  # dlrun-optimize: the earlier name
-def test_the_command(trained_run, name):
-    command = str(Path(sys.executable).with_name(name))
-    out = subprocess.run([command, str(trained_run), "--prune", "0.6", "--sparsity", "0.6", "--no-half", "--no-onnx",
-                          "--quantize", "dynamic", "--threads", "1"], capture_output=True, text=True, check=True).stdout
+def test_the_command(cli, trained, tmp_path):
+    run = shutil.copytree(trained(*MLP_RUN), tmp_path / "run")
+    out = cli("dlrun-compress", run, "--prune", "0.6", "--sparsity", "0.6", "--no-half", "--no-onnx",
+              "--quantize", "dynamic", "--threads", "1", check=True).stdout
     assert "pruned-flops-0.6" in out and "sparse-0.6" in out and "int8-dynamic" in out and "bf16" not in out
     assert "1 threads" in out
-    bad = subprocess.run([command, str(trained_run), "--prune", "1.5"], capture_output=True, text=True)
-    assert bad.returncode != 0 and bad.stderr.strip() == f"{name}: error: --prune 1.5 is invalid: each must be in (0, 1)"
+
+
+@pytest.mark.slow
+def test_the_installed_command_refuses_a_bad_option(tmp_path):
+    """The console script itself: its exit status and its one line on stderr."""
+    bad = subprocess.run([COMPRESS, str(tmp_path), "--prune", "1.5"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "dlrun-compress: error: --prune 1.5 is invalid: each must be in (0, 1)"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_taylor_importance_and_steps_with_finetuning():
     torch.manual_seed(0)
-    model = CNN((1, 8, 8), 10, channels=[16, 32], hidden=64).eval()
+    cnn = model_of("model=cnn", "model.channels=[16,32]", "model.hidden=64").eval()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     graded, tuned = [], []
 
@@ -191,8 +175,8 @@ def test_taylor_importance_and_steps_with_finetuning():
         graded.append(1)
         torch.nn.functional.cross_entropy(m(x), y).backward()
 
-    before = cost_of(model, "params", (1, 8, 8))
-    pruned = structured(model, (1, 8, 8), 0.5, "params", "global", "taylor", steps=2,
+    before = cost_of(cnn, "params", (1, 8, 8))
+    pruned = structured(cnn, (1, 8, 8), 0.5, "params", "global", "taylor", steps=2,
                         finetune=lambda m: tuned.append(cost_of(m, "params", (1, 8, 8))), grad_fn=grad_fn)
     assert graded and all(p.grad is None for p in pruned.parameters())  # gradients used, then dropped
     assert len(tuned) == 2 and 0.70 <= tuned[0] / before <= 0.75 and 0.45 <= tuned[1] / before <= 0.5
@@ -205,13 +189,14 @@ def test_a_1d_network_is_quantised_as_the_same_network_in_2d():
     from dlrun.compress.quantize import Rows2d, as_2d
 
     torch.manual_seed(0)
-    model = CNN((1, 40), 10, channels=[8, 8], kernel_size=5, pool="max", batch_norm=True, hidden=16).eval()
+    cnn = model_of("model=cnn", "model.channels=[8,8]", "model.kernel_size=5", "model.pool=max",
+                "model.batch_norm=true", "model.hidden=16", shape=(1, 40)).eval()
     x = torch.randn(16, 1, 40)
-    flat = as_2d(model, x)
+    flat = as_2d(cnn, x)
     assert isinstance(flat, Rows2d) and not any(isinstance(m, torch.nn.Conv1d) for m in flat.modules())
     assert any(isinstance(m, torch.nn.Conv2d) for m in flat.modules())
     with torch.no_grad():
-        assert torch.allclose(flat(x), model(x), atol=1e-6)
+        assert torch.allclose(flat(x), cnn(x), atol=1e-6)
 
     class LastStep(torch.nn.Module):
         def forward(self, x):
@@ -221,19 +206,20 @@ def test_a_1d_network_is_quantised_as_the_same_network_in_2d():
     assert as_2d(on_length, x) is on_length
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # inductor compiles C++ in processes of its own (the compiler, its compile workers)
 def test_static_int8_of_a_1d_cnn_runs_under_inductor():
     import torch._inductor.config as inductor
 
     from dlrun.compress.quantize import compiled, static_int8
 
     torch.manual_seed(0)
-    model = CNN((1, 40), 10, channels=[8, 8], kernel_size=5, pool="max", batch_norm=False, hidden=0).eval()
+    cnn = model_of("model=cnn", "model.channels=[8,8]", "model.kernel_size=5", "model.pool=max",
+                "model.batch_norm=false", "model.hidden=0", shape=(1, 40)).eval()
     batches = [torch.randn(32, 1, 40) for _ in range(4)]
-    quantised = static_int8(model, batches, batches[0])
+    quantised = static_int8(cnn, batches, batches[0])
     with inductor.patch(freezing=True), torch.no_grad():
         fast = compiled(quantised, batches[0])
         out = fast(batches[1])
     with torch.no_grad():
-        reference = model(batches[1])
+        reference = cnn(batches[1])
     assert out.shape == reference.shape and (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.9

@@ -1,4 +1,5 @@
-"""Every option of every group composes against its schema and validates; bad values name the key."""
+"""Every option of every group composes against its schema and validates, with every value declared in conf/;
+bad values name the key."""
 
 from __future__ import annotations
 
@@ -9,23 +10,19 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from dlrun.cli import config_dir
-from dlrun.config.schema import GROUPS
+from dlrun.config.schema import GROUPS, with_current_keys
 from dlrun.config.validate import resolve_monitor, validate
 from dlrun.errors import ConfigError
 
-OPTIONS = [(group, name) for group, options in GROUPS.items() for name in options]
-
-
 SCHEMALESS = {("model", "custom")}  # open by design: the user's own keys
 PRESET_GROUPS = {"debug", "experiment", "hparams_search", "launcher"}  # `# @package _global_` presets over the other groups
-
-
-def test_every_yaml_option_has_a_schema_and_vice_versa():
-    on_disk = {(p.parent.name, p.stem) for p in Path(config_dir()).glob("*/*.yaml")}
-    assert {o for o in on_disk if o[0] not in PRESET_GROUPS} == set(OPTIONS) | SCHEMALESS
-
-
+OPTIONS = sorted((p.parent.name, p.stem) for p in Path(config_dir()).glob("*/*.yaml")
+                 if p.parent.name not in PRESET_GROUPS and (p.parent.name, p.stem) not in SCHEMALESS)
 PRESETS = sorted((p.parent.name, p.stem) for p in Path(config_dir()).glob("*/*.yaml") if p.parent.name in PRESET_GROUPS)
+
+
+def test_every_schema_has_its_yaml_option():
+    assert {(group, name) for group, options in GROUPS.items() for name in options} <= set(OPTIONS)
 
 
 @pytest.mark.parametrize("group,name", PRESETS)
@@ -44,8 +41,54 @@ NEEDS = {("dataset", "imagefolder"): ["dataset.root=."]}  # options with a manda
 def test_option_composes_and_validates(make_cfg, group, name):
     cfg = make_cfg(f"{group}={name}", *NEEDS.get((group, name), []))
     validate(cfg)
-    # The YAML adds nothing the schema does not know: the node is typed by its dataclass.
-    assert OmegaConf.get_type(cfg[group]) is GROUPS[group][name]
+    # The YAML adds nothing a schema does not know: the node is typed by its dataclass (its own, or that of
+    # the option it extends, e.g. device=cpu extends device=auto).
+    assert OmegaConf.get_type(cfg[group]) is GROUPS[group].get(name) or OmegaConf.get_type(cfg[group]) in GROUPS[group].values()
+
+
+def declared(group: str, name: str) -> set[str]:
+    """The keys conf/<group>/<name>.yaml gives a value, its own and those of the options it extends."""
+    values = OmegaConf.load(Path(config_dir()) / group / f"{name}.yaml")
+    parents = [d for d in values.pop("defaults", []) if isinstance(d, str) and not d.startswith(("/", "_self_"))]
+    return set(values.keys()).union(*(declared(group, parent) for parent in parents))
+
+
+@pytest.mark.parametrize("group,name", OPTIONS)
+def test_every_value_is_declared_in_conf(make_cfg, group, name):
+    """Each default in one place, readable in conf/: the YAML option sets every key of its schema (the
+    schema declares types and the `_target_` only), and a mandatory value (`???`) only where the user must
+    choose it."""
+    schema_keys = {k for k in OmegaConf.structured(OmegaConf.get_type(make_cfg(f"{group}={name}",
+                                                                            *NEEDS.get((group, name), []))[group]))}
+    assert schema_keys - {"_target_"} == declared(group, name), (group, name)
+
+
+def test_a_config_saved_before_a_setting_existed_gets_todays_value():
+    saved = OmegaConf.create({"trainer": {"epochs": 3}, "device": {"type": "cpu"}, "model": {"_target_": "x", "a": 1}})
+    cfg = with_current_keys(saved)
+    assert cfg.trainer.epochs == 3 and cfg.trainer.batch_size == 64 and cfg.trainer.distill.teacher is None
+    assert cfg.device.type == "cpu" and cfg.device.threads == 0 and cfg.logger.plots is False
+    assert OmegaConf.to_container(cfg.model) == {"_target_": "x", "a": 1}  # built groups stay as saved
+    with pytest.raises(Exception, match="epoch"):
+        with_current_keys(OmegaConf.create({"trainer": {"epoch": 3}}))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["model=cnn", "model.blocks=[{channels:8}]"], "blocks"),
+    (["model=cnn_blocks", "model.channels=[8]"], "channels"),
+    (["model=cnn_blocks", "model.kernel_size=5"], "kernel_size"),
+])
+def test_channels_and_blocks_cannot_meet(make_cfg, overrides, key):
+    """model=cnn has the `channels` shorthand and model=cnn_blocks the blocks: one config cannot hold both."""
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg(*overrides)
+    assert f"Key '{key}' not in" in str(err.value.__cause__ or err.value)
+
+
+def test_a_block_gets_the_keys_it_leaves_out(make_cfg):
+    (block,) = make_cfg("model=cnn_blocks", "model.blocks=[{channels:8,padding:valid}]").model.blocks
+    assert OmegaConf.to_container(block, enum_to_str=True) == {
+        "channels": 8, "kernel": 3, "stride": 1, "padding": "valid", "pool": "none", "pool_size": 2, "dropout": 0.0}
 
 
 def test_defaults(make_cfg):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import read_summary
+from conftest import CPU, read_summary
 from dlrun.sinks import ConsoleSink
 
 
@@ -21,30 +21,30 @@ def test_the_live_bar_shows_no_loss_before_the_first_log_interval():
     assert "loss 0.1235" in later and "12,346 samples/s" in later
 
 
-@pytest.mark.slow
-def test_the_run_folder_is_printed_whole_on_a_narrow_pipe(dlrun_cli, tmp_path):
+def test_the_run_folder_is_printed_whole_on_a_narrow_pipe(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # stdout is captured, not a terminal: the width comes from COLUMNS
     folder = tmp_path / ("a_rather_long_folder_name_that_a_user_copies_" * 3) / "run"
-    proc = dlrun_cli(f"hydra.run.dir={folder}", "trainer.epochs=1", "device=cpu", check=True, columns=40)
-    assert f"run folder: {folder}\n" in proc.stdout
-    assert "…" not in proc.stdout.split("run folder:")[1]
+    ran = cli("dlrun", f"hydra.run.dir={folder}", "trainer.epochs=1", *CPU, check=True)
+    assert f"run folder: {folder}\n" in ran.stdout
+    assert "…" not in ran.stdout.split("run folder:")[1]
 
 
-@pytest.mark.slow
-def test_early_stopping_is_announced(dlrun_cli, tmp_path):
+def test_early_stopping_is_announced(cli, tmp_path):
     # lr 1e-12: val/acc stops improving at once, patience 2 ends the run two evaluations later
-    proc = dlrun_cli("hydra.run.dir=run", "optimizer.lr=1e-12", "trainer.epochs=10", "trainer.early_stopping.patience=2",
-                     "device=cpu", check=True)
+    ran = cli("dlrun", "hydra.run.dir=run", "optimizer.lr=1e-12", "trainer.epochs=10",
+              "trainer.early_stopping.patience=2", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     stopped = summary["stopped_early"]
     assert 3 <= stopped < 10 and summary["epochs"] == stopped
     line = f"early stopping at epoch {stopped}: val/acc stopped improving (best {summary['monitor_value']:.4f} at epoch"
-    assert line in proc.stdout and line in (tmp_path / "run" / "dlrun.log").read_text()
+    assert line in ran.stdout and line in (tmp_path / "run" / "dlrun.log").read_text()
 
 
 @pytest.mark.slow
 def test_parallel_sweep_lines_name_their_job(dlrun_cli, tmp_path):
+    # a process: the jobs print from joblib's worker processes, straight to the inherited stdout
     proc = dlrun_cli("-m", "launcher=local_parallel", "hydra.launcher.n_jobs=2", "optimizer.lr=1e-3,2e-3",
-                     "trainer.epochs=2", "device=cpu", "device.threads=1", check=True)
+                     "trainer.epochs=2", *CPU, check=True)
     epoch_lines = [line for line in proc.stdout.splitlines() if re.search(r"epoch \d/2 ", line)]
     assert len(epoch_lines) == 4
     assert sorted(line.split("]")[0] for line in epoch_lines) == ["[job 0", "[job 0", "[job 1", "[job 1"]

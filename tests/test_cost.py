@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import model_of
 from dlrun.cost import (LATENCY_BATCH_CAP, flops_per_sample, latency, model_cost, peak_memory_mb, run_latency_budget,
                         size_mb, time_calls)
-from dlrun.models import CNN, MLP, RNN
 from dlrun.run import run
 
 CPU = torch.device("cpu")
@@ -15,7 +15,8 @@ CPU = torch.device("cpu")
 
 def test_cnn_flops_and_size_by_hand():
     # conv 1->4 (3x3) on 8x8, pool, conv 4->8 on 4x4, pool, fc 8*2*2 -> 16, fc 16 -> 10 (a multiply-add = 2 FLOPs)
-    model = CNN((1, 8, 8), 10, channels=[4, 8], kernel_size=3, pool="max", batch_norm=True, hidden=16)
+    model = model_of("model.channels=[4,8]", "model.kernel_size=3", "model.pool=max", "model.batch_norm=true",
+                     "model.hidden=16")
     expected = 2 * (8 * 8 * 4 * 1 * 9) + 2 * (4 * 4 * 8 * 4 * 9) + 2 * (32 * 16) + 2 * (16 * 10)
     assert flops_per_sample(model, (1, 8, 8), CPU) == expected == 15168
     params = (4 * 9) + (8 * 4 * 9) + (32 * 16 + 16) + (16 * 10 + 10) + 2 * (4 + 8)  # + batch-norm weight and bias
@@ -27,17 +28,17 @@ def test_cnn_flops_and_size_by_hand():
 @pytest.mark.parametrize("cell,gates", [("lstm", 4), ("gru", 3), ("rnn", 1)])
 def test_recurrent_flops_are_counted(cell, gates):
     steps, features, hidden = 40, 1, 32
-    model = RNN((features, steps), 10, cell=cell, hidden_size=hidden)
+    model = model_of("model=rnn", f"model.cell={cell}", f"model.hidden_size={hidden}", shape=(features, steps))
     per_step = 2 * gates * hidden * (features + hidden)
     assert flops_per_sample(model, (features, steps), CPU) == steps * per_step + 2 * hidden * 10
 
 
 def test_mlp_flops():
-    assert flops_per_sample(MLP((1, 8, 8), 10, hidden=[16]), (1, 8, 8), CPU) == 2 * 64 * 16 + 2 * 16 * 10
+    assert flops_per_sample(model_of("model=mlp", "model.hidden=[16]"), (1, 8, 8), CPU) == 2 * 64 * 16 + 2 * 16 * 10
 
 
 def test_latency_and_memory_are_measured():
-    model = MLP((1, 28, 28), 10, hidden=[256])
+    model = model_of("model=mlp", "model.hidden=[256]", shape=(1, 28, 28))
     one = latency(model, (1, 28, 28), 1, CPU, threads=1, min_run_time=0.01)
     assert one["batch"] == 1 and one["threads"] == 1 and one["blocks"] >= 3 and one["calls_per_block"] >= 1
     assert 0 < one["min_ms"] <= one["median_ms"] <= one["max_ms"] and one["iqr_ms"] >= 0

@@ -45,6 +45,7 @@ def test_a_busy_machine_gets_a_passive_wait_policy():
     assert wait_policy(load=7.5, cpus=16) is None and wait_policy(load=8.0, cpus=16) == "PASSIVE"
 
 
+@pytest.mark.slow  # a new interpreter: this one imported dlrun long ago
 def test_importing_dlrun_keeps_the_users_wait_policy():
     code = "import os, dlrun; print(os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -56,6 +57,7 @@ def test_importing_dlrun_keeps_the_users_wait_policy():
 @pytest.mark.slow
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs (torch's default would take both)")
 def test_a_run_takes_no_more_threads_than_its_slurm_allocation(data_dir, tmp_path):
+    """Real processes: a run with device.threads=0 starts from torch's default, a new process's."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     for name, extra in (("free", {}), ("slurm", {"SLURM_CPUS_PER_TASK": "1"})):
         proc = subprocess.run([sys.executable, "-m", "dlrun", f"hydra.run.dir={name}", "trainer.epochs=1", "device=cpu"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from dlrun.data import batches, build_data, epoch_generator, load_digits, load_mnist1d, num_batches
@@ -64,6 +65,7 @@ def test_unshuffled_batches_keep_order():
     assert torch.cat([yb for _, yb in batches(x, y, 4)]).tolist() == list(range(10))
 
 
+@pytest.mark.slow  # a fresh interpreter shows what gets imported
 def test_digits_are_scikit_learns_without_importing_it():
     import subprocess
     import sys

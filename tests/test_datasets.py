@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import read_metrics, read_summary
+from conftest import CPU, read_metrics, read_summary
 from datafiles import write_cifar, write_image_folder, write_mnist
 from dlrun.errors import ConfigError
 from dlrun.data import (
@@ -29,7 +28,7 @@ from dlrun.data import (
 DEVICE = torch.device("cpu")
 
 
-def test_mnist_idx_files_through_torchvision(tmp_path):
+def test_mnist_idx_files_through_torchvision(tmp_path, monkeypatch):
     write_mnist(tmp_path, n_train=600, n_test=200)
     raw = load_mnist(str(tmp_path), download=False, val_fraction=0.1, split_seed=0)
     assert [len(s[1]) for s in (raw.train, raw.val, raw.test)] == [539, 61, 200]
@@ -37,12 +36,10 @@ def test_mnist_idx_files_through_torchvision(tmp_path):
     data = build_data(raw, DEVICE)
     assert data.spec.input_shape == (1, 28, 28) and data.spec.num_outputs == 10
     assert abs(data.splits["train"].x.mean().item()) < 1e-4
-    # decoded once: later loads read the cache and never import torchvision
+    # decoded once: later loads read the cache and never import torchvision (which cannot be imported here)
     assert len(list((tmp_path / "dlrun-cache").glob("mnist-*.npz"))) == 1
-    code = (f"import sys; from dlrun.data import load_mnist; raw = load_mnist({str(tmp_path)!r}, False, 0.1, 0); "
-            "print(len(raw.test[1]), 'torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["200", "False"]
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    assert len(load_mnist(str(tmp_path), False, 0.1, 0).test[1]) == 200
 
 
 def test_fashion_mnist_uses_its_own_folder(tmp_path):
@@ -131,12 +128,11 @@ def test_augment_crops_and_flips_per_sample():
     assert torch.equal(out, again)  # a pure function of the generator
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model", ["cnn", "rnn"])
-def test_train_on_mnist_files_with_the_cli(dlrun_cli, tmp_path, model):
+def test_train_on_mnist_files_with_the_cli(cli, tmp_path, model):
     write_mnist(tmp_path / "files", n_train=1000, n_test=200)
-    dlrun_cli("hydra.run.dir=run", "dataset=mnist", f"dataset.data_dir={tmp_path / 'files'}", f"model={model}",
-              "optimizer.lr=0.01", "trainer.epochs=3", "device=cpu", check=True)
+    cli("dlrun", "hydra.run.dir=run", "dataset=mnist", f"dataset.data_dir={tmp_path / 'files'}", f"model={model}",
+        "optimizer.lr=0.01", "trainer.epochs=3", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     sizes = summary["data"]["sizes"]
     assert sizes["train"] + sizes["val"] == 1000 and sizes["test"] == 200
@@ -144,31 +140,28 @@ def test_train_on_mnist_files_with_the_cli(dlrun_cli, tmp_path, model):
     assert summary["best"]["test/acc"] > 0.4  # chance is 0.1
 
 
-@pytest.mark.slow
-def test_train_on_cifar_with_augmentation_with_the_cli(dlrun_cli, tmp_path):
+def test_train_on_cifar_with_augmentation_with_the_cli(cli, tmp_path):
     write_cifar(tmp_path / "files", classes=10, per_batch=100, n_test=100)
-    dlrun_cli("hydra.run.dir=run", "dataset=cifar10", f"dataset.data_dir={tmp_path / 'files'}",
-              "dataset.verify=false", "trainer.epochs=3", "device=cpu", check=True)
+    cli("dlrun", "hydra.run.dir=run", "dataset=cifar10", f"dataset.data_dir={tmp_path / 'files'}",
+        "dataset.verify=false", "trainer.epochs=3", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     assert summary["data"]["input_shape"] == [3, 32, 32] and len(summary["data"]["mean"]) == 3
     assert summary["best"]["test/acc"] > 0.3
 
 
-@pytest.mark.slow
-def test_streamed_image_folder_with_the_cli(dlrun_cli, tmp_path):
+def test_streamed_image_folder_with_the_cli(cli, tmp_path):
     root = write_image_folder(tmp_path / "images", classes=3, per_class=30, size=16)
-    dlrun_cli("hydra.run.dir=run", "dataset=imagefolder", f"dataset.root={root}", "dataset.in_memory_limit=10",
-              "dataset.image_size=[16,16]", "dataset.hflip=true", f"dataset.cache_dir={tmp_path / 'cache'}",
-              "trainer.epochs=4", "trainer.batch_size=16", "device=cpu", check=True)
+    cli("dlrun", "hydra.run.dir=run", "dataset=imagefolder", f"dataset.root={root}", "dataset.in_memory_limit=10",
+        "dataset.image_size=[16,16]", "dataset.hflip=true", f"dataset.cache_dir={tmp_path / 'cache'}",
+        "trainer.epochs=4", "trainer.batch_size=16", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     assert summary["data"]["num_outputs"] == 3 and summary["best"]["val/acc"] > 0.6
     assert not (tmp_path / "cache").exists()  # streamed, so nothing was decoded up front
 
 
-@pytest.mark.slow
-def test_sequence_regression_with_the_rnn(dlrun_cli, tmp_path):
-    dlrun_cli("hydra.run.dir=run", "dataset=sequence", "model=rnn", "model.cell=gru", "model.hidden_size=32",
-              "optimizer.lr=0.01", "trainer.epochs=8", "device=cpu", check=True)
+def test_sequence_regression_with_the_rnn(cli, tmp_path):
+    cli("dlrun", "hydra.run.dir=run", "dataset=sequence", "model=rnn", "model.cell=gru", "model.hidden_size=32",
+        "optimizer.lr=0.01", "trainer.epochs=8", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     metrics = read_metrics(tmp_path / "run")
     assert summary["data"]["task"] == "regression" and summary["monitor"] == {"metric": "val/loss", "mode": "min"}
@@ -181,8 +174,7 @@ def test_sequence_regression_with_the_rnn(dlrun_cli, tmp_path):
     assert linear["model_mae_ratio"]["best"] == pytest.approx(summary["best"]["test/mae"] / linear["mae"])
 
 
-@pytest.mark.slow
-def test_missing_dataset_files_from_the_cli(dlrun_cli, tmp_path):
-    proc = dlrun_cli("dataset=mnist", f"dataset.data_dir={tmp_path / 'empty'}")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"{tmp_path / 'empty'}/MNIST/raw/train-images-idx3-ubyte" in proc.stderr
+def test_missing_dataset_files_from_the_cli(cli, tmp_path):
+    ran = cli("dlrun", "dataset=mnist", f"dataset.data_dir={tmp_path / 'empty'}")
+    assert ran.returncode == 1 and "Traceback" not in ran.stderr
+    assert f"{tmp_path / 'empty'}/MNIST/raw/train-images-idx3-ubyte" in ran.stderr

@@ -4,17 +4,20 @@ for bit, the teacher is recorded, and a teacher of other data or a regression ru
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import read_summary
-from dlrun.compress.distill import distill_loss
+from conftest import CPU, read_summary
 from dlrun.config.validate import validate
 from dlrun.errors import ConfigError
+from dlrun.losses import distill_loss
 from dlrun.run import run
 
-SMALL = ["device=cpu", "device.threads=1", "trainer.epochs=2"]
+SMALL = [*CPU, "trainer.epochs=2"]
+TEACHER = ("trainer.epochs=1", *CPU)  # the shared 1-epoch digits CNN
+STUDENT = ("model.channels=[8,16]", *SMALL)
 
 
 def test_the_loss_is_hintons_formula():
@@ -33,41 +36,35 @@ def test_the_loss_is_hintons_formula():
     assert distill_loss(student, student, hard, t, 1.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    from hydra import compose, initialize_config_dir
-
-    from dlrun.cli import config_dir
-    from dlrun.config.schema import register_configs
-
-    register_configs()
-    folder = tmp_path_factory.mktemp("teacher")
-    with initialize_config_dir(config_dir=config_dir()):
-        run(compose("config", overrides=SMALL), run_dir=folder)
-    return folder
+@pytest.fixture
+def teacher(trained) -> Path:
+    return trained(*TEACHER)
 
 
-def test_alpha_zero_is_plain_training_bit_for_bit(make_cfg, tmp_path, teacher):
-    student = ["model.channels=[8,16]", *SMALL]
-    plain = run(make_cfg(*student), run_dir=tmp_path / "plain")
-    distilled = run(make_cfg(*student, f"trainer.distill.teacher={teacher}", "trainer.distill.alpha=0"),
+@pytest.fixture
+def plain(trained) -> Path:
+    """The student trained without a teacher."""
+    return trained(*STUDENT)
+
+
+def test_alpha_zero_is_plain_training_bit_for_bit(make_cfg, tmp_path, teacher, plain):
+    distilled = run(make_cfg(*STUDENT, f"trainer.distill.teacher={teacher}", "trainer.distill.alpha=0"),
                     run_dir=tmp_path / "alpha0")
-    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    a = torch.load(plain / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "alpha0" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert plain["best"] == distilled["best"] and plain["final"] == distilled["final"]
+    undistilled = read_summary(plain)
+    assert undistilled["best"] == distilled["best"] and undistilled["final"] == distilled["final"]
     # the teacher, evaluated once on the test split, is recorded with the student
     assert distilled["teacher"]["test/acc"] == read_summary(teacher)["best"]["test/acc"]
     assert distilled["teacher"]["parameters"] == read_summary(teacher)["model"]["parameters"]["total"]
-    assert distilled["teacher"]["run_dir"] == str(teacher.resolve()) and "teacher" not in plain
+    assert distilled["teacher"]["run_dir"] == str(teacher.resolve()) and "teacher" not in undistilled
 
 
-def test_a_teacher_changes_the_student(make_cfg, tmp_path, teacher):
-    student = ["model.channels=[8,16]", *SMALL]
-    plain = run(make_cfg(*student), run_dir=tmp_path / "plain")
-    taught = run(make_cfg(*student, f"trainer.distill.teacher={teacher}", "trainer.distill.alpha=0.7",
+def test_a_teacher_changes_the_student(make_cfg, tmp_path, teacher, plain):
+    taught = run(make_cfg(*STUDENT, f"trainer.distill.teacher={teacher}", "trainer.distill.alpha=0.7",
                           "trainer.distill.temperature=4"), run_dir=tmp_path / "taught")
-    assert taught["final"]["train/loss"] != plain["final"]["train/loss"]
+    assert taught["final"]["train/loss"] != read_summary(plain)["final"]["train/loss"]
     assert taught["teacher"]["alpha"] == 0.7 and taught["teacher"]["temperature"] == 4
 
 
@@ -90,12 +87,12 @@ def test_a_regression_run_cannot_distill(make_cfg, tmp_path, teacher):
     assert not (tmp_path / "regression" / "checkpoints").exists()
 
 
-@pytest.mark.slow
-def test_a_refused_distillation_writes_nothing(dlrun_cli, tmp_path):
+def test_a_refused_distillation_writes_nothing(cli, tmp_path):
     """From the command line, the refusals come before Hydra makes the run folder: one line, exit 1,
-    nothing written (the teacher's dataset is read from its saved config)."""
+    nothing written (the teacher's dataset is read from its saved config, .hydra/config.yaml: so the
+    teacher is made by the command too)."""
     teacher = tmp_path / "teacher"
-    dlrun_cli(*SMALL, "trainer.epochs=1", f"hydra.run.dir={teacher}", check=True)
+    cli("dlrun", *SMALL, "trainer.epochs=1", f"hydra.run.dir={teacher}", check=True)
     for args, reason in (
         (["dataset=sequence", "model=rnn", "trainer.distill.temperature=2"],
          "distillation needs a classification dataset (dataset=sequence is regression)"),
@@ -103,9 +100,9 @@ def test_a_refused_distillation_writes_nothing(dlrun_cli, tmp_path):
                               "dlrun.data.load_mnist1d)"),
         (["trainer.distill.alpha=2"], "must be in [0, 1] (0 = plain training)"),
     ):
-        proc = dlrun_cli(*SMALL, *args, f"trainer.distill.teacher={teacher}", cwd=tmp_path)
-        assert proc.returncode == 1 and proc.stderr.strip().endswith(reason), proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        ran = cli("dlrun", *SMALL, *args, f"trainer.distill.teacher={teacher}", cwd=tmp_path)
+        assert ran.returncode == 1 and ran.stderr.strip().endswith(reason), ran.stderr
+        assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]  # no outputs/ folder
 
 
@@ -124,12 +121,10 @@ def test_bad_distill_settings(make_cfg, teacher, change, expected):
     assert str(err.value) == expected
 
 
-@pytest.mark.slow
-def test_a_resumed_student_reloads_its_teacher(dlrun_cli, tmp_path, teacher):
-    args = ["model.channels=[8,16]", "device=cpu", "device.threads=1", f"trainer.distill.teacher={teacher}",
-            "trainer.distill.alpha=0.7"]
-    dlrun_cli(*args, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'whole'}", check=True)
-    dlrun_cli(*args, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'part'}", check=True)
-    dlrun_cli(f"resume={tmp_path / 'part'}", "trainer.epochs=2", check=True)
+def test_a_resumed_student_reloads_its_teacher(cli, tmp_path, teacher):
+    args = ["model.channels=[8,16]", *CPU, f"trainer.distill.teacher={teacher}", "trainer.distill.alpha=0.7"]
+    cli("dlrun", *args, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'whole'}", check=True)
+    cli("dlrun", *args, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'part'}", check=True)
+    cli("dlrun", f"resume={tmp_path / 'part'}", "trainer.epochs=2", check=True)
     whole, resumed = read_summary(tmp_path / "whole"), read_summary(tmp_path / "part")
     assert resumed["best"] == whole["best"] and resumed["teacher"] == whole["teacher"]

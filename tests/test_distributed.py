@@ -1,4 +1,8 @@
-"""Multi-process data parallel training: real torch.distributed (gloo) with 2 CPU processes."""
+"""Multi-process data parallel training: real torch.distributed (gloo) with 2 CPU processes.
+
+`dlrun trainer.devices=2` is run in this process (`cli`): it spawns its two ranks as new processes, so
+those tests are slow. A real `dlrun` process is kept where the signal goes to the launching command,
+and torchrun starts its own."""
 
 from __future__ import annotations
 
@@ -9,18 +13,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
-from conftest import DLRUN, read_metrics, read_summary
+from conftest import CPU, DLRUN, read_metrics, read_summary
 
 from dlrun.config.validate import check_data_parallel
-from dlrun.errors import ConfigError
 from dlrun.distributed import Ranks
+from dlrun.errors import ConfigError
 
 # No dropout and no batch norm: then 2 processes on halves of each batch compute the very
 # gradients of one process on the whole batch, and the runs must agree to float rounding.
-EXACT = ["trainer.epochs=3", "model.dropout=0", "model.batch_norm=false", "device=cpu"]
+EXACT = ["trainer.epochs=3", "model.dropout=0", "model.batch_norm=false", *CPU]
 
 
 def test_shards_are_contiguous_slices_that_cover_the_batch():
@@ -48,13 +53,10 @@ def test_data_parallel_rules(make_cfg, overrides, n_train, message):
     check_data_parallel(make_cfg().trainer, 2, 128)
 
 
-@pytest.fixture(scope="module")
-def single_process(tmp_path_factory, data_dir):
+@pytest.fixture
+def single_process(trained) -> dict:
     """The single-process run the DDP runs are compared with."""
-    cwd = tmp_path_factory.mktemp("single")
-    subprocess.run([DLRUN, "hydra.run.dir=run", *EXACT], cwd=cwd, check=True, capture_output=True,
-                   env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)}, timeout=300)
-    return read_summary(cwd / "run")
+    return read_summary(trained(*EXACT))
 
 
 def run_folders(cwd: Path) -> list[Path]:
@@ -67,10 +69,23 @@ def assert_same_run(ddp: dict, single: dict) -> None:
     assert ddp["final"] == pytest.approx(single["final"], rel=1e-5, abs=1e-6)
 
 
+def stop_when_checkpointed(proc: subprocess.Popen, runs: Callable[[], list[Path]]) -> str:
+    """SIGTERM to `proc` once one of `runs()` has a checkpoint; what it then wrote on stderr."""
+    try:
+        deadline = time.monotonic() + 120
+        while not any((run / "checkpoints" / "last.pt").is_file() for run in runs()):
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+
+
 @pytest.mark.slow
-def test_two_processes_train_like_one_into_one_run_folder(dlrun_cli, tmp_path, single_process):
-    proc = dlrun_cli("trainer.devices=2", *EXACT)
-    assert proc.returncode == 0, proc.stderr
+def test_two_processes_train_like_one_into_one_run_folder(cli, tmp_path, single_process):
+    ran = cli("dlrun", "trainer.devices=2", *EXACT)
+    assert ran.returncode == 0, ran.stderr
     (run,) = run_folders(tmp_path)  # one folder for both ranks
     summary = read_summary(run)
     assert_same_run(summary, single_process)
@@ -85,15 +100,7 @@ def test_torchrun_ranks_share_rank_0s_config_and_run_folder_and_resume(data_dir,
     env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir)}
     proc = subprocess.Popen([*torchrun, *EXACT], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not any((run / "checkpoints" / "last.pt").is_file() for run in run_folders(tmp_path)):
-            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)  # torchrun passes it to its workers
-        proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    stop_when_checkpointed(proc, lambda: run_folders(tmp_path))  # torchrun passes SIGTERM to its workers
     (run,) = run_folders(tmp_path)  # one folder, made by rank 0's Hydra
     stopped = read_summary(run)
     assert stopped["status"] == "interrupted"
@@ -108,22 +115,17 @@ def test_torchrun_ranks_share_rank_0s_config_and_run_folder_and_resume(data_dir,
 
 
 @pytest.mark.slow
-def test_an_interrupted_ddp_run_resumes_where_it_stopped(dlrun_cli, data_dir, tmp_path, single_process):
+def test_an_interrupted_ddp_run_resumes_where_it_stopped(cli, data_dir, tmp_path, single_process):
+    """SIGTERM to the launching `dlrun` (a real process: the signal must not reach this one), which
+    passes it to both ranks; the resume is launched from here."""
     run = tmp_path / "run"
     proc = subprocess.Popen([DLRUN, "hydra.run.dir=run", "trainer.devices=2", *EXACT], cwd=tmp_path,
                             env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)}, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run / "checkpoints" / "last.pt").is_file() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)  # to the launching process, which passes it to both ranks
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    err = stop_when_checkpointed(proc, lambda: [run])
     assert proc.returncode == 128 + signal.SIGTERM, err
     stopped = read_summary(run)
     assert stopped["status"] == "interrupted" and "resume=" in err
-    resumed = dlrun_cli("resume=run")
+    resumed = cli("dlrun", "resume=run")
     assert resumed.returncode == 0, resumed.stderr
     summary = read_summary(run)
     assert summary["resumed"][0]["step"] == stopped["steps"]
@@ -132,20 +134,19 @@ def test_an_interrupted_ddp_run_resumes_where_it_stopped(dlrun_cli, data_dir, tm
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_under_ddp_matches_one_process(dlrun_cli, tmp_path):
+def test_gradient_accumulation_under_ddp_matches_one_process(cli, tmp_path, trained):
     """Micro-batches accumulate without an all-reduce (DDP's no_sync) until the step's last one."""
     args = [*EXACT, "trainer.accumulate=2", "trainer.batch_size=32", "trainer.epochs=2"]
-    dlrun_cli("hydra.run.dir=ddp", "trainer.devices=2", *args, check=True)
-    dlrun_cli("hydra.run.dir=one", *args, check=True)
-    ddp, one = read_summary(tmp_path / "ddp"), read_summary(tmp_path / "one")
+    cli("dlrun", "hydra.run.dir=ddp", "trainer.devices=2", *args, check=True)
+    ddp, one = read_summary(tmp_path / "ddp"), read_summary(trained(*args))
     assert ddp["steps"] == one["steps"] == 2 * 20  # ceil(1259 / 32) = 40 micro-batches, 20 steps an epoch
     assert ddp["final"] == pytest.approx(one["final"], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow
-def test_errors_in_the_ranks_reach_the_command(dlrun_cli, tmp_path):
+def test_errors_in_the_ranks_reach_the_command(cli, tmp_path):
     """A named error is one line, as with one process; anything else keeps the rank's traceback."""
-    named = dlrun_cli("hydra.run.dir=named", "trainer.devices=2", "trainer.batch_size=34", "device=cpu")
+    named = cli("dlrun", "hydra.run.dir=named", "trainer.devices=2", "trainer.batch_size=34", *CPU)
     assert named.returncode == 1
     assert named.stderr.strip().splitlines()[-1] == (
         "dlrun: error: the 2-process run failed: ConfigError: trainer.batch_size=34 is invalid: must give every one "
@@ -153,18 +154,19 @@ def test_errors_in_the_ranks_reach_the_command(dlrun_cli, tmp_path):
     assert read_summary(tmp_path / "named")["status"] == "failed"
     (tmp_path / "broken.py").write_text(
         "class Broken:\n    def __init__(self, in_shape, num_outputs):\n        raise ValueError('broken model')\n")
-    unnamed = dlrun_cli("hydra.run.dir=unnamed", "trainer.devices=2", "model=custom", "model._target_=broken.Broken",
-                        "device=cpu")
+    unnamed = cli("dlrun", "hydra.run.dir=unnamed", "trainer.devices=2", "model=custom",
+                  "model._target_=broken.Broken", *CPU)
     assert unnamed.returncode == 1
     assert re.search(r"RuntimeError: rank [01] of the 2-process run failed", unnamed.stderr)  # the first to fail
     assert "ValueError: broken model" in unnamed.stderr and 'File "' in unnamed.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL data parallel needs 2 CUDA devices")
-def test_two_gpus_train_one_model_with_nccl(dlrun_cli, tmp_path):
-    proc = dlrun_cli("hydra.run.dir=run", "trainer.devices=2", "device=cuda", "trainer.epochs=5")
-    assert proc.returncode == 0, proc.stderr
+def test_two_gpus_train_one_model_with_nccl(cli, tmp_path):
+    ran = cli("dlrun", "hydra.run.dir=run", "trainer.devices=2", "device=cuda", "trainer.epochs=5")
+    assert ran.returncode == 0, ran.stderr
     summary = read_summary(tmp_path / "run")
     assert summary["processes"] == 2 and summary["device"].startswith("cuda")
     assert summary["final"]["val/acc"] > 0.9
@@ -172,8 +174,9 @@ def test_two_gpus_train_one_model_with_nccl(dlrun_cli, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_jobs_in_joblib_workers_are_a_clear_error(dlrun_cli, tmp_path):
-    proc = dlrun_cli("-m", "launcher=local_parallel", "hydra.launcher.n_jobs=2", "trainer.devices=2", "optimizer.lr=1e-3,1e-2",
-                     "hydra.sweep.dir=sweep")
+    """A real `dlrun`: the error is printed by the joblib workers, on the stderr they share with their command."""
+    proc = dlrun_cli("-m", "launcher=local_parallel", "hydra.launcher.n_jobs=2", "trainer.devices=2",
+                     "optimizer.lr=1e-3,1e-2", "hydra.sweep.dir=sweep")
     assert proc.returncode == 1
     assert "cannot start its processes inside launcher=local_parallel's workers" in proc.stderr
     for job in ("0", "1"):  # recorded in each job's folder, so the sweep summary lists them

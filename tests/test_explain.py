@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DLRUN, read_summary
+from conftest import CPU, DLRUN, read_summary
 from dlrun.errors import ConfigError
 from dlrun.tools import explain
 from dlrun.tools.explain import METHODS, Predicted
 
-EXPLAIN = str(Path(sys.executable).with_name("dlrun-explain"))
+EXPLAIN = str(Path(DLRUN).with_name("dlrun-explain"))
 
 
 class SmoothNet(nn.Module):
@@ -78,7 +77,7 @@ class Detached(nn.Module):
         return self.fc(x.detach().flatten(1))
 
 
-def trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> nn.Module:
+def fitted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> nn.Module:
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):
@@ -98,7 +97,7 @@ def image_data(n: int = 96):
 def test_integrated_gradients_is_complete_on_a_trained_model():
     torch.manual_seed(0)
     x, y = image_data()
-    model = trained(SmoothNet(), x, y)
+    model = fitted(SmoothNet(), x, y)
     inputs, targets = x[:6], model(x[:6]).argmax(1)
     maps, deltas = explain.attribute(model, "integrated_gradients", inputs, targets)
     with torch.no_grad():  # the logit difference between the input and the all-zero baseline, computed here
@@ -113,7 +112,7 @@ def test_integrated_gradients_is_complete_on_a_trained_model():
 
 def test_integrated_gradients_completeness_of_a_relu_cnn_is_within_a_few_percent():
     x, y = image_data()
-    model = trained(SmallCNN(), x, y)
+    model = fitted(SmallCNN(), x, y)
     maps, deltas = explain.attribute(model, "integrated_gradients", x[:8], model(x[:8]).argmax(1))
     assert explain.completeness(maps, deltas)["max_relative_error"] < 0.05
 
@@ -180,36 +179,23 @@ def test_recurrent_models_are_attributed_on_cuda_in_eval_mode():
 
 # ------------------------------------------------------------ end to end
 
-
-def cli(cwd: Path, data_dir: Path, command: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir) -> Path:
-    """Small trained runs: digits CNN, MNIST-1D CNN and GRU, and the sequence regression."""
-    cwd = tmp_path_factory.mktemp("explain")
-    for name, args in {
-        "digits": ["trainer.epochs=3"],
-        "m1d_cnn": ["dataset=mnist1d", "model=cnn", "trainer.epochs=2"],
-        "m1d_gru": ["experiment=mnist1d_gru", "trainer.epochs=1", "trainer.batch_size=128"],
-        "sequence": ["dataset=sequence", "model=mlp", "trainer.epochs=1"],
-    }.items():
-        proc = cli(cwd, data_dir, DLRUN, f"hydra.run.dir={name}", "device=cpu", *args)
-        assert proc.returncode == 0, proc.stderr
-    return cwd
+DIGITS = ("trainer.epochs=3", *CPU)  # the digits CNN test_compress compresses too
+# 600 samples of MNIST-1D (as in test_distill and test_toolbox): what is checked are the attributions per step
+# and the record, not the scores
+M1D_CNN = ("dataset=mnist1d", "dataset.num_samples=600", "model=cnn", "trainer.epochs=2", *CPU)
+M1D_GRU = ("experiment=mnist1d_gru", "trainer.epochs=1", "trainer.batch_size=128", "dataset.num_samples=600", *CPU)
+SEQUENCE = ("dataset=sequence", "model=mlp", "trainer.epochs=1", *CPU)
+# dlrun-explain writes plots/ and explain.json into the run folder: each test explains a copy of the shared run
 
 
 def png_ok(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
-@pytest.mark.slow
-def test_explain_a_digits_cnn(runs, data_dir):
-    run = runs / "digits"
-    proc = cli(runs, data_dir, EXPLAIN, "digits", "--examples", "6")
-    assert proc.returncode == 0, proc.stderr
+def test_explain_a_digits_cnn(cli, trained, tmp_path):
+    run = shutil.copytree(trained(*DIGITS), tmp_path / "digits")
+    ran = cli("dlrun-explain", "digits", "--examples", "6")
+    assert ran.returncode == 0, ran.stderr
     assert png_ok(run / "plots" / "attributions_integrated_gradients.png")
     assert png_ok(run / "plots" / "misclassified.png")
     report = json.loads((run / "explain.json").read_text())["integrated_gradients"]
@@ -228,26 +214,24 @@ def test_explain_a_digits_cnn(runs, data_dir):
     assert len(wrong) == min(3, report["test"]["misclassified"])
     assert [e["index"] for e in wrong] == [m["index"] for m in report["misclassified"][:len(wrong)]]
     assert report["completeness"]["max_relative_error"] < 0.05
-    assert "completeness" in proc.stdout
+    assert "completeness" in ran.stdout
 
 
-@pytest.mark.slow
-def test_explain_mnist1d_cnn_with_occlusion_and_the_true_class(runs, data_dir):
-    run = runs / "m1d_cnn"
-    proc = cli(runs, data_dir, EXPLAIN, "m1d_cnn", "--method", "occlusion", "--target", "true", "--checkpoint", "last")
-    assert proc.returncode == 0, proc.stderr
+def test_explain_mnist1d_cnn_with_occlusion_and_the_true_class(cli, trained, tmp_path):
+    run = shutil.copytree(trained(*M1D_CNN), tmp_path / "m1d_cnn")
+    ran = cli("dlrun-explain", "m1d_cnn", "--method", "occlusion", "--target", "true", "--checkpoint", "last")
+    assert ran.returncode == 0, ran.stderr
     assert png_ok(run / "plots" / "attributions_occlusion.png") and png_ok(run / "plots" / "misclassified.png")
     report = json.loads((run / "explain.json").read_text())["occlusion"]
     assert report["checkpoint"] == "last" and "completeness" not in report
     assert all(e["target"] == e["true"] and len(e["per_step"]) == 40 for e in report["examples"])
 
 
-@pytest.mark.slow
-def test_explain_mnist1d_gru_per_time_step(runs, data_dir):
-    run = runs / "m1d_gru"
+def test_explain_mnist1d_gru_per_time_step(cli, trained, tmp_path):
+    run = shutil.copytree(trained(*M1D_GRU), tmp_path / "m1d_gru")
     for method in ("integrated_gradients", "saliency"):
-        proc = cli(runs, data_dir, EXPLAIN, "m1d_gru", "--method", method, "--device", "cpu")
-        assert proc.returncode == 0, proc.stderr
+        ran = cli("dlrun-explain", "m1d_gru", "--method", method, "--device", "cpu")
+        assert ran.returncode == 0, ran.stderr
         assert png_ok(run / "plots" / f"attributions_{method}.png")
     report = json.loads((run / "explain.json").read_text())
     assert set(report) == {"integrated_gradients", "saliency"}  # one entry per method
@@ -258,21 +242,30 @@ def test_explain_mnist1d_gru_per_time_step(runs, data_dir):
     assert all(min(e["per_step"]) >= 0 for e in report["saliency"]["examples"])  # |gradient|
 
 
-@pytest.mark.slow
-def test_refusals_are_one_line_and_write_nothing(runs, data_dir, tmp_path):
+def test_refusals_are_one_line_and_write_nothing(cli, trained, tmp_path):
+    shutil.copytree(trained(*DIGITS), tmp_path / "digits")
+    shutil.copytree(trained(*SEQUENCE), tmp_path / "sequence")
     (tmp_path / "empty").mkdir()
     cases = [
         (["sequence"], "a regression model (sequence)"),
         (["digits", "--method", "lime"], "--method lime is unknown; allowed: integrated_gradients"),
         (["digits", "--checkpoint", "first"], "--checkpoint first is unknown"),
-        ([str(tmp_path / "empty")], "no checkpoint to explain"),
-        ([str(tmp_path / "nowhere")], "not a run folder"),
+        (["empty"], "no checkpoint to explain"),
+        (["nowhere"], "not a run folder"),
     ]
-    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     for args, message in cases:
-        proc = cli(runs, data_dir, EXPLAIN, *args)
-        assert proc.returncode == 1, (args, proc.stderr)
-        assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
-    assert not (runs / "sequence" / "explain.json").exists()
-    assert not (runs / "sequence" / "plots" / "misclassified.png").exists()
-    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == before
+        ran = cli("dlrun-explain", *args)
+        assert ran.returncode == 1, (args, ran.stderr)
+        assert ran.stderr.strip().count("\n") == 0 and message in ran.stderr, ran.stderr
+    assert not (tmp_path / "sequence" / "explain.json").exists()
+    assert not (tmp_path / "sequence" / "plots" / "misclassified.png").exists()
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_the_installed_command_refuses_what_is_not_a_run(tmp_path):
+    """The console script itself: its exit status and its one line on stderr."""
+    proc = subprocess.run([EXPLAIN, "nowhere"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "dlrun-explain: error: nowhere: not a run folder (give the folder a dlrun run wrote)"

@@ -6,7 +6,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dlrun.data import DataSpec
 from dlrun.device import use_channels_last
 from dlrun.models import build_model
 from dlrun.optim import build_optimizer
@@ -55,7 +54,7 @@ def test_a_fused_step_matches_the_plain_step(make_cfg):
     ("cnn", (1, 8, 8), "cuda", torch.bfloat16, True),  # under autocast on CUDA
 ])
 def test_channels_last_is_decided_by_model_input_and_device(make_cfg, model_name, shape, device, amp, expected):
-    model = build_model(make_cfg(f"model={model_name}").model, DataSpec(shape, 10))
+    model = build_model(make_cfg(f"model={model_name}").model, shape, 10)
     assert use_channels_last(None, model, shape, torch.device(device), amp) is expected
     assert use_channels_last(True, model, shape, torch.device(device), amp) is True
     assert use_channels_last(False, model, shape, torch.device(device), amp) is False

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_summary
+from conftest import CPU, read_summary
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_wheel_runs_from_another_directory(tmp_path, data_dir):
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(path.startswith(str(target)) for path in where), where
 
-    proc = subprocess.run([sys.executable, "-m", "dlrun", "trainer.epochs=1", "device=cpu"],
+    proc = subprocess.run([sys.executable, "-m", "dlrun", "trainer.epochs=1", *CPU],
                           cwd=elsewhere, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     (run,) = list((elsewhere / "outputs").glob("*/*"))

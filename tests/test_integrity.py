@@ -1,9 +1,12 @@
-"""Run-folder integrity through the real CLI: one folder per run, one process per folder, checkpoints
+"""Run-folder integrity through the CLI: one folder per run, one process per folder, checkpoints
 that belong to their run, and statuses that never say "running" for a process that is gone.
 
-Real `dlrun` subprocesses started at the same moment, real signals (SIGTERM, SIGKILL), and a test
+Real `dlrun` subprocesses where the contract is about processes: started at the same moment, racing
+for a folder, stopped by real signals (SIGTERM, SIGKILL), a parallel sweep's worker killed; and a test
 hook (HOOK: a sitecustomize.py put on PYTHONPATH) that can SIGKILL a run between two checkpoint
 writes, or make processes started together read the clock for their folder names at one instant.
+What follows a process (the resume after a kill, a refusal, dlrun-report) and the runs only read or
+refused run in this process (`cli`, `trained`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DLRUN, read_metrics, read_summary
+from conftest import CPU, DLRUN, Ran, read_metrics, read_summary
 
-pytestmark = pytest.mark.slow
-
-DLRUN_REPORT = str(Path(DLRUN).with_name("dlrun-report"))
-CPU = ["device=cpu", "device.threads=1"]
 TIMING = {"seconds", "samples_per_s"}
 
 
@@ -36,8 +35,8 @@ def cli_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "DLRUN_DATA_DIR": str(data_dir), "COLUMNS": "200", **extra}
 
 
-def start(args: list[str], cwd: Path, env: dict[str, str], exe: str = DLRUN) -> subprocess.Popen:
-    return subprocess.Popen([exe, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([DLRUN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def start_together(commands: list[list[str]], cwd: Path, env: dict[str, str]) -> list[subprocess.Popen]:
@@ -160,7 +159,7 @@ def snapshot(run: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in paths if p.is_file()}
 
 
-def assert_refused(proc: subprocess.CompletedProcess | tuple[int, str, str], words: str) -> None:
+def assert_refused(proc: Ran | tuple[int, str, str], words: str) -> None:
     """A refusal: exit status 1 and one line on stderr, `dlrun: error: ...`, naming the reason; no traceback."""
     code, stderr = (proc.returncode, proc.stderr) if hasattr(proc, "returncode") else (proc[0], proc[2])
     assert code == 1, f"expected a refusal (exit 1), got exit {code}; stderr:\n{stderr[-3000:]}"
@@ -248,6 +247,7 @@ def process_using(folder: Path, candidates: list[int]) -> int | None:
 # ------------------------------------------------------------------ 8a, 8b: one folder per run
 
 
+@pytest.mark.slow
 def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, data_dir):
     run = ["trainer.epochs=2", *CPU]
     procs, results, folders = same_second([run, run], tmp_path, cli_env(data_dir), run_folders)
@@ -267,6 +267,7 @@ def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, dat
     assert all(s["host"] == socket.gethostname() for s in summaries)
 
 
+@pytest.mark.slow
 def test_two_sweeps_started_in_the_same_second_get_their_own_folders(tmp_path, data_dir):
     # The same sweep twice; the seeds tell the two sweeps' jobs apart.
     sweep = ["-m", "trainer.epochs=1", *CPU, "optimizer=sgd,adam"]
@@ -296,17 +297,18 @@ def test_two_sweeps_started_in_the_same_second_get_their_own_folders(tmp_path, d
 # ------------------------------------------------------------------ 8c: an explicit folder holding a run
 
 
-def test_an_explicit_run_dir_holding_a_run_is_refused_but_resumable(dlrun_cli, tmp_path):
-    dlrun_cli("hydra.run.dir=run", "trainer.epochs=1", *CPU, check=True)
+def test_an_explicit_run_dir_holding_a_run_is_refused_but_resumable(cli, tmp_path):
+    # a run made by the command, with the .hydra/ record that the refused command must leave alone
+    cli("dlrun", "hydra.run.dir=run", "trainer.epochs=1", *CPU, check=True)
     run = tmp_path / "run"
     before = snapshot(run)
 
-    proc = dlrun_cli("hydra.run.dir=run", "trainer.epochs=1", *CPU)
-    assert_refused(proc, "holds another run")
+    ran = cli("dlrun", "hydra.run.dir=run", "trainer.epochs=1", *CPU)
+    assert_refused(ran, "holds another run")
     assert snapshot(run) == before
 
-    proc = dlrun_cli("resume=run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = cli("dlrun", "resume=run")
+    assert ran.returncode == 0, ran.stderr[-3000:]
     assert read_summary(run)["status"] == "completed"
     assert epochs_of(run) == [1]
 
@@ -314,28 +316,32 @@ def test_an_explicit_run_dir_holding_a_run_is_refused_but_resumable(dlrun_cli, t
 # ------------------------------------------------------------------ 9: one process per run folder
 
 
-def test_a_running_folder_cannot_be_resumed_by_another_process(tmp_path, data_dir):
-    env = cli_env(data_dir)
+@pytest.mark.slow
+def test_a_running_folder_cannot_be_resumed_by_another_process(cli, tmp_path, data_dir):
+    # The resume is refused in this process within a second of the first checkpoint; the running
+    # run's 4 epochs after that keep it alive well past the refusal.
     run = tmp_path / "run"
-    first = start(["hydra.run.dir=run", "trainer.epochs=25", "trainer.batch_size=8", *CPU], tmp_path, env)
+    epochs = 5
+    first = start(["hydra.run.dir=run", f"trainer.epochs={epochs}", "trainer.batch_size=8", *CPU], tmp_path,
+                  cli_env(data_dir))
     try:
         wait_for(lambda: (run / "checkpoints" / "last.pt").is_file(), first, "its first checkpoint")
-        second = subprocess.run([DLRUN, "resume=run"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=300)
-        assert_refused(second, "in use")
+        assert_refused(cli("dlrun", "resume=run"), "in use")
         assert first.poll() is None, "the first run ended before the resume was refused: make it longer"
         _, err = first.communicate(timeout=300)
     finally:
         stop_all([first])
     assert first.returncode == 0, err[-3000:]
     assert read_summary(run)["status"] == "completed"
-    assert epochs_of(run) == list(range(1, 26))
+    assert epochs_of(run) == list(range(1, epochs + 1))
 
 
+@pytest.mark.slow
 def test_two_resumes_at_once_one_wins(tmp_path, data_dir):
+    # The winner's remaining epochs must outlast the lag between the two resumes taking the folder's lock.
     env = cli_env(data_dir)
     run = tmp_path / "run"
-    epochs = 12
+    epochs = 8
     proc = start(["hydra.run.dir=run", f"trainer.epochs={epochs}", "trainer.batch_size=8", *CPU], tmp_path, env)
     try:
         wait_for(lambda: has_epoch(run), proc, "it could be interrupted")
@@ -365,32 +371,23 @@ def test_two_resumes_at_once_one_wins(tmp_path, data_dir):
 VAL_LOSS = ["trainer.monitor=val/loss", *CPU]
 
 
-@pytest.fixture(scope="module")
-def straight_val_loss(tmp_path_factory, data_dir):
-    """Uninterrupted runs monitored by val/loss, 2 and 3 epochs (run side by side): {epochs: run folder}."""
-    cwd = tmp_path_factory.mktemp("straight_val_loss")
-    env = cli_env(data_dir)
-    procs = {e: start([f"hydra.run.dir=run{e}", f"trainer.epochs={e}", *VAL_LOSS], cwd, env) for e in (2, 3)}
-    try:
-        for e, (code, _, err) in zip(procs, finish(list(procs.values()))):
-            assert code == 0, err[-3000:]
-    finally:
-        stop_all(list(procs.values()))
-    runs = {e: cwd / f"run{e}" for e in procs}
-    for e, run in runs.items():
-        losses = [m["val/loss"] for m in read_metrics(run)]
-        assert len(losses) == e and all(b < a for a, b in zip(losses, losses[1:])), (
-            f"val/loss must improve at every epoch, so that every epoch writes last.pt and best.pt: {losses}")
-        assert read_summary(run)["best"]["epoch"] == e
-    return runs
+def straight_val_loss(trained, epochs: int) -> Path:
+    """The uninterrupted run monitored by val/loss, whose every epoch must write both checkpoints."""
+    run = trained(f"trainer.epochs={epochs}", *VAL_LOSS)
+    losses = [m["val/loss"] for m in read_metrics(run)]
+    assert len(losses) == epochs and all(b < a for a, b in zip(losses, losses[1:])), (
+        f"val/loss must improve at every epoch, so that every epoch writes last.pt and best.pt: {losses}")
+    assert read_summary(run)["best"]["epoch"] == epochs
+    return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epochs,kill_after", [(3, 5), (2, 3)], ids=["epoch3", "epoch2"])
 def test_killed_between_the_two_checkpoint_writes_resumes_to_the_uninterrupted_result(
-        straight_val_loss, tmp_path, data_dir, epochs, kill_after):
+        trained, cli, tmp_path, data_dir, epochs, kill_after):
     # Each epoch improves val/loss, so each writes both checkpoints (2 replaces an epoch): the kill
     # comes right after the first of the two writes of the last epoch.
-    straight = straight_val_loss[epochs]
+    straight = straight_val_loss(trained, epochs)
     sentinel = tmp_path / "hook-notes"
     env = hook_env(tmp_path, cli_env(data_dir), DLRUN_TEST_KILL_AFTER=str(kill_after),
                    DLRUN_TEST_HOOK_SENTINEL=str(sentinel))
@@ -403,9 +400,8 @@ def test_killed_between_the_two_checkpoint_writes_resumes_to_the_uninterrupted_r
     assert sentinel.is_file() and f"{proc.pid} kill-hook" in sentinel.read_text(), "the kill hook was not imported"
     assert proc.returncode == -signal.SIGKILL, f"the kill hook did not fire (exit {proc.returncode}):\n{err[-3000:]}"
 
-    proc = subprocess.run([DLRUN, f"resume={run}"], cwd=tmp_path, env=cli_env(data_dir), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = cli("dlrun", f"resume={run}")
+    assert ran.returncode == 0, ran.stderr[-3000:]
     summary, want = read_summary(run), read_summary(straight)
     assert summary["status"] == "completed"
     assert summary["best"] == want["best"]
@@ -418,36 +414,27 @@ def test_killed_between_the_two_checkpoint_writes_resumes_to_the_uninterrupted_r
 # ------------------------------------------------------------------ 11: a checkpoint from another run
 
 
-def test_resume_refuses_a_checkpoint_from_another_run(tmp_path, data_dir):
-    env = cli_env(data_dir)
-    procs = [
-        start(["hydra.run.dir=gru", "model=rnn", "model.cell=gru", "dataset=mnist1d", "trainer.epochs=1", *CPU],
-              tmp_path, env),
-        start(["hydra.run.dir=cnn", "trainer.epochs=1", *CPU], tmp_path, env),
-    ]
-    try:
-        for code, _, err in finish(procs):
-            assert code == 0, err[-3000:]
-    finally:
-        stop_all(procs)
+def test_resume_refuses_a_checkpoint_from_another_run(trained, cli, tmp_path):
+    # a run made by the command, with the .hydra/ record that the refused resume must leave alone
+    cli("dlrun", "hydra.run.dir=cnn", "trainer.epochs=1", *CPU, check=True)
+    other = trained("model=mlp", "model.hidden=[16]", "trainer.epochs=1", *CPU)  # another model, another run id
     cnn = tmp_path / "cnn"
-    shutil.copy2(tmp_path / "gru" / "checkpoints" / "last.pt", cnn / "checkpoints" / "last.pt")
+    shutil.copy2(other / "checkpoints" / "last.pt", cnn / "checkpoints" / "last.pt")
     before = snapshot(cnn)
 
-    proc = subprocess.run([DLRUN, f"resume={cnn}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert_refused(proc, "does not belong")
+    assert_refused(cli("dlrun", f"resume={cnn}"), "does not belong")
     assert snapshot(cnn) == before
 
 
 # ------------------------------------------------------------------ 12: dead processes never show as running
 
 
-def test_a_killed_parallel_sweep_worker_leaves_no_running_job(tmp_path, data_dir):
-    env = cli_env(data_dir)
+@pytest.mark.slow
+def test_a_killed_parallel_sweep_worker_leaves_no_running_job(cli, tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     proc = start(["-m", "launcher=local_parallel", "hydra.launcher.n_jobs=2", "trainer.seed=0,1",
-                  "trainer.epochs=300", "trainer.batch_size=8", *CPU, "hydra.sweep.dir=sweep"], tmp_path, env)
+                  "trainer.epochs=300", "trainer.batch_size=8", *CPU, "hydra.sweep.dir=sweep"], tmp_path,
+                 cli_env(data_dir))
     try:
         def both_running() -> bool:
             return all((sweep / j / "summary.json").is_file() and read_summary(sweep / j)["status"] == "running"
@@ -470,26 +457,22 @@ def test_a_killed_parallel_sweep_worker_leaves_no_running_job(tmp_path, data_dir
     assert other["status"] in ("failed", "interrupted", "completed"), other
     if other["status"] != "completed":
         assert other.get("error"), other
-    report = subprocess.run([DLRUN_REPORT, str(sweep)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
+    report = cli("dlrun-report", sweep)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "running" not in report.stdout, report.stdout
 
 
-def test_report_does_not_show_running_for_a_dead_owner(dlrun_cli, tmp_path):
-    dlrun_cli("hydra.run.dir=run", "trainer.epochs=1", *CPU, check=True)
-    run = tmp_path / "run"
-    gone = subprocess.Popen(["sleep", "0"])
-    gone.wait()
-    assert not pid_alive(gone.pid)
+def test_report_does_not_show_running_for_a_dead_owner(trained, cli, tmp_path):
+    run = shutil.copytree(trained("trainer.epochs=1", *CPU), tmp_path / "run")
+    gone = int(Path("/proc/sys/kernel/pid_max").read_text())  # no process ever has this pid (pids stay below it)
+    assert not pid_alive(gone)
     summary = read_summary(run)
-    summary.update(status="running", pid=gone.pid, host=socket.gethostname())
+    summary.update(status="running", pid=gone, host=socket.gethostname())
     for key in ("final", "best", "monitor_value", "train", "wall_time_s"):
         summary.pop(key, None)
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    report = subprocess.run([DLRUN_REPORT, str(run)], cwd=tmp_path, env={**os.environ, "COLUMNS": "200"},
-                            capture_output=True, text=True, timeout=120)
+    report = cli("dlrun-report", run)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "running" not in report.stdout, report.stdout
     assert "failed" in report.stdout, report.stdout

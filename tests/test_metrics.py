@@ -1,10 +1,9 @@
-"""Per-class test metrics (metrics.py), their pictures (charts.py) and the run's summary of them."""
+"""Per-class test metrics (metrics.py), their pictures (plots.py) and the run's summary of them."""
 
 from __future__ import annotations
 
-import io
 import math
-import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +11,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import read_summary
-from dlrun import charts
+from conftest import CPU, read_summary
+from dlrun import plots
 from dlrun.data import TensorSplit
-from dlrun.rundir import write_bytes
 from dlrun.metrics import ClassMetrics, OutputMetrics, analysis_for, most_confused
 from dlrun.train import evaluate
 
-CPU = torch.device("cpu")
+DEVICE = torch.device("cpu")
 
 
 def macro_f1_of(confusion) -> float:
@@ -39,7 +37,7 @@ def logits_for(predicted: list[int], k: int) -> torch.Tensor:
 
 
 def analysed(y: list[int], logits: torch.Tensor, k: int, names=None, batches: int = 2):
-    metrics = ClassMetrics(k, names, CPU)
+    metrics = ClassMetrics(k, names, DEVICE)
     for part_y, part_x in zip(torch.tensor(y).tensor_split(batches), logits.tensor_split(batches)):
         metrics.update(part_x, part_y)
     return metrics.result()
@@ -134,7 +132,7 @@ def test_most_confused_breaks_ties_by_class_index_and_skips_zeros():
 
 
 def test_regression_per_output_errors_by_hand():
-    metrics = OutputMetrics(2, CPU)
+    metrics = OutputMetrics(2, DEVICE)
     metrics.update(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]]))
     metrics.update(torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 1.0]]))
     scalars, details = metrics.result()
@@ -151,7 +149,7 @@ def test_the_evaluation_pass_feeds_every_test_sample_to_the_analysis():
     g = torch.Generator().manual_seed(0)
     split = TensorSplit(torch.randn(103, 4, generator=g), torch.randint(0, 3, (103,), generator=g))
     model = torch.nn.Linear(4, 3)
-    analysis = analysis_for("classification", 3, ["r", "g", "b"], CPU)
+    analysis = analysis_for("classification", 3, ["r", "g", "b"], DEVICE)
     scores = evaluate(model, split, batch_size=10, observe=analysis.update)
     _, details = analysis.result()
     matrix = np.array(details["confusion_matrix"])
@@ -160,80 +158,151 @@ def test_the_evaluation_pass_feeds_every_test_sample_to_the_analysis():
     assert [r["support"] for r in details["per_class"]] == torch.bincount(split.y, minlength=3).tolist()
 
 
-@pytest.mark.parametrize("k", [3, 40])
-def test_confusion_matrix_png(tmp_path, k):
+# ------------------------------------------------------------ pictures (plots.py)
+
+
+def rendered(fig, path: Path) -> np.ndarray:
+    """The figure as `plots.save` writes it: the PNG's RGB pixels, (H, W, 3), as ints."""
+    with Image.open(plots.save(fig, path)) as image:
+        assert image.format == "PNG"
+        assert image.size == tuple(round(v * plots.DPI) for v in fig.get_size_inches())
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def pixels_at(pixels: np.ndarray, ax, x: float, y: float, around: int = 0) -> np.ndarray:
+    """The rendered pixels within `around` pixels of data coordinates (x, y) of `ax`, as (n, 3) (display y runs
+    upwards, image rows down)."""
+    column, row = ax.transData.transform((x, y))
+    row, column = int(pixels.shape[0] - row), int(column)
+    return pixels[row - around:row + around + 1, column - around:column + around + 1].reshape(-1, 3)
+
+
+def confusion_case(k: int) -> tuple[np.ndarray, list[str]]:
     rng = np.random.default_rng(0)
     matrix = rng.integers(0, 5, (k, k)) + 20 * np.eye(k, dtype=int)
     matrix[0] = 0  # a class with no test samples: an empty row, not a division by zero
-    names = [f"c{i}" for i in range(k)]
-    path = write_bytes(tmp_path / "plots" / "cm.png", charts.confusion_matrix(matrix.tolist(), names, "t"))
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size[0] >= 420 and image.size[1] > 16 * k + 100
-        colours = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
-    # the diagonal's share (20 of ~30 at k=3, of ~100 at k=40) is drawn in its own colour
-    share = matrix[1, 1] / matrix[1].sum()
-    assert tuple(charts.blues(np.array(share))) in colours
+    return matrix, [f"c{i}" for i in range(k)]
+
+
+def blues(share) -> np.ndarray:
+    """matplotlib's Blues at the square root of the share, as 0..255 RGB."""
+    import matplotlib
+
+    return np.asarray(matplotlib.colormaps["Blues"](np.sqrt(share)))[..., :3] * 255
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_confusion_matrix_colours_each_cell_by_its_share_of_the_true_class(tmp_path, k):
+    matrix, names = confusion_case(k)
+    fig = plots.confusion_matrix(matrix.tolist(), names, "t")
+    pixels = rendered(fig, tmp_path / "plots" / "cm.png")  # save makes the folder
+    ax = fig.axes[0]
+    support = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, support, out=np.zeros(matrix.shape), where=support > 0)
+    np.testing.assert_allclose(ax.images[0].get_array(), shares)
+    cell = np.abs(np.diff(ax.transData.transform([(0, 0), (1, 1)]), axis=0))
+    assert (cell >= 16).all()  # pixels per cell: the picture grows with the classes
+    # every cell, rendered, in the colour of its share (off the cell's centre, where a count may be written);
+    # the empty row is white
+    for (i, j), share in np.ndenumerate(shares):
+        assert np.abs(pixels_at(pixels, ax, j - 0.3, i - 0.3)[0] - blues(share)).max() <= 2, (i, j)
+    assert (pixels_at(pixels, ax, 0.3, 0.3) >= 245).all()
 
 
 def test_the_colour_scale_runs_from_white_to_dark_blue_on_a_square_root_scale():
-    scale = charts.blues(np.linspace(0, 1, 101))
+    matrix, names = confusion_case(3)
+    fig = plots.confusion_matrix(matrix.tolist(), names, "t")
+    image, bar = fig.axes[0].images[0], fig.axes[1]
+    scale = image.to_rgba(np.linspace(0, 1, 101), bytes=True)[:, :3].astype(int)
     assert scale[0].tolist() == [247, 251, 255] and scale[-1].tolist() == [8, 48, 107]
-    assert np.all(np.diff(scale.astype(int).sum(axis=1)) <= 0)  # darker as the share grows
-    assert charts.blues(np.array(0.25)).tolist() == charts.BLUES[4].astype(int).tolist()  # sqrt(0.25): halfway
+    assert np.all(np.diff(scale.sum(axis=1)) <= 0)  # darker as the share grows
+    assert np.abs(scale[25] - blues(0.25)).max() <= 1  # sqrt(0.25): halfway along the colour map
+    assert bar.get_ylim() == (0.0, 1.0) and bar.get_ylabel() == "share of the true class"  # the colour bar
 
 
-def test_ticks_are_round_numbers_inside_the_range():
-    assert charts.nice_ticks(0.0, 1.0) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    assert charts.nice_ticks(0.13, 2.2) == pytest.approx([0.5, 1.0, 1.5, 2.0])
-    assert charts.nice_ticks(0.3, 15.7, 6, integer=True) == [5, 10, 15]
-    assert charts.nice_ticks(0.95, 2.05, 6, integer=True) == [1, 2]  # epochs: never half an epoch
-    assert charts.tick_label(0.5, [0.5, 1.0]) == "0.5" and charts.tick_label(10.0, [5.0, 10.0]) == "10"
+@pytest.mark.parametrize("k", [3, 20, 21, 40])
+def test_confusion_matrix_writes_counts_up_to_20_classes_and_names_every_class(k):
+    matrix, names = confusion_case(k)
+    ax = plots.confusion_matrix(matrix.tolist(), names, "t").axes[0]
+    written = {(t.get_position(), t.get_text()) for t in ax.texts}
+    if k <= 20:
+        assert written == {((j, i), str(n)) for (i, j), n in np.ndenumerate(matrix) if n}  # zeros left blank
+        colours = {t.get_position(): t.get_color() for t in ax.texts}
+        assert colours[(1, 1)] == "white"  # on the dark diagonal
+        assert colours[next((j, 1) for j in range(k) if j != 1 and matrix[1, j])] == "black"
+    else:
+        assert written == set()
+    assert [t.get_text() for t in ax.get_xticklabels()] == names == [t.get_text() for t in ax.get_yticklabels()]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
 
 
-def test_learning_curves_png_leave_out_diverged_epochs(tmp_path):
+def test_learning_curves_leave_out_diverged_epochs_with_whole_epochs_and_the_best_marked():
     records = [{"epoch": e, "train/loss": 1 / e, "val/loss": 1.1 / e, "train/acc": 0.5, "val/acc": 0.4}
                for e in (1, 2, 3)]
     records[2]["train/loss"] = float("nan")
-    assert charts.curves(records, "loss") == {"train": [(1, 1.0), (2, 0.5)], "val": [(1, 1.1), (2, 0.55), (3, 1.1 / 3)]}
-    with Image.open(io.BytesIO(charts.learning_curves(records, 2, "t"))) as image:
-        assert image.format == "PNG" and image.width == 1000 and image.height == 380  # a panel per metric
+    fig = plots.learning_curves([{"run": "r", "overrides": "", "records": [records]}], "acc", "t", best_epoch=2)
+    fig.canvas.draw()
+    loss, acc = fig.axes  # a panel per metric
+    lines = {line.get_linestyle(): line.get_xydata().tolist() for line in loss.lines}
+    assert lines["--"] == [[1, 1.0], [2, 0.5]]  # train, without the NaN epoch
+    np.testing.assert_allclose(lines["-"], [[1, 1.1], [2, 0.55], [3, 1.1 / 3]])  # val
+    assert [line.get_xdata()[0] for ax in (loss, acc) for line in ax.lines if line.get_linestyle() == ":"] == [2, 2]
+    assert acc.get_ylabel().startswith("acc") and loss.get_ylabel().startswith("loss")
+    low, high = loss.get_xlim()
+    ticks = [t for t in loss.get_xticks() if low <= t <= high]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)  # epochs: never half an epoch
 
 
-def test_a_legend_keeps_clear_of_the_lines_and_the_best_epoch():
-    canvas = charts.Canvas((500, 380))
-    panel = charts.Panel(canvas, (70, 30, 485, 335), [1, 10], [0.0, 1.0], integer_x=True)
-    panel.plot([(1, 0.0), (10, 1.0)], charts.TAB10[0])  # bottom left to top right
-    assert any(math.dist(p, panel.at(5.5, 0.5)) < 8 for p in panel.points)  # the line between the markers counts
-    assert panel.legend([("train", charts.TAB10[0], "line")])[0] < 200  # top left
-    panel.vertical_dotted(1.5, (128, 128, 128))  # now the left side is taken too
-    x, y = panel.legend([("train", charts.TAB10[0], "line")])
-    assert x > 200 and y > 200  # bottom right
+def test_the_legend_of_learning_curves_keeps_clear_of_the_lines_and_the_best_epoch():
+    records = [{"epoch": e, "train/loss": 1 / e, "val/loss": 1.1 / e, "train/acc": e / 10, "val/acc": e / 11}
+               for e in range(1, 11)]
+    fig = plots.learning_curves([{"run": "r", "overrides": "", "records": [records]}], "acc", "t", best_epoch=10)
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["val", "train", "best epoch (10)"]
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)  # beside the panels, not on them
 
 
-def test_predicted_vs_true_png(tmp_path):
+def test_predicted_vs_true_draws_every_point_in_its_outputs_colour_and_the_diagonal(tmp_path):
     true = np.linspace(-1, 1, 60).reshape(20, 3)
-    path = write_bytes(tmp_path / "p.png", charts.predicted_vs_true(true, true + 0.1, "t"))
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    assert (np.abs(pixels.astype(int) - charts.hex_rgb(charts.TAB10[1])).sum(axis=1) < 60).any()  # output 1's points
+    predicted = true + 0.1
+    fig = plots.predicted_vs_true(true, predicted, "t")
+    pixels = rendered(fig, tmp_path / "p.png")
+    ax = fig.axes[0]
+    points = ax.collections
+    assert len(points) == 3  # a scatter per output
+    for j, collection in enumerate(points):
+        np.testing.assert_allclose(collection.get_offsets(), np.stack([true[:, j], predicted[:, j]], 1))
+    (diagonal,) = ax.lines
+    assert diagonal.get_xydata().tolist() == [[-1.0, -1.0], [1.1, 1.1]]  # predicted = true, over the values' range
+    assert ax.get_legend_handles_labels()[1] == ["output 0", "output 1", "output 2", "predicted = true"]
+    # rendered: each point's centre is nearest to its own output's colour (half transparent over white), the
+    # diagonal is dark
+    colours = np.array([255 * (c.get_facecolor()[0][:3] * c.get_alpha() + 1 - c.get_alpha()) for c in points])
+    for (i, j), (x, y) in zip(np.ndindex(true.shape), zip(true.flat, predicted.flat)):
+        (found,) = pixels_at(pixels, ax, x, y)
+        assert np.argmin(np.abs(colours - found).sum(axis=1)) == j and found.sum() < 3 * 245, (i, j)
+    for value in (-0.5, 0.05, 0.6):  # a line thinner than two pixels: one of the 3x3 around its point
+        assert pixels_at(pixels, ax, value, value, around=1).max(axis=1).min() < 100
 
 
 # ------------------------------------------------------------ end to end
 
 
-def run_dlrun(cwd, data_dir, *args: str) -> subprocess.CompletedProcess:
-    from conftest import DLRUN
+def pictures(folder: Path) -> set[str]:
+    """The PNGs in a run's plots/, each checked to be a real picture of some size."""
+    found = set()
+    for path in (folder / "plots").glob("*.png"):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) >= 300, path
+        assert path.stat().st_size > 10_000, path
+        found.add(path.name)
+    return found
 
-    import os
 
-    return subprocess.run([DLRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DLRUN_DATA_DIR": str(data_dir), "COLUMNS": "200"})
-
-
-@pytest.mark.slow
-def test_a_default_run_reports_per_class_metrics(tmp_path, data_dir):
-    proc = run_dlrun(tmp_path, data_dir, "hydra.run.dir=run", "trainer.epochs=2")
-    assert proc.returncode == 0, proc.stderr
+def test_a_classification_run_reports_per_class_metrics_and_draws_its_pictures_when_asked(cli, tmp_path):
+    ran = cli("dlrun", "hydra.run.dir=run", "trainer.epochs=2", "logger.plots=true", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     classes = summary["classes"]
     assert classes["names"] == [str(d) for d in range(10)]
@@ -246,28 +315,29 @@ def test_a_default_run_reports_per_class_metrics(tmp_path, data_dir):
         assert [r["support"] for r in details["per_class"]] == matrix.sum(axis=1).tolist()
         assert 0.0 < results["test/weighted_f1"] <= 1.0 and results["test/top5_acc"] >= results["test/acc"]
     pair = classes["best"]["most_confused"][0]
-    assert f"{pair['true']}→{pair['predicted']} ×{pair['count']}" in proc.stdout  # the console table
-    assert (tmp_path / "run" / "plots" / "confusion_matrix.png").stat().st_size > 10_000
+    assert f"{pair['true']}→{pair['predicted']} ×{pair['count']}" in ran.stdout  # the console table
+    assert pictures(tmp_path / "run") == {"confusion_matrix.png", "learning_curves.png"}
 
 
-@pytest.mark.slow
-def test_a_regression_run_reports_per_output_errors(tmp_path, data_dir):
-    proc = run_dlrun(tmp_path, data_dir, "hydra.run.dir=run", "dataset=sequence", "model=mlp", "trainer.epochs=2")
-    assert proc.returncode == 0, proc.stderr
-    summary = read_summary(tmp_path / "run")
+def test_a_regression_run_reports_per_output_errors_and_draws_its_pictures_when_asked(trained):
+    folder = trained("dataset=sequence", "model=mlp", "trainer.epochs=2", "logger.plots=true", *CPU)
+    summary = read_summary(folder)
     outputs = summary["outputs"]["best"]["per_output"]
     assert len(outputs) == summary["data"]["num_outputs"]
     # the per-output MAEs average to the run's test MAE (both are means over samples and outputs)
     assert np.mean([o["mae"] for o in outputs]) == pytest.approx(summary["best"]["test/mae"], rel=1e-4)
     assert summary["best"]["test/rmse"] == pytest.approx(np.sqrt(np.mean([o["rmse"] ** 2 for o in outputs])), rel=1e-5)
     assert "classes" not in summary
-    assert (tmp_path / "run" / "plots" / "predicted_vs_true.png").stat().st_size > 10_000
+    assert pictures(folder) == {"predicted_vs_true.png", "learning_curves.png"}
+
+
+def test_a_run_draws_no_pictures_by_default(trained):
+    assert not list(trained("trainer.epochs=1", *CPU).rglob("*.png"))
 
 
 @pytest.mark.slow
-def test_a_ddp_run_analyses_the_whole_test_split(tmp_path, data_dir):
-    proc = run_dlrun(tmp_path, data_dir, "hydra.run.dir=run", "trainer.devices=2", "trainer.epochs=1", "device=cpu")
-    assert proc.returncode == 0, proc.stderr
+def test_a_ddp_run_analyses_the_whole_test_split(dlrun_cli, tmp_path):
+    dlrun_cli("hydra.run.dir=run", "trainer.devices=2", "trainer.epochs=1", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     matrix = np.array(summary["classes"]["final"]["confusion_matrix"])
     assert matrix.sum() == summary["data"]["sizes"]["test"] == 359  # every test sample, not one rank's share

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import read_summary
+from conftest import loop_settings, model_of, read_summary
 from dlrun import checkpoint
-from dlrun.cost import flops_per_sample
+from dlrun.cost import count_parameters, flops_per_sample
 from dlrun.data import DataSpec, build_data, load_digits
 from dlrun.errors import ConfigError, Interrupted
-from dlrun.models import CNN, ResNet, Transformer, build_model, count_parameters
-from dlrun.train import LoopSettings, Parts, StopFlag, fit
+from dlrun.models import CNN, ResNet, build_model
+from dlrun.train import Parts, StopFlag, fit
 
 CPU = torch.device("cpu")
 MNIST = DataSpec(input_shape=(1, 28, 28), num_outputs=10)
@@ -50,7 +50,7 @@ def test_the_keras_mnist_cnn_preset_is_the_keras_example(make_cfg):
         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Dropout(0.5), nn.Linear(64 * 5 * 5, 10),
     )
-    model = build_model(make_cfg("experiment=mnist_keras_cnn").model, MNIST)
+    model = build_model(make_cfg("experiment=mnist_keras_cnn").model, MNIST.input_shape, MNIST.num_outputs)
     assert count_parameters(model)["total"] == 34_826
     same_network(model, reference, (1, 28, 28))
     assert dropouts(model) == [("Dropout", 0.5)]
@@ -82,7 +82,7 @@ class PyTorchExampleNet(nn.Module):
 
 def test_the_mnist_cnn_preset_is_pytorchs_mnist_example(make_cfg):
     cfg = make_cfg("experiment=mnist_cnn")
-    model = build_model(cfg.model, MNIST)
+    model = build_model(cfg.model, MNIST.input_shape, MNIST.num_outputs)
     reference = PyTorchExampleNet()
     assert count_parameters(model) == count_parameters(reference)
     assert count_parameters(model)["total"] == 1_199_882
@@ -106,7 +106,7 @@ def test_the_sequence_rnn_preset_is_a_simple_rnn_of_64_units(make_cfg):
     cfg = make_cfg("experiment=sequence_rnn")
     assert cfg.dataset._target_ == "dlrun.data.load_sequence"
     spec = DataSpec(input_shape=(1, cfg.dataset.length), num_outputs=cfg.dataset.horizon, task="regression")
-    model = build_model(cfg.model, spec)
+    model = build_model(cfg.model, spec.input_shape, spec.num_outputs)
     rnn, head = nn.RNN(1, 64, batch_first=True), nn.Linear(64, 5)  # tanh, one layer
     assert count_parameters(model)["total"] == count_parameters(rnn)["total"] + count_parameters(head)["total"] == 4_613
     with torch.no_grad():
@@ -118,6 +118,16 @@ def test_the_sequence_rnn_preset_is_a_simple_rnn_of_64_units(make_cfg):
 
 # ------------------------------------------------------------------ every model, every kind of data
 
+
+def transformer(in_shape, outputs=10, **keys):
+    """model=transformer with `keys` changed (every other value from conf/model/transformer.yaml)."""
+    return model_of("model=transformer", *(f"model.{k}={v}" for k, v in keys.items()), shape=in_shape, outputs=outputs)
+
+
+def resnet(in_shape, outputs=10, **keys):
+    return model_of("model=resnet", *(f"model.{k}={v}" for k, v in keys.items()), shape=in_shape, outputs=outputs)
+
+
 SPECS = {
     "image (1, 8, 8)": DataSpec(input_shape=(1, 8, 8), num_outputs=10),
     "image (3, 32, 32)": DataSpec(input_shape=(3, 32, 32), num_outputs=100),
@@ -126,7 +136,7 @@ SPECS = {
 }
 MODELS = [
     ["model=cnn"],
-    ["model=cnn", "model.blocks=[{channels:8,kernel:3,padding:valid,stride:2},{channels:16,pool:avg,dropout:0.2}]",
+    ["model=cnn_blocks", "model.blocks=[{channels:8,kernel:3,padding:valid,stride:2},{channels:16,pool:avg,dropout:0.2}]",
      "model.head=avg", "model.hidden=[16,8]", "model.head_dropout=0.3"],
     ["model=mlp"],
     ["model=rnn"],
@@ -141,7 +151,7 @@ MODELS = [
 @pytest.mark.parametrize("overrides", MODELS, ids=lambda o: " ".join(o))
 def test_every_model_on_every_kind_of_data(make_cfg, spec_name, overrides):
     spec = SPECS[spec_name]
-    model = build_model(make_cfg(*overrides).model, spec)
+    model = build_model(make_cfg(*overrides).model, spec.input_shape, spec.num_outputs)
     out = model(torch.randn(4, *spec.input_shape))
     assert out.shape == (4, spec.num_outputs) and torch.isfinite(out).all()
     out.sum().backward()  # every parameter takes part (DDP needs it)
@@ -151,18 +161,17 @@ def test_every_model_on_every_kind_of_data(make_cfg, spec_name, overrides):
 @pytest.mark.parametrize("in_shape,patch,tokens", [((1, 40), 0, 40), ((1, 40), 4, 10), ((3, 32, 32), 0, 32),
                                                     ((3, 32, 32), 8, 16), ((1, 8, 8), 2, 16)])
 def test_transformer_tokens(in_shape, patch, tokens):
-    model = Transformer(in_shape, 10, d_model=8, heads=2, ff_dim=16, patch_size=patch)
+    model = transformer(in_shape, d_model=8, heads=2, ff_dim=16, patch_size=patch)
     assert model.pos.shape == (1, tokens, 8)
     assert model(torch.randn(2, *in_shape)).shape == (2, 10)
-    cls = Transformer(in_shape, 10, d_model=8, heads=2, ff_dim=16, patch_size=patch, readout="cls",
-                      positional="sinusoidal")
+    cls = transformer(in_shape, d_model=8, heads=2, ff_dim=16, patch_size=patch, readout="cls", positional="sinusoidal")
     assert cls.pos.shape == (1, tokens + 1, 8) and "pos" not in cls.state_dict()  # the fixed table is not saved
 
 
 @pytest.mark.parametrize("make,shape", [
-    (lambda: ResNet((1, 8, 8), 10, depth=8, width=8), (1, 8, 8)),
-    (lambda: Transformer((1, 8, 8), 10, d_model=16, heads=2, ff_dim=16), (1, 8, 8)),  # a token per row
-    (lambda: Transformer((3, 16, 16), 10, d_model=16, heads=2, ff_dim=16, patch_size=4), (3, 16, 16)),
+    (lambda: resnet((1, 8, 8), depth=8, width=8), (1, 8, 8)),
+    (lambda: transformer((1, 8, 8), d_model=16, heads=2, ff_dim=16), (1, 8, 8)),  # a token per row
+    (lambda: transformer((3, 16, 16), d_model=16, heads=2, ff_dim=16, patch_size=4), (3, 16, 16)),
 ], ids=["resnet", "transformer rows", "transformer patches"])
 def test_bf16_channels_last_gives_the_fp32_outputs(make, shape):
     """What trainer.channels_last (null: NHWC for 2-D convolutions on the CPU) and precision=bf16 run.
@@ -183,7 +192,7 @@ def test_bf16_channels_last_gives_the_fp32_outputs(make, shape):
 
 def test_resnet20_has_the_papers_parameter_count():
     """He et al. 2016 (section 4.2): ResNet-20 on CIFAR-10 has 0.27M parameters with option-A shortcuts."""
-    model = ResNet((3, 32, 32), 10, depth=20, width=16)
+    model = ResNet((3, 32, 32), 10, depth=20, width=16)  # every key of the class, as model=resnet gives them
     conv = lambda i, o: i * o * 9  # noqa: E731
     bn = lambda c: 2 * c  # noqa: E731
     stem = conv(3, 16) + bn(16)
@@ -214,48 +223,55 @@ def transformer_flops(tokens, features, d, layers, ff, outputs):
 
 def test_transformer_parameter_count_by_hand():
     d, ff, layers, tokens = 16, 32, 2, 40
-    model = Transformer((1, tokens), 10, d_model=d, heads=2, layers=layers, ff_dim=ff)
+    model = transformer((1, tokens), d_model=d, heads=2, layers=layers, ff_dim=ff)
     per_layer = 2 * (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d)
     expected = (1 * d + d) + tokens * d + layers * per_layer + 2 * d + (d * 10 + 10)
     assert count_parameters(model)["total"] == expected
 
 
 def test_transformer_dense_flops_are_counted():
-    model = Transformer((1, 40), 10, d_model=16, heads=2, layers=2, ff_dim=32)
+    model = transformer((1, 40), d_model=16, heads=2, layers=2, ff_dim=32)
     dense, attention = transformer_flops(40, 1, 16, 2, 32, 10)
     assert flops_per_sample(model, (1, 40), CPU) in (dense, dense + attention)
 
 
 def test_transformer_attention_flops_are_counted():
-    model = Transformer((1, 40), 10, d_model=16, heads=2, layers=2, ff_dim=32)
+    model = transformer((1, 40), d_model=16, heads=2, layers=2, ff_dim=32)
     assert flops_per_sample(model, (1, 40), CPU) == sum(transformer_flops(40, 1, 16, 2, 32, 10))
 
 
 # ------------------------------------------------------------------ one-line errors
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(blocks=[{"channels": 4, "kernel": 5, "padding": "valid"}] * 2),
+BLOCK = {"channels": 4, "kernel": 3, "stride": 1, "padding": "same", "pool": "none", "pool_size": 2, "dropout": 0.0}
+HEAD = {"batch_norm": True, "dropout": 0.1, "hidden": 128, "head": "flatten", "head_dropout": None}
+
+
+@pytest.mark.parametrize("blocks,message", [
+    ([{**BLOCK, "kernel": 5, "padding": "valid"}] * 2,
      r"model.blocks\[1\] \(kernel 5, padding valid, stride 1\) gets an input of \(4, 4\) from the data's \(1, 8, 8\)"),
-    (dict(blocks=[{"channels": 4, "pool": "max", "pool_size": 3}] * 2),
+    ([{**BLOCK, "pool": "max", "pool_size": 3}] * 2,
      r"model.blocks\[1\] pools an input of \(2, 2\) \(from the data's \(1, 8, 8\)\) with pool_size 3"),
-    (dict(blocks=[{"channels": 4, "kernal": 3}]), r"model.blocks\[0\].kernal is not a block key; allowed: channels, "),
-    (dict(blocks=[{"channels": 4, "padding": "full"}]), r"model.blocks\[0\].padding='full' is invalid; allowed: same, valid"),
+    ([{**BLOCK, "kernal": 3}], r"model.blocks\[0\].kernal is not a block key; allowed: channels, "),
+    ([{**BLOCK, "padding": "full"}], r"model.blocks\[0\].padding='full' is invalid; allowed: same, valid"),
+    ([{"channels": 4}], r"model.blocks\[0\] names no kernel, stride, padding, pool, pool_size, dropout"),
 ])
-def test_a_block_that_leaves_nothing_is_named(kwargs, message):
+def test_a_block_that_leaves_nothing_is_named(blocks, message):
+    """What the class itself refuses (a composed config has every key of a block; these come from Python)."""
     with pytest.raises(ConfigError, match=message):
-        CNN((1, 8, 8), 10, **kwargs)
+        CNN((1, 8, 8), 10, blocks=blocks, **HEAD)
 
 
 def test_a_patch_that_does_not_divide_the_input_is_named():
     with pytest.raises(ConfigError, match=r"model.patch_size=3 does not divide the input size \(8, 8\)"):
-        Transformer((1, 8, 8), 10, patch_size=3)
+        transformer((1, 8, 8), patch_size=3)
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.blocks=[{channels:8}]", "model.channels=[16]"], r"model.channels=\[16\] is invalid: has no effect when"),
-    (["model.blocks=[{channels:8,stride:0}]"], r"model.blocks\[0\].stride=0 is invalid: must be a positive integer"),
-    (["model.blocks=[{channels:8,dropout:1.0}]"], r"model.blocks\[0\].dropout=1.0 is invalid: must be in \[0, 1\)"),
+    (["model=cnn_blocks", "model.blocks=[{channels:8,stride:0}]"],
+     r"model.blocks\[0\].stride=0 is invalid: must be a positive integer"),
+    (["model=cnn_blocks", "model.blocks=[{channels:8,dropout:1.0}]"],
+     r"model.blocks\[0\].dropout=1.0 is invalid: must be in \[0, 1\)"),
     (["model.head_dropout=1.5"], r"model.head_dropout=1.5 is invalid"),
     (["model.hidden=-2"], "model.hidden=-2 is invalid: must be a width >= 0"),
     (["model=resnet", "model.depth=18"], r"model.depth=18 is invalid: must be 6n \+ 2"),
@@ -280,8 +296,8 @@ def digits():
 def small(name, spec):
     torch.manual_seed(0)
     if name == "resnet":
-        return ResNet(spec.input_shape, 10, depth=8, width=4)
-    return Transformer(spec.input_shape, 10, d_model=16, heads=2, layers=1, ff_dim=16, dropout=0.2, readout="cls")
+        return resnet(spec.input_shape, depth=8, width=4)
+    return transformer(spec.input_shape, d_model=16, heads=2, layers=1, ff_dim=16, dropout=0.2, readout="cls")
 
 
 class StopAt:
@@ -310,8 +326,8 @@ class StopAt:
 def test_interrupt_and_resume_is_exact(digits, tmp_path, name):
     """Stopped at step 13 of 40, checkpointed, rebuilt and continued: the weights and metrics of the
     uninterrupted run (batch norm for the ResNet, dropout for the Transformer)."""
-    settings = LoopSettings(epochs=2, batch_size=64, eval_batch_size=256, seed=0, eval_every=1, log_every=1,
-                            monitor="val/acc", monitor_mode="max")
+    settings = loop_settings("classification", epochs=2, batch_size=64, eval_batch_size=256, seed=0, eval_every=1,
+                             log_every=1, monitor="val/acc", monitor_mode="max")
 
     def parts(seed=0):
         model = small(name, digits.spec)
@@ -350,7 +366,7 @@ def test_bf16_ema_and_accumulation_run(make_cfg, tmp_path, overrides):
     assert summary["status"] == "completed"
     assert math.isfinite(summary["final"]["test/loss"]) and 0 <= summary["final"]["test_ema/acc"] <= 1
     assert summary["cost"]["flops_per_sample"] > 0
-    assert summary["model"]["parameters"] == count_parameters(build_model(cfg.model, DataSpec((1, 8, 8), 10)))
+    assert summary["model"]["parameters"] == count_parameters(build_model(cfg.model, (1, 8, 8), 10))
 
 
 # ------------------------------------------------------------------ the real command
@@ -369,5 +385,5 @@ def test_cli_run(dlrun_cli, make_cfg, tmp_path, overrides, spec, chance):
     assert summary["status"] == "completed"
     acc = summary["final"]["test/acc"]
     assert isinstance(acc, float) and acc > 2 * chance, acc
-    assert summary["model"]["parameters"] == count_parameters(build_model(make_cfg(*overrides).model, spec))
+    assert summary["model"]["parameters"] == count_parameters(build_model(make_cfg(*overrides).model, spec.input_shape, spec.num_outputs))
     assert summary["cost"]["flops_per_sample"] > 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import model_of
 from dlrun.errors import ConfigError
 from dlrun.data import DataSpec
-from dlrun.models import CNN, MLP, RNN, ResNet, Transformer, build_model, count_parameters
+from dlrun.models import CNN, MLP, RNN, ResNet, Transformer, build_model
+from dlrun.cost import count_parameters
 
 SPECS = {
     "digits": DataSpec(input_shape=(1, 8, 8), num_outputs=10),
@@ -33,27 +35,29 @@ SPECS = {
 )
 def test_output_shape(make_cfg, spec_name, model_overrides):
     spec = SPECS[spec_name]
-    model = build_model(make_cfg(*model_overrides).model, spec)
+    model = build_model(make_cfg(*model_overrides).model, spec.input_shape, spec.num_outputs)
     out = model(torch.randn(5, *spec.input_shape))
     assert out.shape == (5, spec.num_outputs)
 
 
 def test_cnn_parameter_count_by_hand():
     # conv(1->4, k3, no bias: BN follows) + BN(4) + conv(4->8, k3) + BN(8) + fc(8*2*2 -> 16) + fc(16 -> 10)
-    model = CNN((1, 8, 8), 10, channels=[4, 8], kernel_size=3, pool="max", batch_norm=True, hidden=16)
+    model = CNN((1, 8, 8), 10, channels=[4, 8], kernel_size=3, pool="max", batch_norm=True, dropout=0.1, hidden=16,
+                head="flatten", head_dropout=None)
     expected = (4 * 1 * 9) + 2 * 4 + (8 * 4 * 9) + 2 * 8 + (32 * 16 + 16) + (16 * 10 + 10)
     assert count_parameters(model) == {"total": expected, "trainable": expected}
 
 
 def test_mlp_parameter_count_by_hand():
-    model = MLP((1, 8, 8), 10, hidden=[16], batch_norm=True)
+    model = MLP((1, 8, 8), 10, hidden=[16], batch_norm=True, dropout=0.1)
     assert count_parameters(model)["total"] == (64 * 16) + 2 * 16 + (16 * 10 + 10)
-    logreg = MLP((1, 40), 10, hidden=[], batch_norm=False)
+    logreg = MLP((1, 40), 10, hidden=[], batch_norm=False, dropout=0.0)
     assert count_parameters(logreg)["total"] == 40 * 10 + 10
 
 
 def test_rnn_reads_images_row_by_row():
-    model = RNN((2, 6, 5), 3, cell="gru", hidden_size=7)
+    model = RNN((2, 6, 5), 3, cell="gru", hidden_size=7, num_layers=1, bidirectional=False, dropout=0.0,
+                readout="last")
     assert model.rnn.input_size == 2 * 5  # C * W features per row
     # gru: 3 gates * (input weights + hidden weights + 2 biases), then the head
     expected = 3 * (7 * 10 + 7 * 7 + 2 * 7) + (7 * 3 + 3)
@@ -62,40 +66,39 @@ def test_rnn_reads_images_row_by_row():
 
 def test_cnn_that_pools_below_one_pixel_is_a_clear_error():
     with pytest.raises(ConfigError, match="model.channels"):
-        CNN((1, 8, 8), 10, channels=[4, 4, 4, 4])
+        model_of("model.channels=[4,4,4,4]")
 
 
 def test_user_module_by_target(make_cfg):
     cfg = make_cfg("model=cnn")
     cfg.model = {"_target_": "torch.nn.Bilinear", "in1_features": 3, "in2_features": 3, "out_features": 2}
     with pytest.raises(TypeError, match="in_shape"):
-        build_model(cfg.model, SPECS["digits"])  # the contract: the class must accept in_shape and num_outputs
+        build_model(cfg.model, SPECS["digits"].input_shape, SPECS["digits"].num_outputs)  # the contract: the class must accept in_shape and num_outputs
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp", "rnn", "resnet", "transformer"])
-def test_schema_defaults_are_the_constructor_defaults(name):
-    """Every default is declared in the schema and repeated in the class signature (so the classes
-    work from Python alone); the two must never disagree."""
+@pytest.mark.parametrize("names", [("cnn", "cnn_blocks"), ("mlp",), ("rnn",), ("resnet",), ("transformer",)])
+def test_a_model_class_takes_its_schemas_keys_with_no_defaults_of_its_own(names):
+    """Every default is declared once, in conf/: a class takes exactly the keys of its options' schemas (so each
+    value a YAML sets reaches it) and repeats none of their values. The CNN's two forms (channels, kernel_size
+    and pool for model=cnn; blocks for model=cnn_blocks) default to None: absent, the other form is given."""
     import dataclasses
     import inspect
 
     from dlrun.config.schema import GROUPS
 
-    schema = GROUPS["model"][name]
-    model_class = {"cnn": CNN, "mlp": MLP, "rnn": RNN, "resnet": ResNet, "transformer": Transformer}[name]
+    schemas = [GROUPS["model"][name] for name in names]
+    model_class = {"cnn": CNN, "mlp": MLP, "rnn": RNN, "resnet": ResNet, "transformer": Transformer}[names[0]]
     signature = inspect.signature(model_class).parameters
-    for f in dataclasses.fields(schema):
-        if f.name == "_target_":
-            assert f.default == f"dlrun.models.{model_class.__name__}"
-            continue
-        declared = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        in_code = signature[f.name].default  # a schema key the constructor does not take fails here
-        declared = declared.value if hasattr(declared, "value") else declared  # enums are str-valued
-        assert list(in_code) == declared if isinstance(declared, list) else in_code == declared, (name, f.name)
-    assert set(signature) - {f.name for f in dataclasses.fields(schema)} == {"in_shape", "num_outputs"}
+    keys = {f.name for schema in schemas for f in dataclasses.fields(schema)} - {"_target_"}
+    assert {s.default for schema in schemas for s in dataclasses.fields(schema) if s.name == "_target_"} == {
+        f"dlrun.models.{model_class.__name__}"}
+    assert set(signature) - {"in_shape", "num_outputs"} == keys
+    either = {"channels", "kernel_size", "pool", "blocks"} if len(names) > 1 else set()
+    assert {k for k in keys if signature[k].default is not inspect.Parameter.empty} == either
+    assert all(signature[k].default is None for k in either)
 
 
 def test_a_key_the_model_does_not_take_is_named(make_cfg):
     cfg = make_cfg("+model.nonexistent_field=3")
-    with pytest.raises(ConfigError, match=r"model.nonexistent_field is not a parameter of CNN; it takes: channels, "):
-        build_model(cfg.model, SPECS["digits"])
+    with pytest.raises(ConfigError, match=r"model.nonexistent_field is not a parameter of CNN; it takes: channels, kernel_size, pool, blocks, "):
+        build_model(cfg.model, SPECS["digits"].input_shape, SPECS["digits"].num_outputs)

@@ -1,14 +1,14 @@
 """`dlrun-predict` on inputs it cannot use: one line on stderr that names the file and the problem,
 exit status 1 (2 for a bad --topk, from argparse), never a traceback; and the inputs it converts.
 
-Every case runs the installed console script in a subprocess on one trained run (digits, whose
-inputs are (1, 8, 8)), so what is checked is exactly what a user sees.
+Every case runs the command as typed (in this process, through `cli`) on one shared trained run
+(digits, whose inputs are (1, 8, 8)), so what is checked is what a user sees; one case runs the
+installed console script, for what only a process shows (its stderr and exit status as a whole).
 """
 
 from __future__ import annotations
 
 import builtins
-import os
 import pickle
 import subprocess
 import time
@@ -18,30 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DLRUN
+from conftest import CPU, DLRUN
 
 DLRUN_PREDICT = str(Path(DLRUN).with_name("dlrun-predict"))
 SHAPE = (1, 8, 8)  # the digits dataset's input shape
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """One trained run for the module (an epoch on digits, ~10 s)."""
-    base = tmp_path_factory.mktemp("predict_inputs")
-    proc = subprocess.run(
-        [DLRUN, f"hydra.run.dir={base / 'run'}", "trainer.epochs=1", "device=cpu", "device.threads=1"],
-        cwd=base, env={**os.environ, "DLRUN_DATA_DIR": str(base / "data")}, capture_output=True, text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return base / "run"
+HIDDEN = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)  # by Python's default filters
 
 
-def predict_cli(run_dir: Path, *args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([DLRUN_PREDICT, str(run_dir), *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "120"}, timeout=300)
+@pytest.fixture
+def run_dir(trained) -> Path:
+    """The session's shared run: an epoch on digits."""
+    return trained("trainer.epochs=1", *CPU)
 
 
 class Payload:
@@ -223,23 +210,39 @@ ERRORS = {  # writer: what the one line must say besides the file's name
 }
 
 
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("dlrun-predict: error: "), proc.stderr
+def shown_warnings(recwarn) -> list[str]:
+    """The warnings a process would have printed on its stderr (pytest records them instead)."""
+    return [str(w.message) for w in recwarn if not issubclass(w.category, HIDDEN)]
+
+
+def one_error_line(ran, recwarn) -> str:
+    assert "Traceback" not in ran.stderr and not shown_warnings(recwarn), (ran.stderr, shown_warnings(recwarn))
+    lines = [line for line in ran.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, ran.stderr
+    assert lines[0].startswith("dlrun-predict: error: "), ran.stderr
     return lines[0]
 
 
 @pytest.mark.parametrize("write", ERRORS, ids=lambda w: w.__name__)
-def test_unusable_input_is_one_line_naming_the_file(run_dir, tmp_path, write):
+def test_unusable_input_is_one_line_naming_the_file(cli, run_dir, tmp_path, recwarn, write):
     path = write(tmp_path)
-    proc = predict_cli(run_dir, path)
-    line = one_error_line(proc)
-    assert proc.returncode == 1 and proc.stdout == ""
+    ran = cli("dlrun-predict", run_dir, path)
+    line = one_error_line(ran, recwarn)
+    assert ran.returncode == 1 and ran.stdout == ""
     assert str(path) in line and ERRORS[write] in line, line
     assert "weights_only" not in line and "allow_pickle" not in line  # never advise loading unsafely
     assert not (tmp_path / "SENTINEL").exists()  # nothing in the file ran
+
+
+@pytest.mark.slow
+def test_the_installed_command_answers_one_line(run_dir, tmp_path):
+    """The console script itself: exit status 1 and one line on stderr, nothing else from the process."""
+    path = payload_pt(tmp_path)
+    proc = subprocess.run([DLRUN_PREDICT, str(run_dir), str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr  # warnings included
+    assert proc.stderr.startswith(f"dlrun-predict: error: {path}: {ERRORS[payload_pt]}"), proc.stderr
+    assert not (tmp_path / "SENTINEL").exists()
 
 
 def test_the_payload_would_run_if_unpickled(tmp_path):
@@ -249,12 +252,12 @@ def test_the_payload_would_run_if_unpickled(tmp_path):
 
 
 @pytest.mark.parametrize("topk", ["0", "-1", "two", "1.5"])
-def test_topk_must_be_a_positive_integer(run_dir, tmp_path, topk):
+def test_topk_must_be_a_positive_integer(cli, run_dir, tmp_path, topk):
     np.save(path := tmp_path / "x.npy", np.zeros((1, *SHAPE), np.float32))
-    proc = predict_cli(run_dir, path, "--topk", topk)
-    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-    *usage, line = [line for line in proc.stderr.splitlines() if line.strip()]  # argparse's usage, then the error
-    assert usage[0].startswith("usage: dlrun-predict ") and all(u.startswith(" ") for u in usage[1:]), proc.stderr
+    ran = cli("dlrun-predict", run_dir, path, "--topk", topk)
+    assert ran.returncode == 2 and ran.stdout == "" and "Traceback" not in ran.stderr
+    *usage, line = [line for line in ran.stderr.splitlines() if line.strip()]  # argparse's usage, then the error
+    assert usage[0].startswith("usage: dlrun-predict ") and all(u.startswith(" ") for u in usage[1:]), ran.stderr
     assert line.startswith("dlrun-predict: error: argument --topk: ") and "positive integer" in line, line
     assert topk in line
 
@@ -294,9 +297,20 @@ def grey_png(d: Path) -> Path:
 WORKS = {int64_pt: 2, one_sample_uint8_npy: 1, big_endian_npy: 2, bool_npy: 2, bfloat16_pt: 2, grey_png: 1}
 
 
+def table_rows(stdout: str) -> list[list[str]]:
+    """The cells of each row of the predictions table (a row per input and rank; the lines a wrapped
+    cell continues on have no rank)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("│")]
+    rows = [[cell.strip() for cell in line.strip("│").split("│")] for line in lines]
+    return [row for row in rows if row[1]]
+
+
 @pytest.mark.parametrize("write", WORKS, ids=lambda w: w.__name__)
-def test_numeric_inputs_of_any_real_dtype_are_converted(run_dir, tmp_path, write):
-    proc = predict_cli(run_dir, write(tmp_path), "--topk", "2")
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("│") and "nan" not in line]
-    assert len(rows) == 2 * WORKS[write] and "probability" in proc.stdout, proc.stdout
+def test_numeric_inputs_of_any_real_dtype_are_converted(cli, run_dir, tmp_path, recwarn, write):
+    # The file by its name in the working directory: a short input column, so no row wraps.
+    ran = cli("dlrun-predict", run_dir, write(tmp_path).name, "--topk", "2", cwd=tmp_path)
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+    assert not shown_warnings(recwarn), shown_warnings(recwarn)
+    rows = table_rows(ran.stdout)
+    assert [rank for _, rank, _, _ in rows] == ["1", "2"] * WORKS[write], ran.stdout
+    assert all(0 <= float(p) <= 1 for *_, p in rows) and "probability" in ran.stdout, ran.stdout  # no NaN

@@ -1,9 +1,11 @@
-"""Interruption, exact resume, non-finite losses, failing sweep jobs and bad input, through the real CLI."""
+"""Interruption, exact resume, non-finite losses, failing sweep jobs and bad input, through the CLI: a real
+`dlrun` process where a signal stops it, the commands in this process (`cli`) for everything else."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -11,14 +13,14 @@ import time
 import pytest
 import torch
 
-from conftest import DLRUN, read_metrics, read_summary
-
-pytestmark = pytest.mark.slow
+from conftest import CPU, DLRUN, read_metrics, read_summary
 
 TIMING = {"seconds", "samples_per_s"}
-# Dropout (the CNN default), a per-batch scheduler and small batches: 79 steps per epoch.
-RUN = ["trainer.epochs=12", "trainer.batch_size=16", "scheduler=cosine", "trainer.warmup_epochs=1",
-       "optimizer=momentum", "optimizer.lr=0.02", "device=cpu", "device.threads=1"]
+# Dropout (the CNN default), a per-batch scheduler with warm-up and small batches: 79 steps per epoch. The
+# signal is sent as soon as epoch 1's record appears, so it stops the run in epoch 2, well before its end.
+EPOCHS = 4
+RUN = (f"trainer.epochs={EPOCHS}", "trainer.batch_size=16", "scheduler=cosine", "trainer.warmup_epochs=1",
+       "optimizer=momentum", "optimizer.lr=0.02", *CPU)
 
 
 def without_timing(rows):
@@ -29,17 +31,10 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, data_dir):
-    """The uninterrupted run everything is compared with."""
-    cwd = tmp_path_factory.mktemp("straight")
-    env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir)}
-    subprocess.run([DLRUN, "hydra.run.dir=run", *RUN], cwd=cwd, env=env, check=True, capture_output=True)
-    return cwd / "run"
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_then_resume_matches_the_uninterrupted_run(straight, dlrun_cli, tmp_path, data_dir, sig):
+def test_signal_then_resume_matches_the_uninterrupted_run(trained, cli, tmp_path, data_dir, sig):
+    straight = trained(*RUN)  # the uninterrupted run everything is compared with
     run = tmp_path / "run"
     env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir)}
     proc = subprocess.Popen([DLRUN, f"hydra.run.dir={run}", *RUN], cwd=tmp_path, env=env,
@@ -56,34 +51,33 @@ def test_signal_then_resume_matches_the_uninterrupted_run(straight, dlrun_cli, t
     summary = read_summary(run)
     assert summary["status"] == "interrupted"
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]
-    assert 1 <= stopped["epoch"] < 12
+    assert 1 <= stopped["epoch"] < EPOCHS
     assert len(read_metrics(run)) == stopped["epoch"]
 
-    proc = dlrun_cli(f"resume={run}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    ran = cli("dlrun", f"resume={run}")
+    assert ran.returncode == 0, ran.stderr
     summary = read_summary(run)
     assert summary["status"] == "completed"
     assert summary["resumed"][0]["step"] == stopped["step"]
     # the same folder, no duplicate or missing epochs, and exactly the uninterrupted run's numbers
-    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 13))
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, EPOCHS + 1))
     assert without_timing(read_metrics(run)) == without_timing(read_metrics(straight))
     assert summary["final"] == read_summary(straight)["final"]
     for name in ("last.pt", "best.pt"):
         got, want = weights(run / "checkpoints" / name), weights(straight / "checkpoints" / name)
         assert all(torch.equal(got[k], want[k]) for k in want), name
     # Hydra's record of the original command is untouched; the resume has its own
-    assert "trainer.epochs=12" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert f"trainer.epochs={EPOCHS}" in (run / ".hydra" / "overrides.yaml").read_text()
     assert list((run / ".hydra").glob("resume-*/overrides.yaml"))
 
 
-def test_nonfinite_loss_keeps_the_last_good_checkpoint(dlrun_cli, tmp_path):
+def test_nonfinite_loss_keeps_the_last_good_checkpoint(cli, tmp_path):
     # lr 0.01 for epoch 1, then 0.01 * 1e6: the loss blows up in epoch 2
-    proc = dlrun_cli("hydra.run.dir=run", "optimizer=sgd", "optimizer.lr=0.01", "scheduler=step",
-                     "scheduler.step_epochs=1", "scheduler.gamma=1e6", "model.batch_norm=false", "trainer.epochs=3",
-                     "device=cpu")
-    assert proc.returncode == 1
-    assert "the training loss became" in proc.stderr and "(epoch 2)" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    ran = cli("dlrun", "hydra.run.dir=run", "optimizer=sgd", "optimizer.lr=0.01", "scheduler=step",
+              "scheduler.step_epochs=1", "scheduler.gamma=1e6", "model.batch_norm=false", "trainer.epochs=3", *CPU)
+    assert ran.returncode == 1
+    assert "the training loss became" in ran.stderr and "(epoch 2)" in ran.stderr
+    assert "Traceback" not in ran.stderr
     run = tmp_path / "run"
     summary = read_summary(run)
     assert summary["status"] == "failed" and "NonFiniteLoss" in summary["error"]
@@ -93,28 +87,28 @@ def test_nonfinite_loss_keeps_the_last_good_checkpoint(dlrun_cli, tmp_path):
     assert [m["epoch"] for m in read_metrics(run)] == [1]
 
 
-def test_nonfinite_skip_mode_finishes(dlrun_cli, tmp_path):
-    proc = dlrun_cli("hydra.run.dir=run", "optimizer=sgd", "optimizer.lr=1e4", "trainer.epochs=1",
-                     "trainer.on_nonfinite=skip", "device=cpu")
-    assert proc.returncode == 0, proc.stderr
+def test_nonfinite_skip_mode_finishes(cli, tmp_path):
+    ran = cli("dlrun", "hydra.run.dir=run", "optimizer=sgd", "optimizer.lr=1e4", "trainer.epochs=1",
+              "trainer.on_nonfinite=skip", *CPU)
+    assert ran.returncode == 0, ran.stderr
     assert read_metrics(tmp_path / "run")[0]["skipped_batches"] >= 1
 
 
-def test_a_failing_job_does_not_stop_the_sweep(dlrun_cli, tmp_path):
-    proc = dlrun_cli("-m", "optimizer=sgd", "optimizer.lr=1e4,0.05", "trainer.epochs=2", "device=cpu")
-    assert proc.returncode == 1
-    assert "1 of 2 jobs did not complete: #0 (optimizer=sgd optimizer.lr=10000.0" in proc.stderr
+def test_a_failing_job_does_not_stop_the_sweep(cli, tmp_path):
+    ran = cli("dlrun", "-m", "optimizer=sgd", "optimizer.lr=1e4,0.05", "trainer.epochs=2", *CPU)
+    assert ran.returncode == 1
+    assert "1 of 2 jobs did not complete: #0 (optimizer=sgd optimizer.lr=10000.0" in ran.stderr
     (sweep,) = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     jobs = json.loads((sweep / "sweep_summary.json").read_text())["jobs"]
     assert [(j["job"], j["status"]) for j in jobs] == [("0", "failed"), ("1", "completed")]
     assert "NonFiniteLoss" in jobs[0]["error"] and jobs[1]["monitor_value"] > 0.5
     assert read_summary(sweep / "1")["status"] == "completed"
-    assert "sweep:" in proc.stdout and "failed" in proc.stdout
+    assert "sweep:" in ran.stdout and "failed" in ran.stdout
 
 
-def test_successful_sweep_exits_zero_with_a_summary(dlrun_cli, tmp_path):
-    proc = dlrun_cli("-m", "model.hidden=16,32", "trainer.epochs=1", "device=cpu")
-    assert proc.returncode == 0, proc.stderr
+def test_successful_sweep_exits_zero_with_a_summary(cli, tmp_path):
+    ran = cli("dlrun", "-m", "model.hidden=16,32", "trainer.epochs=1", *CPU)
+    assert ran.returncode == 0, ran.stderr
     (summary,) = list((tmp_path / "outputs" / "multirun").glob("*/*/sweep_summary.json"))
     jobs = json.loads(summary.read_text())["jobs"]
     assert [j["overrides"][0] for j in jobs] == ["model.hidden=16", "model.hidden=32"]
@@ -135,30 +129,31 @@ def test_successful_sweep_exits_zero_with_a_summary(dlrun_cli, tmp_path):
         (["resume=nowhere"], "resume=nowhere: no such run folder"),
     ],
 )
-def test_bad_input_is_rejected_with_the_key_named(dlrun_cli, tmp_path, args, message):
+def test_bad_input_is_rejected_with_the_key_named(cli, tmp_path, args, message):
     (tmp_path / "afile").write_text("a file where a folder is expected")
-    proc = dlrun_cli(*args)
-    assert proc.returncode == 1
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    ran = cli("dlrun", *args)
+    assert ran.returncode == 1
+    assert message in ran.stderr
+    assert "Traceback" not in ran.stderr
 
 
-def test_resume_refuses_other_overrides_and_corrupt_checkpoints(dlrun_cli, tmp_path):
-    dlrun_cli("hydra.run.dir=run", "trainer.epochs=1", "device=cpu", check=True)
-    proc = dlrun_cli("resume=run", "optimizer.lr=0.5")
-    assert proc.returncode == 1 and ("drop the other overrides (optimizer.lr=0.5); to train for more epochs add "
-                                     "trainer.epochs=N") in proc.stderr
+def test_resume_refuses_other_overrides_and_corrupt_checkpoints(trained, cli, tmp_path):
+    shutil.copytree(trained("trainer.epochs=1", *CPU), tmp_path / "run")
+    ran = cli("dlrun", "resume=run", "optimizer.lr=0.5")
+    assert ran.returncode == 1 and ("drop the other overrides (optimizer.lr=0.5); to train for more epochs add "
+                                    "trainer.epochs=N") in ran.stderr
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"\x00garbage")
-    proc = dlrun_cli("resume=run")
-    assert proc.returncode == 1 and "cannot be loaded safely" in proc.stderr and "Traceback" not in proc.stderr
+    ran = cli("dlrun", "resume=run")
+    assert ran.returncode == 1 and "cannot be loaded safely" in ran.stderr and "Traceback" not in ran.stderr
 
 
-def test_resume_with_more_epochs_trains_on_as_if_planned(dlrun_cli, tmp_path):
-    dlrun_cli("hydra.run.dir=short", "trainer.epochs=2", "device=cpu", "device.threads=1", check=True)
-    dlrun_cli("hydra.run.dir=long", "trainer.epochs=4", "device=cpu", "device.threads=1", check=True)
-    proc = dlrun_cli("resume=short", "trainer.epochs=4")
-    assert proc.returncode == 0, proc.stderr
-    short, long = read_summary(tmp_path / "short"), read_summary(tmp_path / "long")
-    assert short["epochs"] == 4 and short["final"] == long["final"] and short["best"] == long["best"]
-    assert without_timing(read_metrics(tmp_path / "short")) == without_timing(read_metrics(tmp_path / "long"))
-    assert dlrun_cli("resume=short", "trainer.epochs=1").returncode == 1  # fewer than it has done
+def test_resume_with_more_epochs_trains_on_as_if_planned(trained, cli, tmp_path):
+    # the session's shared 1- and 3-epoch digits CNNs
+    shutil.copytree(trained("trainer.epochs=1", *CPU), tmp_path / "short")
+    long = trained("trainer.epochs=3", *CPU)
+    ran = cli("dlrun", "resume=short", "trainer.epochs=3")
+    assert ran.returncode == 0, ran.stderr
+    short, planned = read_summary(tmp_path / "short"), read_summary(long)
+    assert short["epochs"] == 3 and short["final"] == planned["final"] and short["best"] == planned["best"]
+    assert without_timing(read_metrics(tmp_path / "short")) == without_timing(read_metrics(long))
+    assert cli("dlrun", "resume=short", "trainer.epochs=1").returncode == 1  # fewer than it has done

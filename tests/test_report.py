@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dlrun import charts
-from dlrun.plots import pareto_plot, sweep_curves
-from dlrun.rundir import RunDir
+from conftest import CPU, DLRUN
 from dlrun.errors import DlrunError
+from dlrun.plots import learning_curves, pareto_plot, run_pictures, save
+from dlrun.rundir import LEARNING_CURVES, PARETO, RunDir, read_metrics
 from dlrun.tools.report import by_configuration, pareto_front, plot_runs, rows_of, shown, sort_rows, variant_rows
 
-DLRUN_REPORT = str(Path(sys.executable).with_name("dlrun-report"))
+DLRUN_REPORT = str(Path(DLRUN).with_name("dlrun-report"))
 
 
 def test_pareto_front():
@@ -29,14 +27,11 @@ def test_pareto_front():
     assert pareto_front(points) == [0, 1, 3]
 
 
-@pytest.mark.slow
-def test_report_on_a_three_job_sweep(dlrun_cli, tmp_path):
-    dlrun_cli("-m", "model.channels=[4],[8],[16,32]", "trainer.epochs=2", "device=cpu", check=True)
+def test_report_on_a_three_job_sweep(cli, tmp_path):
+    cli("dlrun", "-m", "model.channels=[4],[8],[16,32]", "trainer.epochs=2", *CPU, check=True)
     (sweep,) = list((tmp_path / "outputs" / "multirun").glob("*/*"))
-    env = {**os.environ, "COLUMNS": "200"}
-    out = subprocess.run([DLRUN_REPORT, str(sweep), "--sort", "params", "--desc", "--csv", "t.csv",
-                          "--markdown", "t.md", "--cost", "flops"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, check=True).stdout
+    out = cli("dlrun-report", sweep, "--sort", "params", "--desc", "--csv", "t.csv", "--markdown", "t.md", "--cost",
+              "flops", check=True).stdout
     assert "3 runs" in out and "model.channels=[16,32]" in out
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [r["overrides"] for r in rows] == ["model.channels=[16,32]", "model.channels=[8]", "model.channels=[4]"]
@@ -45,11 +40,20 @@ def test_report_on_a_three_job_sweep(dlrun_cli, tmp_path):
                for r in rows)
     markdown = (tmp_path / "t.md").read_text().splitlines()
     assert markdown[0].startswith("| run | overrides |") and len(markdown) == 2 + 3
-    for name in ("learning_curves.png", "pareto.png"):
+    for name in (LEARNING_CURVES, PARETO):
         with Image.open(sweep / "plots" / name) as png:
             assert png.format == "PNG" and png.width > 300
-    bad = subprocess.run([DLRUN_REPORT, str(sweep), "--sort", "nope"], capture_output=True, text=True)
+    bad = cli("dlrun-report", sweep, "--sort", "nope")
     assert bad.returncode != 0 and "allowed columns: run, overrides" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_installed_command_refuses_a_bad_column(tmp_path):
+    """The console script itself: its exit status and its one line on stderr."""
+    run = fake_run(tmp_path / "run", [], 0.9, 1000, [1.0])
+    bad = subprocess.run([DLRUN_REPORT, str(run), "--sort", "nope"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("dlrun-report: error: --sort nope: allowed columns: run, ")
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------ readable plots, 1 to 50 runs
@@ -72,6 +76,11 @@ def fake_run(folder: Path, overrides: list[str], test: float, params: int, losse
 
 def rows_for(folders: list[Path], merge_seeds: bool = True) -> list[dict]:
     return by_configuration(rows_of(folders), merge_seeds)
+
+
+def with_records(rows: list[dict]) -> list[dict]:
+    """Rows as `learning_curves` takes them: each with the epoch records of its runs."""
+    return [{**r, "records": [read_metrics(RunDir(Path(p))) for p in r["paths"]]} for r in rows]
 
 
 def visible_tick_labels(ax) -> list[str]:
@@ -111,38 +120,65 @@ def test_pareto_point_labels_never_overlap(tmp_path):
 def test_learning_curve_legend_is_outside_the_data(tmp_path, n_runs):
     folders = [fake_run(tmp_path / str(i), [f"optimizer.lr={i}e-3"], 0.9, 1000, [2.0 / (e + i + 1) for e in range(5)])
                for i in range(n_runs)]
-    fig = sweep_curves(rows_for(folders), "acc")
+    rows = rows_for(folders)
+    fig = learning_curves(with_records(rows), "acc")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     (legend,) = fig.legends
     box = legend.get_window_extent(renderer)
     assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
     entries = [t.get_text() for t in legend.get_texts()]
-    assert len(entries) == min(n_runs, 10) + (n_runs > 10)  # the best ten by name, then "10 more (grey)"
+    if n_runs == 1:  # one run: named by the title, the legend tells its lines apart
+        assert entries == ["val", "train"] and fig.get_suptitle() == rows[0]["run"]
+    else:
+        assert len(entries) == min(n_runs, 10) + (n_runs > 10)  # the best ten by name, then "10 more (grey)"
 
 
 def test_a_runs_plot_names_its_overrides_and_marks_the_best_epoch(tmp_path):
     folder = RunDir(fake_run(tmp_path / "run", ["model=cnn", "optimizer.lr=0.01"], 0.9, 1000, [1.0, 0.5, 0.7], best_epoch=2))
-    summary = folder.read_summary()
-    assert charts.marked(folder, summary) == (2, "run: model=cnn optimizer.lr=0.01")
-    with Image.open(charts.run_curves(folder, summary)) as png:
+    (written,) = run_pictures(folder, folder.read_summary(), None)  # no classes, no predictions: the curves only
+    assert written == folder.learning_curves
+    # the run's picture is the figure of its records titled with the folder's name and its overrides, the
+    # best epoch marked
+    title = "run: model=cnn optimizer.lr=0.01"
+    row = {"run": "run", "overrides": "model=cnn optimizer.lr=0.01", "records": [read_metrics(folder)]}
+    fig = learning_curves([row], "acc", title, best_epoch=2)
+    assert written.read_bytes() == save(fig, tmp_path / "expected.png").read_bytes()
+    assert fig.get_suptitle() == title
+    for ax in fig.axes:  # loss and accuracy: each with the dotted grey line at the best epoch
+        (best,) = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert list(best.get_xdata()) == [2, 2] and best.get_color() == "0.5"
+        curves = [line for line in ax.get_lines() if line is not best]
+        assert len(curves) == 2 and all(list(line.get_xdata()) == [1, 2, 3] for line in curves)
+        assert all(line.get_marker() == "o" for line in curves)  # every epoch a marker
+    assert "best epoch (2)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    # and in the picture (laid out as `fig`: the same bytes): in each panel a column of grey dots down the
+    # plot area at epoch 2, and only there
+    with Image.open(written) as png:
         pixels = np.asarray(png.convert("RGB")).astype(int)
-    # the best epoch's dotted grey line: in each panel one column of grey dashes down the plot area
-    grey = (np.abs(pixels - 128).sum(axis=2) < 40).sum(axis=0)
-    assert sum(1 for x in range(1, pixels.shape[1] - 1) if grey[x] > 40 and grey[x] >= grey[x - 1] and grey[x] >= grey[x + 1]) >= 2
+    for ax in fig.axes:
+        assert grey_rows(pixels, ax, 2) > 0.3
+        assert grey_rows(pixels, ax, 1.5) < 0.05 and grey_rows(pixels, ax, 2.5) < 0.05
+
+
+def grey_rows(pixels: np.ndarray, ax, epoch: float) -> float:
+    """The share of the rows of `ax`'s plot area, in the rendered `pixels` of its figure, that have a mid-grey
+    pixel within a pixel of `epoch`'s column."""
+    box = ax.get_window_extent()
+    area = pixels[round(pixels.shape[0] - box.y1):round(pixels.shape[0] - box.y0)]  # image rows run downwards
+    x = round(ax.transData.transform((epoch, 0))[0])
+    band = area[:, x - 1:x + 2]
+    grey = (band.max(axis=2) - band.min(axis=2) < 12) & (abs(band.mean(axis=2) - 128) < 70)
+    return grey.any(axis=1).mean()
 
 
 # ------------------------------------------------------------------ seeds: mean ± std (n)
 
-@pytest.mark.slow
-def test_runs_differing_only_in_seed_are_one_configuration(dlrun_cli, tmp_path):
-    dlrun_cli("-m", "model.channels=[4],[8]", "trainer.seed=0,1,2", "trainer.epochs=1", "device=cpu",
-              "device.threads=1", check=True)
+def test_runs_differing_only_in_seed_are_one_configuration(cli, tmp_path):
+    cli("dlrun", "-m", "model.channels=[4],[8]", "trainer.seed=0,1,2", "trainer.epochs=1", *CPU, check=True)
     (sweep,) = list((tmp_path / "outputs" / "multirun").glob("*/*"))
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
-    env = {**os.environ, "COLUMNS": "200"}
-    out = subprocess.run([DLRUN_REPORT, str(sweep), "--csv", "t.csv", "--markdown", "t.md"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = cli("dlrun-report", sweep, "--csv", "t.csv", "--markdown", "t.md", check=True).stdout
     assert "6 runs, 2 configurations" in out
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [(r["overrides"], r["n"]) for r in rows] == [("model.channels=[4]", "3"), ("model.channels=[8]", "3")]
@@ -153,10 +189,9 @@ def test_runs_differing_only_in_seed_are_one_configuration(dlrun_cli, tmp_path):
         assert len(set(tests)) > 1  # the seeds really differ
     markdown = (tmp_path / "t.md").read_text()
     assert f"{statistics.fmean(tests):.4f} ± {statistics.stdev(tests):.4f}" in markdown
-    per_run = subprocess.run([DLRUN_REPORT, str(sweep), "--per-run"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, check=True).stdout
+    per_run = cli("dlrun-report", sweep, "--per-run", check=True).stdout
     assert "6 runs" in per_run and "configurations" not in per_run and "±" not in per_run
-    with Image.open(sweep / "plots" / "pareto.png") as png:
+    with Image.open(sweep / "plots" / PARETO) as png:
         assert png.format == "PNG"
 
 
@@ -182,7 +217,7 @@ def test_compress_variants_are_points_of_the_pareto_plot(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     summary["cost"]["latency_ms"] = {"batch_1": 0.3, "batch_64": 2.0}
     (run / "summary.json").write_text(json.dumps(summary))
-    variants = [  # as dlrun-compress writes them (src/dlrun/tools/compress.py)
+    variants = [  # as dlrun-compress writes them (src/dlrun/tools/variants.py)
         {"name": "original", "runtime": "eager", "test/acc": 0.95, "parameters": 50_000, "flops_per_sample": 100_000,
          "latency_ms": {"batch_1": 0.3, "batch_64": 2.0}},
         {"name": "pruned-flops-0.5", "runtime": "eager", "test/acc": 0.94, "parameters": 20_000,
@@ -196,7 +231,7 @@ def test_compress_variants_are_points_of_the_pareto_plot(tmp_path):
     found = variant_rows(rows)
     assert [(v["run"], v["params"], v["latency_ms"]) for v in found] == [
         ("run/pruned-flops-0.5", 20_000, 1.0), ("run/original-onnx", 50_000, 0.5)]
-    (written,) = [p for p in plot_runs(rows, tmp_path / "plots", "latency_ms") if p.name == "pareto.png"]
+    (written,) = [p for p in plot_runs(rows, tmp_path / "plots", "latency_ms") if p.name == PARETO]
     with Image.open(written) as png:
         assert png.format == "PNG"
     (run / "compress.json").write_text("{not json")

@@ -6,10 +6,11 @@ import json
 import os
 
 import pytest
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from conftest import read_summary
+from conftest import CPU, read_summary
 from dlrun.cli import _app
 from dlrun.config.schema import cpu_share
 from dlrun.errors import ConfigError, RunFolderError
@@ -48,15 +49,22 @@ def test_task_function_returns_the_monitored_metric(hydra_cfg, tmp_path):
 
 
 def test_run_reports_final_and_best(make_cfg, tmp_path):
-    summary = run(make_cfg("trainer.epochs=3", "device=cpu"), run_dir=tmp_path)
+    summary = run(make_cfg("trainer.epochs=3", *CPU), run_dir=tmp_path)
     assert summary["status"] == "completed" and summary["epochs"] == 3 and summary["steps"] == 60
     assert {"train/loss", "val/acc", "test/acc"} <= summary["final"].keys()
     assert 1 <= summary["best"]["epoch"] <= 3 and "test/acc" in summary["best"]
     assert summary == read_summary(tmp_path)
+    assert not (tmp_path / "plots").exists()  # a run's pictures are drawn with logger.plots=true only
+
+
+def test_logger_plots_draws_the_runs_pictures(make_cfg, tmp_path):
     from PIL import Image
 
+    run(make_cfg("trainer.epochs=2", "logger.plots=true", *CPU), run_dir=tmp_path)
     with Image.open(tmp_path / "plots" / "learning_curves.png") as png:  # a real image: loss and accuracy panels
         assert png.format == "PNG" and png.width > 2 * png.height
+    with Image.open(tmp_path / "plots" / "confusion_matrix.png") as png:
+        assert png.format == "PNG" and png.width > 300
 
 
 def test_a_new_run_never_starts_in_a_folder_that_holds_another_run(make_cfg, tmp_path):
@@ -83,21 +91,23 @@ def test_failed_run_records_status_and_error(make_cfg, tmp_path):
     assert run(make_cfg("trainer.epochs=1", "device=cpu"), run_dir=tmp_path)["status"] == "completed"
 
 
-@pytest.mark.parametrize("overrides, best_epoch, evaluations", [
-    ([], 3, 1),  # val/acc best at the last epoch: the best weights are the final ones
-    (["trainer.monitor=train/loss", "trainer.monitor_mode=max"], 1, 2),  # best at epoch 1: its own evaluation
+@pytest.mark.parametrize("overrides, best_epoch", [
+    ([], 3),  # val/acc best at the last epoch: the best weights are the final ones
+    (["trainer.monitor=train/loss", "trainer.monitor_mode=max"], 1),  # best at epoch 1
 ])
-def test_the_test_split_is_evaluated_once_when_the_best_weights_are_the_final_ones(make_cfg, tmp_path, monkeypatch,
-                                                                                  overrides, best_epoch, evaluations):
-    import dlrun.run
+def test_the_best_and_the_final_weights_are_scored_on_the_test_split(make_cfg, tmp_path, overrides, best_epoch):
+    """The summary's test scores are those of the weights in best.pt and last.pt, each evaluated afresh."""
+    from dlrun.checkpoint import load_model
+    from dlrun.data import build_dataset
+    from dlrun.train import evaluate
 
-    splits = []
-    real = dlrun.run.evaluate_split
-    monkeypatch.setattr(dlrun.run, "evaluate_split", lambda parts, split, *a, **k: splits.append(split) or real(
-        parts, split, *a, **k))
-    summary = run(make_cfg("trainer.epochs=3", "device=cpu", "optimizer.lr=0.003", *overrides), run_dir=tmp_path)
+    cfg = make_cfg("trainer.epochs=3", "optimizer.lr=0.003", "trainer.channels_last=false", *CPU, *overrides)
+    summary = run(cfg, run_dir=tmp_path)
     assert summary["best"]["epoch"] == best_epoch
-    assert splits.count("test") == evaluations
     assert 0 < summary["after_training_s"] < summary["wall_time_s"]
+    test = build_dataset(cfg.dataset, torch.device("cpu")).splits["test"]
+    for which, name in (("best", "best.pt"), ("final", "last.pt")):
+        scores = evaluate(load_model(tmp_path / "checkpoints" / name)[0], test, cfg.trainer.eval_batch_size)
+        assert scores == {"loss": summary[which]["test/loss"], "acc": summary[which]["test/acc"]}, which
     same = {k: summary["best"][k] == summary["final"][k] for k in summary["final"] if k.startswith("test/")}
-    assert all(same.values()) == (evaluations == 1), same
+    assert all(same.values()) == (best_epoch == 3), same

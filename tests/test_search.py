@@ -1,4 +1,5 @@
-"""hparams_search: Hydra's real Optuna sweeper with a SQLite study that a rerun continues."""
+"""hparams_search: Hydra's real Optuna sweeper with a SQLite study that a rerun continues (its trials run
+one after another in this process: no process is started)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import optuna
 import pytest
-from conftest import read_summary
+from conftest import CPU, read_summary
 
 from dlrun.config.validate import check_search_direction
 from dlrun.errors import ConfigError
@@ -17,15 +18,14 @@ def study_trials(sweep) -> list[optuna.trial.FrozenTrial]:
     return study.trials
 
 
-@pytest.mark.slow
-def test_optuna_search_run_twice_continues_its_sqlite_study(dlrun_cli, tmp_path):
-    args = ("-m", "hparams_search=digits_cnn", "hydra.sweeper.n_trials=2", "trainer.epochs=1", "device=cpu")
+def test_optuna_search_run_twice_continues_its_sqlite_study(cli, tmp_path):
+    args = ("-m", "hparams_search=digits_cnn", "hydra.sweeper.n_trials=2", "trainer.epochs=1", *CPU)
     sweep = tmp_path / "outputs" / "search" / "digits_cnn"
-    first = dlrun_cli(*args)
+    first = cli("dlrun", *args)
     assert first.returncode == 0, first.stderr
     assert [t.number for t in study_trials(sweep)] == [0, 1]
 
-    second = dlrun_cli(*args)
+    second = cli("dlrun", *args)
     assert second.returncode == 0, second.stderr
     trials = study_trials(sweep)
     assert [(t.number, t.state.name) for t in trials] == [(i, "COMPLETE") for i in range(4)]
@@ -52,7 +52,7 @@ def test_search_direction_must_match_the_monitor():
 
 
 @pytest.mark.parametrize("preset,direction", [("digits_cnn", "maximize"), ("sequence_rnn", "minimize")])
-def test_search_presets_keep_the_study_in_the_sweep_folder(make_cfg, preset, direction):
+def test_search_presets_keep_the_study_in_the_sweep_folder(preset, direction):
     from hydra import compose, initialize_config_dir
 
     from dlrun.cli import config_dir

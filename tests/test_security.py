@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import DLRUN, read_summary
+from conftest import CPU, read_summary
+from dlrun.checkpoint import load_model
+from dlrun.compress import Plan
 from dlrun.errors import ConfigError
 from dlrun.run import run
-from dlrun.tools.compress import compress, load_variant
-from dlrun.tools.predict import load_model
+from dlrun.tools.variants import compress, load_variant
 
-PREDICT = str(Path(DLRUN).with_name("dlrun-predict"))
-COMPRESS = str(Path(DLRUN).with_name("dlrun-compress"))
+MLP = ("model=mlp", "model.hidden=[16]", "trainer.epochs=1", *CPU)  # the session's shared run these tests poison
 
 
 class Pickled:
@@ -65,23 +65,19 @@ def payloads(where: Path, sentinel: Path) -> dict[str, tuple[str, dict]]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir) -> Path:
-    """A real run folder (checkpoints, summary) and a variant of its model."""
-    import os
-
-    cwd = tmp_path_factory.mktemp("trained")
-    env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir)}
-    subprocess.run([DLRUN, "hydra.run.dir=run", "model=mlp", "model.hidden=[16]", "trainer.epochs=1",
-                    "device=cpu", "device.threads=1"], cwd=cwd, env=env, check=True, capture_output=True)
-    subprocess.run([COMPRESS, str(cwd / "run"), "--sparsity", "", "--no-half"], cwd=cwd, env=env, check=True,
-                   capture_output=True)
-    return cwd / "run"
+def with_variant(trained, tmp_path_factory) -> Path:
+    """A real run folder (checkpoints, summary) with a variant of its model: a copy of the shared run, which
+    must not be written into, with the dynamic int8 variant load_variant opens."""
+    run_dir = tmp_path_factory.mktemp("security") / "run"
+    shutil.copytree(trained(*MLP), run_dir)
+    compress(run_dir, Plan(prune=[], quantize=["dynamic"], half=False, onnx=False), log=lambda line: None)
+    return run_dir
 
 
-def poisoned(trained: Path, tmp_path: Path, group: str, replacement: dict) -> Path:
-    """A copy of the run folder whose checkpoints (and variant) carry the payload in their config."""
+def poisoned(with_variant: Path, tmp_path: Path, group: str, replacement: dict) -> Path:
+    """A copy of the run folder whose checkpoints (and variants) carry the payload in their config."""
     run_dir = tmp_path / "shared_run"
-    shutil.copytree(trained, run_dir)
+    shutil.copytree(with_variant, run_dir)
     for path in [*run_dir.glob("checkpoints/*.pt"), *run_dir.glob("variants/*.pt")]:
         ckpt = torch.load(path, weights_only=True)
         ckpt["config"][group] = replacement
@@ -94,17 +90,17 @@ NAMES = ["torch.load", "code_cache", "nested_in_cnn", "torch.hub.load", "os.syst
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_no_payload_runs_in_process(trained, tmp_path, make_cfg, monkeypatch, name):
+def test_no_payload_runs_in_process(with_variant, tmp_path, make_cfg, monkeypatch, name):
     sentinel = tmp_path / "sentinel"
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     group, replacement = payloads(tmp_path, sentinel)[name]
-    run_dir = poisoned(trained, tmp_path, group, replacement)
+    run_dir = poisoned(with_variant, tmp_path, group, replacement)
     before = (run_dir / "summary.json").read_bytes()
     attempts = {
         "resume": lambda: run(OmegaConf.merge(make_cfg(), {"resume": str(run_dir)})),
         "predict": lambda: load_model(run_dir),
-        "compress": lambda: compress(run_dir, [], 0, half=False, quantize=False, log=lambda s: None),
+        "compress": lambda: compress(run_dir, Plan(prune=[], quantize=[], half=False, onnx=False), log=lambda s: None),
         "load_variant": lambda: load_variant(run_dir / "variants" / "int8-dynamic.pt"),
     }
     for what, attempt in attempts.items():
@@ -117,74 +113,63 @@ def test_no_payload_runs_in_process(trained, tmp_path, make_cfg, monkeypatch, na
     assert (run_dir / "summary.json").read_bytes() == before  # the refused resume wrote nothing
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nested_in_cnn", "os.system"])
 @pytest.mark.parametrize("command", ["resume", "predict", "predict --evaluate", "compress"])
-def test_no_payload_runs_through_the_commands(trained, tmp_path, data_dir, name, command):
-    import os
-
+def test_no_payload_runs_through_the_commands(with_variant, cli, tmp_path, name, command):
     sentinel = tmp_path / "sentinel"
     group, replacement = payloads(tmp_path, sentinel)[name]
-    run_dir = poisoned(trained, tmp_path, group, replacement)
+    run_dir = poisoned(with_variant, tmp_path, group, replacement)
     before = (run_dir / "summary.json").read_bytes()
     (tmp_path / "x.pt").write_bytes(b"")
     argv = {
-        "resume": [DLRUN, f"resume={run_dir}"],
-        "predict": [PREDICT, str(run_dir), str(tmp_path / "x.pt")],
-        "predict --evaluate": [PREDICT, str(run_dir), "--evaluate"],
-        "compress": [COMPRESS, str(run_dir)],
+        "resume": ["dlrun", f"resume={run_dir}"],
+        "predict": ["dlrun-predict", run_dir, tmp_path / "x.pt"],
+        "predict --evaluate": ["dlrun-predict", run_dir, "--evaluate"],
+        "compress": ["dlrun-compress", run_dir],
     }[command]
-    proc = subprocess.run(argv, cwd=tmp_path, env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and ": error:" in lines[0], proc.stderr
+    ran = cli(*argv)
+    assert ran.returncode == 1, ran.stderr
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1 and ": error:" in lines[0], ran.stderr
     assert any(why in lines[0] for why in ("outside dlrun's builders", "not allowed in a saved config")), lines[0]
     assert not sentinel.exists()
     assert (run_dir / "summary.json").read_bytes() == before  # nothing was written into the folder
 
 
-@pytest.fixture(scope="module")
-def custom_run(tmp_path_factory, data_dir) -> Path:
-    """A `model=custom` run: its checkpoints name the user's class."""
-    import os
-
-    cwd = tmp_path_factory.mktemp("custom")
-    (cwd / "mynet.py").write_text(
+@pytest.fixture
+def user_module(tmp_path, monkeypatch, request) -> Path:
+    """The user's model, mynet.py, in the working directory (tmp_path), where the commands find it. The
+    commands run in this process: it forgets the module and the path they added afterwards (sys.modules,
+    sys.path), as their own processes would have."""
+    (tmp_path / "mynet.py").write_text(
         "import math\nfrom torch import nn\n\n"
         "class MyNet(nn.Sequential):\n"
         "    def __init__(self, in_shape, num_outputs, width=8):\n"
         "        super().__init__(nn.Flatten(), nn.Linear(math.prod(in_shape), width), nn.ReLU(),\n"
         "                         nn.Linear(width, num_outputs))\n")
-    subprocess.run([DLRUN, "hydra.run.dir=run", "model=custom", "model._target_=mynet.MyNet", "+model.width=8",
-                    "trainer.epochs=1", "device=cpu", "device.threads=1"], cwd=cwd,
-                   env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)}, check=True, capture_output=True)
-    return cwd
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    request.addfinalizer(lambda: sys.modules.pop("mynet", None))
+    return tmp_path
 
 
-@pytest.mark.slow
-def test_user_code_in_a_checkpoint_needs_consent(custom_run, data_dir):
-    import os
+def test_user_code_in_a_checkpoint_needs_consent(cli, user_module):
+    cli("dlrun", "hydra.run.dir=run", "model=custom", "model._target_=mynet.MyNet", "+model.width=8",
+        "trainer.epochs=1", *CPU, check=True)  # a `model=custom` run: its checkpoints name the user's class
 
-    env = {**os.environ, "DLRUN_DATA_DIR": str(data_dir)}
-
-    def call(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(list(argv), cwd=custom_run, env=env, capture_output=True, text=True, timeout=300)
-
-    refused = call(PREDICT, "run", "--evaluate")
+    refused = cli("dlrun-predict", "run", "--evaluate")
     assert refused.returncode == 1 and refused.stderr.strip() == (
         "dlrun-predict: error: run/checkpoints/best.pt names code outside dlrun's builders "
         "(model._target_=mynet.MyNet); load it only if you trust it, with --trust mynet.MyNet")
-    trusted = call(PREDICT, "run", "--evaluate", "--trust", "mynet.MyNet")
+    trusted = cli("dlrun-predict", "run", "--evaluate", "--trust", "mynet.MyNet")
     assert trusted.returncode == 0, trusted.stderr
-    assert f"acc {read_summary(custom_run / 'run')['best']['test/acc']:.4f}" in trusted.stdout
+    assert f"acc {read_summary(user_module / 'run')['best']['test/acc']:.4f}" in trusted.stdout
 
-    refused = call(DLRUN, "resume=run")
+    refused = cli("dlrun", "resume=run")
     assert refused.returncode == 1 and "with dlrun resume=run model._target_=mynet.MyNet" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
-    resumed = call(DLRUN, "resume=run", "model._target_=mynet.MyNet")  # its own override, named again
+    resumed = cli("dlrun", "resume=run", "model._target_=mynet.MyNet")  # its own override, named again
     assert resumed.returncode == 0, resumed.stderr
-    assert read_summary(custom_run / "run")["status"] == "completed"
+    assert read_summary(user_module / "run")["status"] == "completed"
 
 
 def test_a_checkpoint_without_a_config_or_with_foreign_weights_is_one_line(trained, tmp_path):
@@ -193,7 +178,7 @@ def test_a_checkpoint_without_a_config_or_with_foreign_weights_is_one_line(train
     with pytest.raises(ConfigError, match=r"holds no dlrun config \(not written by dlrun\?\)"):
         load_model(bare)
     foreign = tmp_path / "foreign.pt"
-    ckpt = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    ckpt = torch.load(trained(*MLP) / "checkpoints" / "best.pt", weights_only=True)
     ckpt["model"] = {"weight": torch.zeros(2)}
     torch.save(ckpt, foreign)
     with pytest.raises(ConfigError, match=r"its weights do not fit the model its config describes \(Error"):

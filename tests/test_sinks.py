@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_metrics, read_summary
+from conftest import CPU, read_metrics, read_summary
 from dlrun.run import run
 
 
-def test_tensorboard_event_files(make_cfg, tmp_path):
+def test_tensorboard_event_files(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run(make_cfg("trainer.epochs=3", "trainer.log_every=5", "device=cpu"), run_dir=tmp_path)
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    folder = trained("trainer.epochs=3", "trainer.log_every=5", *CPU)
+    events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()
-    metrics = read_metrics(tmp_path)
+    metrics = read_metrics(folder)
     # one x-axis for every scalar: the global step (the epoch is a scalar of its own)
     for key in ("val/acc", "train/loss", "lr", "epoch"):
         logged = [(e.step, e.value) for e in events.Scalars(key)]
@@ -22,16 +22,15 @@ def test_tensorboard_event_files(make_cfg, tmp_path):
     assert [e.step for e in events.Scalars("train/loss_step")] == list(range(5, 61, 5))  # every log interval
     assert metrics[-1]["step"] == 60
     # the test metrics of the final and the best weights, at the last step
-    summary = read_summary(tmp_path)
+    summary = read_summary(folder)
     for key in ("final/test/acc", "best/test/acc", "best/test/loss"):
         (event,) = events.Scalars(key)
         prefix, metric = key.split("/", 1)
         assert (event.step, event.value) == (60, pytest.approx(summary[prefix][metric], rel=1e-6))
 
 
-def test_tensorboard_can_be_switched_off(make_cfg, tmp_path):
-    run(make_cfg("trainer.epochs=1", "logger.tensorboard=false", "device=cpu"), run_dir=tmp_path)
-    assert not (tmp_path / "tensorboard").exists()
+def test_tensorboard_can_be_switched_off(trained):
+    assert not (trained("trainer.epochs=1", "logger.tensorboard=false", *CPU) / "tensorboard").exists()
 
 
 def test_mlflow_run_in_a_local_sqlite_store(make_cfg, tmp_path):
@@ -40,7 +39,7 @@ def test_mlflow_run_in_a_local_sqlite_store(make_cfg, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
     run_dir = tmp_path / "run"
-    summary = run(make_cfg("logger=mlflow", f"logger.mlflow_tracking_uri={uri}", "trainer.epochs=2", "device=cpu"),
+    summary = run(make_cfg("logger=mlflow", f"logger.mlflow_tracking_uri={uri}", "trainer.epochs=2", *CPU),
                   run_dir=run_dir)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("dlrun")
@@ -55,17 +54,16 @@ def test_mlflow_run_in_a_local_sqlite_store(make_cfg, tmp_path):
     assert (tmp_path / "store" / "mlflow-artifacts").is_dir()  # beside the database
 
 
-@pytest.mark.slow
-def test_a_resumed_run_continues_its_mlflow_run(dlrun_cli, tmp_path):
+def test_a_resumed_run_continues_its_mlflow_run(cli, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
     folder = tmp_path / "run"
-    common = ["logger=mlflow", f"logger.mlflow_tracking_uri={uri}", "device=cpu", "device.threads=1"]
-    dlrun_cli(*common, "trainer.epochs=1", f"hydra.run.dir={folder}", check=True)
+    cli("dlrun", "logger=mlflow", f"logger.mlflow_tracking_uri={uri}", *CPU, "trainer.epochs=1",
+        f"hydra.run.dir={folder}", check=True)
     first = read_summary(folder)["mlflow_run_id"]
-    dlrun_cli(f"resume={folder}", "trainer.epochs=2", check=True)
+    cli("dlrun", f"resume={folder}", "trainer.epochs=2", check=True)
     summary = read_summary(folder)
     assert summary["mlflow_run_id"] == first and summary["status"] == "completed" and summary["epochs"] == 2
     client = MlflowClient(uri)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from conftest import read_metrics, read_summary
+from conftest import CPU, loop_settings, model_of, read_metrics, read_summary
 from dlrun.data import batches, build_data, channels_last, epoch_generator, load_digits
-from dlrun.models import CNN, MLP
+from dlrun.models import MLP
 from dlrun.optim import build_optimizer
 from dlrun.run import run
-from dlrun.train import LoopSettings, Parts, TrainState, early_stop, fit, train_step
+from dlrun.train import Parts, TrainState, early_stop, fit, train_step
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +23,11 @@ def digits():
     return build_data(load_digits(0.2, 0.1, 0), torch.device("cpu"))
 
 
-def cfg(**kw):
+def cfg(*overrides: str, **kw):
+    """The loop's settings: conf/trainer's, with these (and `overrides`, `kw`) on top."""
     base = dict(epochs=1, batch_size=64, eval_batch_size=256, seed=0, eval_every=1, log_every=5,
                 monitor="val/acc", monitor_mode="max")
-    return LoopSettings(**{**base, **kw})
+    return loop_settings("classification", *overrides, **{**base, **kw})
 
 
 def plain_mlp(seed=0):
@@ -89,7 +91,7 @@ def test_ema_follows_the_decay_formula(digits):
 
 def test_ema_is_evaluated_and_checkpointed(make_cfg, tmp_path):
     summary = run(make_cfg("trainer.epochs=2", "trainer.ema_decay=0.9", "trainer.monitor=val_ema/acc",
-                           "device=cpu"), run_dir=tmp_path)
+                           *CPU), run_dir=tmp_path)
     assert {"val_ema/acc", "test_ema/acc"} <= summary["best"].keys()
     assert summary["best"]["val_ema/acc"] == summary["monitor_value"]
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
@@ -115,7 +117,8 @@ def test_early_stopping_ends_fit(digits):
     # train/loss falls every epoch, so in "max" mode it never improves after epoch 1
     model = plain_mlp()
     state = fit(Parts(model, torch.optim.Adam(model.parameters(), 1e-3)), digits,
-                cfg(epochs=10, monitor="train/loss", monitor_mode="max", early_stopping={"patience": 2}), [], lambda s, b: None)
+                cfg("trainer.early_stopping.patience=2", epochs=10, monitor="train/loss", monitor_mode="max"), [],
+                lambda s, b: None)
     assert state.stopped_early == 3 and state.epoch == 3 and state.best_epoch == 1
 
 
@@ -134,7 +137,7 @@ def test_label_smoothing_follows_the_formula(digits):
 
 def test_no_weight_decay_on_norm_and_bias(make_cfg):
     torch.manual_seed(0)
-    model = CNN((1, 8, 8), 10, channels=[4], hidden=8, batch_norm=True)
+    model = model_of("model.channels=[4]", "model.hidden=8", "model.batch_norm=true")
     opt = build_optimizer(make_cfg("optimizer=adamw", "optimizer.weight_decay=0.5", "optimizer.lr=0.1").optimizer,
                           model, decay_norm_and_bias=False)
     decayed, free = opt.param_groups
@@ -196,9 +199,9 @@ def test_channels_last_data_and_model(digits):
     assert x.is_contiguous(memory_format=torch.channels_last)
     xb, _ = next(batches(x, y, 64, epoch_generator(0, 1)))
     assert xb.is_contiguous(memory_format=torch.channels_last)
-    model = CNN((1, 8, 8), 10, channels=[8]).to(memory_format=torch.channels_last)
+    model = model_of("model.channels=[8]").to(memory_format=torch.channels_last)
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
-    reference = CNN((1, 8, 8), 10, channels=[8])
+    reference = model_of("model.channels=[8]")
     reference.load_state_dict(model.state_dict())
     model.eval(), reference.eval()
     torch.testing.assert_close(model(xb), reference(xb.contiguous()))
@@ -222,27 +225,27 @@ class DeterminismProbe(torch.nn.Module):
 def test_deterministic_mode_is_on_during_the_run_only(make_cfg, tmp_path, switch):
     DeterminismProbe.seen = []
     run(make_cfg("model=custom", "model._target_=test_toolbox.DeterminismProbe", "trainer.epochs=1",
-                 f"trainer.deterministic={switch}", "device=cpu"), run_dir=tmp_path)
+                 f"trainer.deterministic={switch}", *CPU), run_dir=tmp_path)
     assert DeterminismProbe.seen and set(DeterminismProbe.seen) == {switch}
     assert torch.are_deterministic_algorithms_enabled() is False
 
 
 def test_fast_dev_run(make_cfg, tmp_path):
-    summary = run(make_cfg("debug=fast_dev_run", "device=cpu"), run_dir=tmp_path)
+    summary = run(make_cfg("debug=fast_dev_run", *CPU), run_dir=tmp_path)
     assert summary["steps"] == 1 and summary["epochs"] == 1
     assert summary["data"]["sizes"] == {"train": 1259, "val": 128, "test": 128}  # one eval batch of 128 each
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_limit_batches(make_cfg, tmp_path):
-    summary = run(make_cfg("debug=limit", "trainer.epochs=2", "trainer.eval_batch_size=50", "device=cpu"),
+    summary = run(make_cfg("debug=limit", "trainer.epochs=2", "trainer.eval_batch_size=50", *CPU),
                   run_dir=tmp_path)
     assert [m["step"] for m in read_metrics(tmp_path)] == [10, 20]
     assert summary["data"]["sizes"] == {"train": 1259, "val": 100, "test": 100}
 
 
 def test_overfit_a_few_batches(make_cfg, tmp_path):
-    summary = run(make_cfg("debug=overfit", "trainer.epochs=40", "trainer.batch_size=32", "device=cpu"),
+    summary = run(make_cfg("debug=overfit", "trainer.epochs=40", "trainer.batch_size=32", *CPU),
                   run_dir=tmp_path)
     assert summary["data"]["sizes"]["train"] == summary["data"]["sizes"]["val"] == 64
     assert summary["final"]["train/acc"] == 1.0 and summary["final"]["val/acc"] == 1.0
@@ -250,15 +253,18 @@ def test_overfit_a_few_batches(make_cfg, tmp_path):
 
 
 def test_precision_switch_end_to_end(make_cfg, tmp_path):
-    summary = run(make_cfg("trainer.precision=bf16", "trainer.epochs=3", "device=cpu"), run_dir=tmp_path)
+    summary = run(make_cfg("trainer.precision=bf16", "trainer.epochs=3", *CPU), run_dir=tmp_path)
     assert summary["best"]["val/acc"] > 0.8
-    fp16 = run(make_cfg("trainer.precision=fp16", "trainer.epochs=1", "device=cpu"), run_dir=tmp_path / "fp16")
+    fp16 = run(make_cfg("trainer.precision=fp16", "trainer.epochs=1", *CPU), run_dir=tmp_path / "fp16")
     assert fp16["status"] == "completed"
     assert torch.load(tmp_path / "fp16" / "checkpoints" / "last.pt", weights_only=True)["scaler"]["scale"] > 0
 
 
-@pytest.mark.slow
-def test_users_own_module_by_target(dlrun_cli, tmp_path):
+def test_users_own_module_by_target(cli, tmp_path, monkeypatch, request):
+    # the command runs in this process: the module and the path it adds are forgotten afterwards, as its
+    # own process would forget them
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    request.addfinalizer(lambda: sys.modules.pop("my_pkg", None))
     (tmp_path / "my_pkg").mkdir()
     (tmp_path / "my_pkg" / "__init__.py").write_text(
         "import torch\n"
@@ -271,26 +277,25 @@ def test_users_own_module_by_target(dlrun_cli, tmp_path):
         "    def forward(self, x):\n"
         "        return self.body(x)\n"
     )
-    dlrun_cli("hydra.run.dir=run", "model=custom", "model._target_=my_pkg.TinyNet", "+model.width=8",
-              "optimizer.lr=0.01", "trainer.epochs=3", "device=cpu", check=True)
+    cli("dlrun", "hydra.run.dir=run", "model=custom", "model._target_=my_pkg.TinyNet", "+model.width=8",
+        "optimizer.lr=0.01", "trainer.epochs=3", *CPU, check=True)
     summary = read_summary(tmp_path / "run")
     assert summary["model"]["class"] == "TinyNet"
     assert summary["model"]["parameters"]["total"] == 64 * 8 + 8 + 8 * 10 + 10
     assert summary["best"]["val/acc"] > 0.5  # chance is 0.1
 
 
-@pytest.mark.slow
-def test_classic_comparison_is_one_sweep(dlrun_cli, tmp_path):
-    dlrun_cli("-m", "model=mlp,cnn,rnn", "dataset=mnist1d", "trainer.epochs=1", "device=cpu", check=True)
+def test_classic_comparison_is_one_sweep(cli, tmp_path):
+    # 600 samples of MNIST-1D (as test_distill's): the sweep's jobs are what is checked, not their scores
+    cli("dlrun", "-m", "model=mlp,cnn,rnn", "dataset=mnist1d", "dataset.num_samples=600", "trainer.epochs=1", *CPU,
+        check=True)
     jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/?/summary.json"))
     assert [read_summary(j.parent)["model"]["class"] for j in jobs] == ["MLP", "CNN", "RNN"]
 
 
-@pytest.mark.slow
-def test_compile_switch(dlrun_cli, tmp_path):
-    dlrun_cli("hydra.run.dir=run", "trainer.compile=true", "model=mlp", "trainer.epochs=2", "device=cpu",
-              check=True, timeout=900)
-    summary = read_summary(tmp_path / "run")
+@pytest.mark.slow  # inductor compiles C++ in processes of its own (the compiler, its compile workers)
+def test_compile_switch(make_cfg, tmp_path):
+    summary = run(make_cfg("trainer.compile=true", "model=mlp", "trainer.epochs=2", *CPU), run_dir=tmp_path / "run")
     assert summary["best"]["val/acc"] > 0.8
     # the checkpoint holds the plain module's weights, loadable without torch.compile
     keys = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["model"].keys()

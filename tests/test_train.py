@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import loop_settings, model_of
 from dlrun import checkpoint
 from dlrun.data import TensorSplit, build_data, epoch_generator, load_digits
-from dlrun.models import CNN
 from dlrun.optim import cosine_lr
 from dlrun.errors import Interrupted, NonFiniteLoss
-from dlrun.train import LoopSettings, Parts, StopFlag, at_least_as_good, evaluate, fit, improved
+from dlrun.train import Parts, StopFlag, at_least_as_good, evaluate, fit, improved
 
 TIMING = {"seconds", "samples_per_s"}
 
@@ -45,13 +45,14 @@ class Recorder:
 
 
 def fit_config(epochs=3, monitor="val/acc", mode="max", eval_every=1, **kw):
-    return LoopSettings(epochs=epochs, batch_size=64, eval_batch_size=256, seed=0, eval_every=eval_every,
-                        log_every=kw.pop("log_every", 5), monitor=monitor, monitor_mode=mode, **kw)
+    return loop_settings("classification", epochs=epochs, batch_size=64, eval_batch_size=256, seed=0,
+                         eval_every=eval_every, log_every=kw.pop("log_every", 5), monitor=monitor, monitor_mode=mode,
+                         **kw)
 
 
 def build(digits, seed=0, lr=3e-3, dropout=0.0, scheduler=False, epochs=3):
     torch.manual_seed(seed)
-    model = CNN(digits.spec.input_shape, 10, channels=[8, 16], hidden=32, dropout=dropout)
+    model = model_of("model.channels=[8,16]", "model.hidden=32", f"model.dropout={dropout}")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = None
     if scheduler:
@@ -168,7 +169,7 @@ def test_nonfinite_batches_can_be_skipped(digits):
 
 
 def test_evaluate_matches_a_direct_computation(digits):
-    model = CNN(digits.spec.input_shape, 10, channels=[4], hidden=0)
+    model = model_of("model.channels=[4]", "model.hidden=0")
     split = digits.splits["test"]
     x, y = split.x, split.y
     got = evaluate(model, split, batch_size=7)  # batch size that does not divide the split
@@ -191,13 +192,13 @@ def test_regression_loss_is_the_same_quantity_in_training_and_evaluation():
     """Evaluation used to sum the (N, horizon) squared errors and divide by N: horizon times the
     training loss of the same data."""
     from dlrun.data import load_sequence
-    from dlrun.models import RNN
-    from dlrun.train import loss_and_score
+    from dlrun.losses import loss_and_score
 
     data = build_data(load_sequence(num_series=200, length=20, horizon=5, num_sines=2, noise=0.05,
                                     val_fraction=0.1, test_fraction=0.2, seed=0), torch.device("cpu"))
     torch.manual_seed(0)
-    model = RNN(data.spec.input_shape, data.spec.num_outputs, cell="gru", hidden_size=8).eval()
+    model = model_of("model=rnn", "model.cell=gru", "model.hidden_size=8", shape=data.spec.input_shape,
+                     outputs=data.spec.num_outputs).eval()
     split = data.splits["test"]
     x, y = next(iter(split.batches(len(split))))
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Checkpoints: plain dicts of tensors and Python values, written atomically, loaded safely;
-`Checkpointer` owns a run's best.pt and last.pt."""
+`Checkpointer` owns a run's best.pt and last.pt; `load_model` is the one way from a run folder (or a
+checkpoint file) to a model: dlrun-predict, dlrun-compress, dlrun-explain and distillation's teacher."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import copy
 import dataclasses
 import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dlrun.config.schema import with_current_keys
 from dlrun.config.targets import check_saved_config
 from dlrun.errors import ConfigError
+from dlrun.models import build_model
 from dlrun.rundir import RunDir, atomic_write, check_belongs
 from dlrun.train import Parts, TrainState
 
@@ -42,8 +45,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
 def config_of(ckpt: dict[str, Any], path: Path, trust: Iterable[str] = (),
               consent: str = "--trust {target}") -> DictConfig:
     """The config a checkpoint was trained with, refused unless it names only dlrun's builders
-    (or what the user trusts) and plain values: loading a checkpoint never runs its code."""
-    return OmegaConf.create(check_saved_config(ckpt.get("config"), str(path), trust, consent))
+    (or what the user trusts) and plain values: loading a checkpoint never runs its code. Settings
+    added to dlrun since it was saved take today's values (config/schema.py with_current_keys)."""
+    return with_current_keys(OmegaConf.create(check_saved_config(ckpt.get("config"), str(path), trust, consent)))
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
@@ -53,6 +57,32 @@ def load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path) -> 
     except (RuntimeError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"checkpoint {path}: its weights do not fit the model its config describes ({first})") from None
+
+
+DESCRIBED = ("input_shape", "num_outputs", "task", "name")  # what a checkpoint's data description must hold
+
+
+def load_model(path: Path, trust: Iterable[str] = (), consent: str = "--trust {target}",
+               prepare: Callable[[torch.nn.Module, dict[str, Any]], torch.nn.Module] | None = None,
+               ) -> tuple[torch.nn.Module, DictConfig, dict[str, Any]]:
+    """The model of a run folder (its best checkpoint) or of a checkpoint file, on the CPU in eval mode,
+    with the checkpoint's config (checked: it names only dlrun's builders or what is in `trust`; `consent`
+    says how to trust more) and its data description. The model is built from the description's shapes,
+    made ready by `prepare(model, checkpoint)` (dlrun-compress's int8 and half variants), then given the
+    weights; building it leaves the caller's RNG as it was (a distilled student's initial weights must
+    not depend on its teacher)."""
+    path = Path(path)
+    path = RunDir(path).best if path.is_dir() else path
+    ckpt = load(path)
+    config = config_of(ckpt, path, trust, consent)
+    data = ckpt.get("data")
+    if not isinstance(data, dict) or not set(DESCRIBED) <= set(data):
+        raise ConfigError(f"{path}: the checkpoint has no data description (written by an older dlrun)")
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, data["input_shape"], data["num_outputs"])
+    model = prepare(model, ckpt) if prepare is not None else model
+    load_weights(model, ckpt["model"], path)
+    return model.eval(), config, data
 
 
 def rng_state() -> dict[str, Any]:

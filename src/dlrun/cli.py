@@ -16,17 +16,14 @@ import hydra
 from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
-from dlrun.config.schema import register_configs
+from dlrun.config.schema import conf_dir, register_configs
 from dlrun.config.targets import import_user_code
+from dlrun.cpus import set_wait_policy
 
 
 def config_dir() -> str:
-    """The `conf/` directory: inside the installed package, or at the top of a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"dlrun's config directory was not found next to {here}")
+    """The `conf/` directory, for Hydra (see config/schema.py conf_dir)."""
+    return str(conf_dir())
 
 
 register_configs()
@@ -48,7 +45,8 @@ def _app(cfg: DictConfig) -> float:
     try:
         from dlrun.run import run  # torch: seconds, during which Ctrl-C is an interrupt like any other
 
-        return run(cfg)["monitor_value"]
+        # a single run's config was validated by the start callback, before Hydra made its folder
+        return run(cfg, checked=HydraConfig.get().mode == RunMode.RUN)["monitor_value"]
     except Interrupted as err:
         then = f"; continue with: {resume_command(HydraConfig.get().runtime.output_dir)}" if err.checkpointed else ""
         print(f"dlrun: {err}{then}", file=sys.stderr)
@@ -100,6 +98,7 @@ def print_help(overrides: list[str]) -> None:
 
 
 def main() -> None:
+    set_wait_policy()  # before torch loads the OpenMP runtime: on a busy machine, waiting threads sleep (cpus.py)
     import_user_code()  # `model._target_=my_pkg.MyNet` finds my_pkg in the working directory
     if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun's other ranks: the job (config and run folder) comes from rank 0, which runs Hydra

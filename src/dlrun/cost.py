@@ -15,7 +15,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dlrun.models import count_parameters
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """All parameters of the model, and those that train."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
 
 
 def size_mb(model: nn.Module) -> float:

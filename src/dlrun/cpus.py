@@ -11,8 +11,8 @@ PASSIVE, ~2.8 ms on one thread). On a busy one (other jobs, a CI runner, a VM wh
 time) the spinning threads compete with the very threads they wait for, and a two-thread step takes
 2-50x longer than with PASSIVE, where waiting threads sleep (bench/threads.py measures both). So dlrun
 picks PASSIVE when the machine is busy as it starts (a load average of at least half the usable
-CPUs) and leaves OpenMP's default otherwise, unless the user has set OMP_WAIT_POLICY (see
-dlrun/__init__.py). It must be decided before torch (and with it the OpenMP runtime) is loaded, so a
+CPUs) and leaves OpenMP's default otherwise, unless the user has set OMP_WAIT_POLICY (the
+`dlrun` command's first step, cli.main). It must be decided before torch (and with it the OpenMP runtime) is loaded, so a
 load that only arrives later in a run is not seen.
 """
 

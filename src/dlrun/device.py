@@ -1,4 +1,4 @@
-"""Device resolution, seeding and threads: decided once per run, here and nowhere else."""
+"""Device resolution, seeding, threads, autocast and memory format: decided once per run, here and nowhere else."""
 
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from dlrun.config.schema import DeviceType, Precision
 from dlrun.cpus import usable_cpus
 from dlrun.errors import ConfigError
 
 
-def resolve_device(cfg: DictConfig) -> torch.device:
-    """`auto` picks CUDA when present, else the CPU; `cuda` without CUDA is a clear error."""
-    kind = DeviceType(cfg.type).value
+def resolve_device(asked: str) -> torch.device:
+    """`device.type`: `auto` picks CUDA when present, else the CPU; `cuda` without CUDA is a clear error."""
+    kind = DeviceType(asked).value
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda" and not torch.cuda.is_available():
@@ -27,7 +26,6 @@ def resolve_device(cfg: DictConfig) -> torch.device:
             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
             "use device=cpu or device=auto"
         )
-    set_threads(cfg.threads)
     return torch.device(kind)
 
 

@@ -25,13 +25,17 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from dlrun.config.schema import cpu_share
-from dlrun.errors import ConfigError, DlrunError, WorkerFailed
+from dlrun.errors import ConfigError, DlrunError, Interrupted, WorkerFailed
+from dlrun.rundir import RunDir
+
+log = logging.getLogger("dlrun")
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,36 @@ def spawn(worker: Callable[..., None], world: int, *args: Any) -> None:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def outcome(err: WorkerFailed, folder: RunDir, devices: int) -> dict[str, Any]:
+    """What a failed rank means for a spawned run, from what rank 0 recorded: its summary when the run had
+    completed, else the error to raise (an interrupt, rank 0's error, or the rank's traceback)."""
+    summary = folder.read_summary() if folder.holds_run() else {}
+    if summary.get("status") == "completed" and not err.traceback:  # the run ended; a rank then died
+        log.warning("%s after the run had completed; its results are kept", err)  # in gloo's teardown
+        return summary
+    if summary.get("status") == "interrupted":  # after a checkpoint (128 + signal), or a second Ctrl-C
+        raise (Interrupted(err.signum, summary.get("steps", 0)) if err.signum else KeyboardInterrupt) from None
+    if err.traceback:  # not an error dlrun names: show where it happened, as one process would
+        raise RuntimeError(f"rank {err.rank} of the {devices}-process run failed:{err.traceback}") from None
+    raise DlrunError(f"the {devices}-process run failed: {summary.get('error') or err}") from None
+
+
+def rank_logging(ranks: Ranks, path: Path) -> None:
+    """Logging in a rank's own process (Hydra configured the launching process only): rank 0 logs
+    as a Hydra job does, to the run's log with warnings also on the console; the others stay quiet."""
+    root = logging.getLogger()
+    if not ranks.is_main:
+        root.addHandler(logging.NullHandler())
+        return
+    form = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    file, console = logging.FileHandler(path), logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    for handler in (file, console):
+        handler.setFormatter(form)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def _entry(index: int, worker: Callable[..., None], world: int, rendezvous: str, args: tuple) -> None:

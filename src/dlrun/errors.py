@@ -75,3 +75,13 @@ def exit_code(err: BaseException) -> int:
     if isinstance(err, KeyboardInterrupt):
         return signal_exit_code(getattr(err, "signum", signal.SIGINT))
     return 1
+
+
+def require_extra(extra: str, modules: tuple[str, ...], command: str) -> None:
+    """A one-line error naming the extra to install when a module of it is missing (found without importing it)."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise DlrunError(f"{command} needs dlrun's {extra} extra ({', '.join(missing)} missing here): "
+                         f"pip install 'dlrun[{extra}]'")

@@ -1,13 +1,16 @@
-"""The PNGs dlrun's tools draw with matplotlib (a run's own pictures are drawn faster, with Pillow:
-charts.py). Inputs arrive as plain arrays, lists or run folders, never tensors on a device;
-matplotlib is imported inside the functions, so the CLI path stays light, and used through its
-object API (a Figure on an Agg canvas: no pyplot, whose registry of open figures is global state
-and which costs another 30 ms to import); every PNG is written atomically through the run folder's
-one write.
+"""Every PNG dlrun draws, with matplotlib (the one plotting library). Inputs arrive as plain arrays, lists
+or run folders, never tensors on a device; matplotlib is imported inside the functions, so the CLI path
+stays light, and used through its object API (a Figure on an Agg canvas: no pyplot, whose registry of
+open figures is global state and which costs another 30 ms to import); every PNG is written atomically
+through the run folder's one write.
 
-- dlrun-report: the curves of several runs and the accuracy-versus-cost Pareto plot, readable from
-  1 to 50 runs: legends outside the data, labels that never overlap (a label that finds no free
-  place is left out; the table names every run), tick labels on every axis whatever its span;
+- a run's own pictures (`run_pictures`, with `logger.plots=true`): its learning curves (titled with its
+  overrides, the best epoch marked), the confusion matrix of its best weights (square-root colour scale,
+  counts up to 20 classes) or, for regression, their predictions against the targets;
+- dlrun-report: the curves of several runs (the same function as a run's own) and the accuracy-versus-cost
+  Pareto plot, readable from 1 to 50 runs: legends outside the data, labels that never overlap (a label
+  that finds no free place is left out; the table names every run), tick labels on every axis whatever
+  its span;
 - dlrun-explain: attribution grids and misclassified examples (see tools/explain.py).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -206,10 +210,13 @@ def _label(row: dict[str, Any]) -> str:
     return label if len(label) <= 60 else label[:57] + "..."
 
 
-def sweep_curves(rows: list[dict[str, Any]], score_metric: str):
-    """Validation (solid) and training (dashed) loss and score per epoch, one colour per row (a
-    configuration: its seeds share the colour); the legend beside the plots, naming at most
-    LEGEND_ENTRIES rows (rows come best first when there are more; the rest are grey). Returns the figure."""
+def learning_curves(rows: list[dict[str, Any]], score_metric: str, title: str | None = None,
+                    best_epoch: int | None = None):
+    """Loss and score per epoch, validation solid and training dashed, with a marker on every epoch (a
+    1-epoch run shows as points), one colour per row (a configuration: `records` holds the epoch records
+    of each of its runs, which share the colour); the legend beside the plots names at most
+    LEGEND_ENTRIES rows (rows come best first when there are more; the rest are grey). A run's own
+    curves give `best_epoch` (a dotted line) and `title`. Returns the figure."""
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
@@ -219,23 +226,112 @@ def sweep_curves(rows: list[dict[str, Any]], score_metric: str):
     axes = fig.subplots(1, 2)
     for i, row in enumerate(rows):
         color, width = (colors[i % len(colors)], 1.5) if i < len(named) else ("0.7", 0.8)
-        for path in row["paths"]:
-            records = read_metrics(RunDir(Path(path)))
+        for records in row["records"]:
             for ax, metric in zip(axes, ("loss", score_metric)):
                 for split, style in (("val", "-"), ("train", "--")):
-                    points = [(r["epoch"], r[f"{split}/{metric}"]) for r in records if f"{split}/{metric}" in r]
+                    points = [(r["epoch"], r[f"{split}/{metric}"]) for r in records
+                              if math.isfinite(r.get(f"{split}/{metric}", math.nan))]  # a diverged epoch is left out
                     if points:
-                        ax.plot(*zip(*points), style, color=color, linewidth=width)
+                        ax.plot(*zip(*points), style, marker="o", markersize=3, color=color, linewidth=width)
     for ax, metric in zip(axes, ("loss", score_metric)):
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="0.5", linestyle=":", linewidth=1.2)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{metric} (val solid, train dashed)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colors[i % len(colors)], label=_label(row)) for i, row in enumerate(named)]
+    handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", markersize=3, label=_label(row))
+               for i, row in enumerate(named)]
+    if len(rows) == 1:  # one configuration: its name is the title; the legend tells the lines apart
+        title = title or _label(rows[0])
+        handles = [Line2D([], [], color=colors[0], marker="o", markersize=3, linestyle=style, label=split)
+                   for split, style in (("val", "-"), ("train", "--"))]
     if len(rows) > len(named):
         handles.append(Line2D([], [], color="0.7", label=f"{len(rows) - len(named)} more (grey)"))
+    if best_epoch is not None:
+        handles.append(Line2D([], [], color="0.5", linestyle=":", label=f"best epoch ({best_epoch})"))
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    if title:
+        fig.suptitle(textwrap.fill(title, 150), fontsize=10)
     return fig
+
+
+ANNOTATE_UP_TO = 20  # classes: beyond this the confusion matrix shows colours only
+
+
+def confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str], title: str):
+    """Rows (true classes) normalised to sum 1 and coloured by that share (square-root scale, with its
+    colour bar, so confusions of a few percent still show among 100 classes); the counts written in the
+    cells up to ANNOTATE_UP_TO classes; class names on both axes. Returns the figure."""
+    from matplotlib.colors import PowerNorm
+
+    counts = np.asarray(matrix, dtype=np.int64).reshape(len(names), len(names))
+    k = len(names)
+    support = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
+    side = min(12.0, max(4.5, 0.32 * k + 2.5))
+    fig = figure(figsize=(side + 1.4, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
+    font = 9 if k <= 10 else 7
+    ax.set_xticks(range(k), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(k), names, fontsize=font)
+    if k <= ANNOTATE_UP_TO:
+        for (i, j), count in np.ndenumerate(counts):
+            if count:
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=font,
+                        color="white" if shares[i, j] > 0.4 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)
+    return fig
+
+
+def predicted_vs_true(true: np.ndarray, predicted: np.ndarray, title: str):
+    """Each (sample, output) as a point, predicted against true, a colour per output (named in the
+    legend up to 10 outputs); the diagonal is a perfect prediction. Returns the figure."""
+    true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
+    true, predicted = true.reshape(len(true), -1), predicted.reshape(len(predicted), -1)
+    finite = np.isfinite(true) & np.isfinite(predicted)
+    fig = figure(figsize=(6.5, 6), layout="constrained")
+    ax = fig.subplots()
+    for j in range(true.shape[1]):
+        ax.scatter(true[finite[:, j], j], predicted[finite[:, j], j], s=6, alpha=0.6,
+                   label=f"output {j}" if true.shape[1] <= 10 else None)
+    if finite.any():
+        low, high = float(min(true[finite].min(), predicted[finite].min())), float(max(true[finite].max(),
+                                                                                        predicted[finite].max()))
+        ax.plot([low, high], [low, high], color="black", linewidth=1.0, label="predicted = true")
+        ax.legend(fontsize="small", loc="upper left")
+    ax.set_xlabel("true value")
+    ax.set_ylabel("predicted value")
+    ax.grid(alpha=0.3)
+    ax.set_title(textwrap.fill(title, 80), fontsize=10)
+    return fig
+
+
+def run_pictures(folder: RunDir, summary: dict[str, Any], predictions: tuple[np.ndarray, np.ndarray] | None) -> list[Path]:
+    """A run's own pictures: its learning curves (if it has metrics), titled with the folder's name and the
+    run's overrides, the best epoch marked; the confusion matrix of its best weights on the test split
+    (classification, from the summary) or their `predictions` (true, predicted) against the targets."""
+    best = summary.get("best", {}).get("epoch")
+    overrides = " ".join(summary.get("overrides", [])) or "defaults"
+    written = []
+    records = read_metrics(folder)
+    if records:
+        score = "mae" if summary.get("data", {}).get("task") == "regression" else "acc"
+        rows = [{"run": folder.path.name, "overrides": overrides, "records": [records]}]
+        written.append(save(learning_curves(rows, score, f"{folder.path.name}: {overrides}", best),
+                            folder.learning_curves))
+    title = f"{folder.path.name}: best weights (epoch {best}), test split"
+    if summary.get("classes"):
+        classes = summary["classes"]
+        written.append(save(confusion_matrix(classes["best"]["confusion_matrix"], classes["names"], title),
+                            folder.confusion_matrix))
+    elif predictions is not None:
+        written.append(save(predicted_vs_true(*predictions, title), folder.predicted_vs_true))
+    return written
 
 
 def pareto_plot(rows: list[dict[str, Any]], cost: str, cost_label: str, score_metric: str, maximise: bool,

@@ -34,6 +34,7 @@ from typing import IO, Any, Callable, Iterator
 from dlrun.errors import ConfigError, Interrupted, RunFolderError
 
 SUMMARY = "summary.json"
+LEARNING_CURVES, PARETO = "learning_curves.png", "pareto.png"  # in a run's plots/, or dlrun-report's --plots folder
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class RunDir:
     hydra_overrides = property(lambda self: self.path / ".hydra" / "overrides.yaml")
     variants = property(lambda self: self.path / "variants")
     compress_report = property(lambda self: self.path / "compress.json")
+    learning_curves = property(lambda self: self.plots / LEARNING_CURVES)
     confusion_matrix = property(lambda self: self.plots / "confusion_matrix.png")  # classification runs
     predicted_vs_true = property(lambda self: self.plots / "predicted_vs_true.png")  # regression runs
     misclassified = property(lambda self: self.plots / "misclassified.png")  # dlrun-explain

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from dlrun.rundir import RunDir, append_line, read_metrics, write_bytes
+from dlrun.rundir import RunDir, RunRecord, append_line, read_metrics, write_bytes
 
 log = logging.getLogger("dlrun")
 
@@ -190,8 +190,7 @@ def summary_table(summary: dict[str, Any]):
     table.add_section()
     table.add_row("parameters", f"{params['total']:,}", f"{params['trainable']:,} trainable")
     table.add_row("size, FLOPs/sample", f"{cost['size_mb']:.3f} MiB", f"{cost['flops_per_sample']:,}")
-    threads = cost.get("latency", {}).get("threads")  # summaries before 0.2 did not record it
-    table.add_row(f"latency (batch 1, {full.split('_')[1]}" + (f"; {threads} threads" if threads else "") + ")",
+    table.add_row(f"latency (batch 1, {full.split('_')[1]}; {cost['latency']['threads']} threads)",
                   f"{latency['batch_1']:.3f} ms", f"{latency[full]:.3f} ms")
     table.add_row("peak memory", f"{cost['peak_memory_mb']:,.0f} MiB", cost["memory"])
     after = summary.get("after_training_s")
@@ -305,6 +304,20 @@ class MLflowSink:
             self._log(final_and_best(summary), step=summary["steps"])
             self.client.log_artifacts(self.run_id, str(self.run_dir))
         self.client.set_terminated(self.run_id, "FINISHED" if summary is not None else "FAILED")
+
+
+def optional_sinks(logger: Any, folder: RunDir, record: RunRecord, params: dict[str, Any]) -> list[Sink]:
+    """TensorBoard and MLflow, as `cfg.logger` asks; MLflow gets `params` (the flattened config), and its
+    run's id goes into the summary (`mlflow_run_id`), so that a resume continues that run."""
+    sinks: list[Sink] = []
+    if logger.tensorboard:
+        sinks.append(TensorBoardSink(folder.tensorboard))
+    if logger.mlflow:
+        mlflow = MLflowSink(logger.mlflow_tracking_uri, logger.mlflow_experiment, folder.path.name, params,
+                            folder.path, record.summary.get("mlflow_run_id"))
+        record.update(mlflow_run_id=mlflow.run_id)
+        sinks.append(mlflow)
+    return sinks
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

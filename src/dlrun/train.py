@@ -7,6 +7,9 @@ on the device once per batch.
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
@@ -15,7 +18,6 @@ from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 from torch.optim import Optimizer
@@ -32,14 +34,16 @@ from dlrun.config.schema import (
     score_name,
     trainer_config,
 )
-from dlrun.compress.distill import distilled
 from dlrun.config.validate import resolve_monitor
 from dlrun.data import Batch, Data, Split, batch_generator, epoch_generator, num_batches
 from dlrun.device import amp_dtype
 from dlrun.distributed import SINGLE, Ranks
-from dlrun.errors import Interrupted, NonFiniteLoss
+from dlrun.errors import Interrupted, NonFiniteLoss, StopNow
+from dlrun.losses import distill_loss, loss_and_score
 from dlrun.optim import Scheduler, steps_per_batch, warmup_factor
 from dlrun.sinks import Sink
+
+log = logging.getLogger("dlrun")
 
 
 @dataclass
@@ -138,6 +142,28 @@ class StopFlag:
 
 
 @contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and stops. A second signal stops at once."""
+    stop = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signum is not None:
+            raise StopNow(signum)
+        stop.signum = signum
+        log.warning("%s received: finishing the current step and writing a checkpoint", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
 def scaled_lr(optimizer: Optimizer, scale: float) -> Iterator[None]:
     """Multiply every group's lr by `scale` for one step, leaving the scheduler's values untouched."""
     if scale == 1.0:
@@ -151,21 +177,6 @@ def scaled_lr(optimizer: Optimizer, scale: float) -> Iterator[None]:
     finally:
         for group, lr in zip(optimizer.param_groups, saved):
             group["lr"] = lr
-
-
-def loss_and_score(output: torch.Tensor, y: torch.Tensor, task: str, label_smoothing: float = 0.0,
-                   reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss (cross-entropy or MSE) and the batch's score sum (correct predictions or absolute errors).
-
-    Per sample, both are means over its outputs (a regression sample has `horizon` of them), so a
-    `reduction="sum"` loss divided by the number of samples equals the `"mean"` loss of training."""
-    output = output.float()
-    if task == "regression":
-        errors = output - y  # (B, K)
-        loss = errors.pow(2).mean() if reduction == "mean" else errors.pow(2).mean(dim=1).sum()
-        return loss, errors.detach().abs().mean(dim=1).sum()
-    loss = F.cross_entropy(output, y, label_smoothing=label_smoothing, reduction=reduction)
-    return loss, (output.detach().argmax(dim=1) == y).sum()
 
 
 def autocast(device_type: str, dtype: torch.dtype | None):
@@ -203,7 +214,9 @@ def train_step(
                 output = parts.train_module(x)
             loss, score = loss_and_score(output, y, settings.task, settings.label_smoothing)
             if parts.teacher is not None:  # knowledge distillation: the teacher's soft targets join the labels
-                loss = distilled(loss, output, parts.teacher, x, settings)
+                with torch.no_grad():
+                    soft_targets = parts.teacher(x)
+                loss = distill_loss(output, soft_targets, loss, settings.distill.temperature, settings.distill.alpha)
             if skip_nonfinite and not torch.isfinite(loss):
                 with torch.no_grad():
                     for live, saved in zip(model.buffers(), buffers):

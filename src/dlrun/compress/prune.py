@@ -14,12 +14,9 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from dlrun.cost import flops_per_sample
+from dlrun.cost import count_parameters, flops_per_sample
 from dlrun.errors import DlrunError
-from dlrun.models import count_parameters
 
-BY = ("params", "flops")  # what the target ratio counts
-IMPORTANCE = ("magnitude", "taylor")  # L2 norm of a channel's weights, or |weight * gradient| (Molchanov 2019)
 STRUCTURED = {"dlrun.models.CNN", "dlrun.models.MLP"}
 CONV_OR_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Linear)
 GradFn = Callable[[nn.Module], None]  # fills a model's .grad from a few training batches (Taylor importance)

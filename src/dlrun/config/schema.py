@@ -1,8 +1,10 @@
 """Config schema: one dataclass per config-group option, registered in Hydra's ConfigStore.
 
-Every default is declared here once. The YAML files under ``conf/`` only pick a
-schema (``defaults: [/schema/<group>/<option>@_here_]``), so a typo or a wrong type in a YAML file
-or on the command line fails at composition with Hydra's message naming the key.
+The schemas declare the keys and their types; the values (every default) are declared once, in the
+YAML files under ``conf/``, each of which extends its schema (``defaults: [/schema/<group>/<option>@_here_]``),
+so a typo or a wrong type in a YAML file or on the command line fails at composition with Hydra's
+message naming the key. Only what YAML cannot hold is here: each option's ``_target_`` (what it builds)
+and the defaults of a `model.blocks` entry (`ConvBlockConfig`), filled into every entry a user writes.
 ``dlrun.config.validate`` adds the cross-field and range rules that types cannot express.
 
 This module must stay light: the CLI imports it for ``--help``, ``--cfg`` and
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -110,109 +113,128 @@ class ConvBlockConfig:
 
 
 @dataclass
-class CNNConfig:
+class CNNHeadConfig:
+    """What both CNN options share: normalisation, dropout and the head (see dlrun.models.CNN)."""
+
     _target_: str = "dlrun.models.CNN"
-    channels: List[int] = field(default_factory=lambda: [32, 64])
-    kernel_size: int = 3
-    pool: Pool = Pool.max
-    batch_norm: bool = True
-    dropout: float = 0.1  # after each block of `channels`, channel-wise; and after the head's hidden layers
-    # the head's hidden layers: a width (0 = none) or a list of widths; checked in validate.py
-    hidden: Any = 128
-    # a list of ConvBlockConfig used instead of channels, kernel_size and pool (null: use those)
-    blocks: Optional[List[ConvBlockConfig]] = None
-    head: CNNHead = CNNHead.flatten  # flatten, or avg (global average pool) before the hidden layers
-    head_dropout: Optional[float] = None  # after every hidden layer and before the output; null: `dropout` as above
+    batch_norm: bool = MISSING
+    dropout: float = MISSING
+    hidden: Any = MISSING  # a width (0 = none) or a list of widths; checked in validate.py
+    head: CNNHead = MISSING
+    head_dropout: Optional[float] = MISSING
+
+
+@dataclass
+class CNNConfig(CNNHeadConfig):
+    """model=cnn: the `channels` shorthand (a "same" convolution per width, a pool and channel dropout each)."""
+
+    channels: List[int] = MISSING
+    kernel_size: int = MISSING
+    pool: Pool = MISSING
+
+
+@dataclass
+class CNNBlocksConfig(CNNHeadConfig):
+    """model=cnn_blocks: the layers written out, one `ConvBlockConfig` per block (no `channels`, `kernel_size`
+    or `pool` here: each block names its own)."""
+
+    blocks: List[ConvBlockConfig] = MISSING
 
 
 @dataclass
 class MLPConfig:
     _target_: str = "dlrun.models.MLP"
-    hidden: List[int] = field(default_factory=lambda: [256, 128])  # [] = logistic regression
-    batch_norm: bool = True
-    dropout: float = 0.1
+    hidden: List[int] = MISSING
+    batch_norm: bool = MISSING
+    dropout: float = MISSING
 
 
 @dataclass
 class RNNConfig:
     _target_: str = "dlrun.models.RNN"
-    cell: Cell = Cell.lstm
-    hidden_size: int = 128
-    num_layers: int = 1
-    bidirectional: bool = False
-    dropout: float = 0.0  # between stacked layers and before the head
-    readout: Readout = Readout.last  # what of the output sequence feeds the head
+    cell: Cell = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    bidirectional: bool = MISSING
+    dropout: float = MISSING
+    readout: Readout = MISSING
 
 
 @dataclass
 class ResNetConfig:
     _target_: str = "dlrun.models.ResNet"
-    depth: int = 20  # 6n + 2: 8, 14, 20, 32, 44, 56, 110
-    width: int = 16  # channels of the first stage; the second and third have 2x and 4x
+    depth: int = MISSING
+    width: int = MISSING
 
 
 @dataclass
 class TransformerConfig:
     _target_: str = "dlrun.models.Transformer"
-    d_model: int = 64
-    heads: int = 4  # must divide d_model
-    layers: int = 2
-    ff_dim: int = 128  # width of each layer's feed-forward block
-    dropout: float = 0.1
-    positional: Positional = Positional.learned
-    readout: TokenReadout = TokenReadout.mean
-    patch_size: int = 0  # 0: a token per step (C, L) or per row (C, H, W); p: p steps or p x p pixels
+    d_model: int = MISSING
+    heads: int = MISSING
+    layers: int = MISSING
+    ff_dim: int = MISSING
+    dropout: float = MISSING
+    positional: Positional = MISSING
+    readout: TokenReadout = MISSING
+    patch_size: int = MISSING
 
 
 # ----------------------------------------------------------------- optimizer
-# Built as `instantiate(cfg.optimizer, _partial_=True)(model.parameters())`.
-
-
-# `fused`: null (the default) takes torch's fused kernel where it has one for the parameters' device
-# (CPU and CUDA: faster optimizer steps, part of bench/loop_overhead.py's fast paths); true or false forces it.
+# Built as `instantiate(cfg.optimizer, _partial_=True)(model.parameters())`. `fused`: null takes torch's
+# fused kernel where it has one for the parameters' device; true or false forces it (see dlrun.optim).
 
 
 @dataclass
 class SGDConfig:
     _target_: str = "torch.optim.SGD"
-    lr: float = 0.05
-    weight_decay: float = 0.0
-    fused: Optional[bool] = None
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    fused: Optional[bool] = MISSING
 
 
 @dataclass
 class MomentumConfig(SGDConfig):
-    momentum: float = 0.9
-    nesterov: bool = True
-    dampening: float = 0.0
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+    dampening: float = MISSING
 
 
 @dataclass
 class RMSpropConfig:
     _target_: str = "torch.optim.RMSprop"
-    lr: float = 1e-3
-    alpha: float = 0.99
-    eps: float = 1e-8
-    momentum: float = 0.0
-    centered: bool = False
-    weight_decay: float = 0.0
+    lr: float = MISSING
+    alpha: float = MISSING
+    eps: float = MISSING
+    momentum: float = MISSING
+    centered: bool = MISSING
+    weight_decay: float = MISSING
+
+
+@dataclass
+class AdadeltaConfig:
+    _target_: str = "torch.optim.Adadelta"
+    lr: float = MISSING
+    rho: float = MISSING
+    eps: float = MISSING
+    weight_decay: float = MISSING
 
 
 @dataclass
 class AdamConfig:
     _target_: str = "torch.optim.Adam"
-    lr: float = 1e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    amsgrad: bool = False
-    fused: Optional[bool] = None
+    lr: float = MISSING
+    betas: List[float] = MISSING
+    eps: float = MISSING
+    weight_decay: float = MISSING
+    amsgrad: bool = MISSING
+    fused: Optional[bool] = MISSING
 
 
 @dataclass
 class AdamWConfig(AdamConfig):
     _target_: str = "torch.optim.AdamW"
-    weight_decay: float = 0.01
+    weight_decay: float = MISSING
 
 
 # ----------------------------------------------------------------- scheduler
@@ -228,61 +250,58 @@ class NoSchedulerConfig:
 @dataclass
 class StepSchedulerConfig:
     _target_: str = "dlrun.optim.step_lr"
-    step_epochs: int = 5  # multiply the lr by gamma every step_epochs epochs
-    gamma: float = 0.1
+    step_epochs: int = MISSING
+    gamma: float = MISSING
 
 
 @dataclass
 class CosineSchedulerConfig:
     _target_: str = "dlrun.optim.cosine_lr"
-    min_lr_ratio: float = 0.0  # the lr at the end, as a fraction of the initial lr
+    min_lr_ratio: float = MISSING
 
 
 @dataclass
 class OneCycleSchedulerConfig:
     _target_: str = "dlrun.optim.onecycle_lr"
-    pct_start: float = 0.3
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
+    pct_start: float = MISSING
+    div_factor: float = MISSING
+    final_div_factor: float = MISSING
 
 
 @dataclass
 class PlateauSchedulerConfig:
     _target_: str = "dlrun.optim.plateau_lr"
-    factor: float = 0.1
-    patience: int = 3  # evaluations without improvement of the monitored metric
-    threshold: float = 1e-4
-    min_lr: float = 0.0
+    factor: float = MISSING
+    patience: int = MISSING
+    threshold: float = MISSING
+    min_lr: float = MISSING
 
 
 # ------------------------------------------------------------------- dataset
 # Built as `instantiate(cfg.dataset)`: returns the raw splits (see dlrun.data).
 
-DATA_DIR = "${oc.env:DLRUN_DATA_DIR,data}"  # relative to where dlrun runs; git-ignored in the project
-
 
 @dataclass
 class DigitsConfig:
     _target_: str = "dlrun.data.load_digits"
-    test_fraction: float = 0.2
-    val_fraction: float = 0.1  # of the whole set, taken from what is left after the test split
-    split_seed: int = 0
-    crop_padding: int = 0  # random crops with this padding (0 = off)
-    hflip: bool = False  # random horizontal flips
+    test_fraction: float = MISSING
+    val_fraction: float = MISSING
+    split_seed: int = MISSING
+    crop_padding: int = MISSING
+    hflip: bool = MISSING
 
 
 @dataclass
 class Mnist1DConfig:
     _target_: str = "dlrun.data.load_mnist1d"
-    data_dir: str = DATA_DIR  # the generated set is cached here
-    num_samples: int = 5000
-    train_split: float = 0.8  # 4000 train / 1000 test, as in the benchmark
-    val_fraction: float = 0.1  # of the training split
-    split_seed: int = 0
-    generator_seed: int = 42  # the benchmark's own seed
-    # training-time augmentation, batched on the device (0 = off)
-    crop_padding: int = 0  # random shifts by up to this many steps either way, zero-padded (as image crops)
-    augment_noise: float = 0.0  # std of Gaussian noise added to the (normalised) training inputs
+    data_dir: str = MISSING
+    num_samples: int = MISSING
+    train_split: float = MISSING
+    val_fraction: float = MISSING
+    split_seed: int = MISSING
+    generator_seed: int = MISSING
+    crop_padding: int = MISSING
+    augment_noise: float = MISSING
 
 
 MNIST1D_LENGTH = 40  # the generator's final_seq_length: the length of every MNIST-1D signal
@@ -291,27 +310,27 @@ MNIST1D_LENGTH = 40  # the generator's final_seq_length: the length of every MNI
 @dataclass
 class SequenceConfig:
     _target_: str = "dlrun.data.load_sequence"
-    num_series: int = 4000
-    length: int = 50  # input steps
-    horizon: int = 5  # values to predict
-    num_sines: int = 2  # each series is a sum of this many random sines
-    noise: float = 0.05  # std of the Gaussian noise on every value
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    seed: int = 0
-    augment_noise: float = 0.0  # std of Gaussian noise added to the (normalised) training inputs; 0 = off
-    crop_padding: int = 0  # must stay 0: a shifted window would predict another future than its target
+    num_series: int = MISSING
+    length: int = MISSING
+    horizon: int = MISSING
+    num_sines: int = MISSING
+    noise: float = MISSING
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    seed: int = MISSING
+    augment_noise: float = MISSING
+    crop_padding: int = MISSING
 
 
 @dataclass
 class MNISTConfig:
     _target_: str = "dlrun.data.load_mnist"
-    data_dir: str = DATA_DIR  # files in <data_dir>/MNIST/raw/
-    download: bool = False
-    val_fraction: float = 5000 / 60000  # 55k / 5k / 10k
-    split_seed: int = 0
-    crop_padding: int = 0  # random crops with this padding (0 = off)
-    hflip: bool = False  # random horizontal flips (no use for digits; fine for Fashion-MNIST)
+    data_dir: str = MISSING
+    download: bool = MISSING
+    val_fraction: float = MISSING
+    split_seed: int = MISSING
+    crop_padding: int = MISSING
+    hflip: bool = MISSING
 
 
 @dataclass
@@ -322,13 +341,13 @@ class FashionMNISTConfig(MNISTConfig):
 @dataclass
 class CIFAR10Config:
     _target_: str = "dlrun.data.load_cifar10"
-    data_dir: str = DATA_DIR  # files in <data_dir>/cifar-10-batches-py/
-    download: bool = False
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    verify: bool = True  # check torchvision's md5 sums of the files
-    crop_padding: int = 4  # random crops with this padding (0 = off)
-    hflip: bool = True  # random horizontal flips
+    data_dir: str = MISSING
+    download: bool = MISSING
+    val_fraction: float = MISSING
+    split_seed: int = MISSING
+    verify: bool = MISSING
+    crop_padding: int = MISSING
+    hflip: bool = MISSING
 
 
 @dataclass
@@ -339,17 +358,17 @@ class CIFAR100Config(CIFAR10Config):
 @dataclass
 class ImageFolderConfig:
     _target_: str = "dlrun.data.load_imagefolder"
-    root: str = MISSING  # <root>/<class>/*.png, or <root>/{train,val[,test]}/<class>/*.png
-    image_size: List[int] = field(default_factory=lambda: [32, 32])  # H, W after resizing
-    channels: int = 3  # 3 = RGB, 1 = grayscale
-    val_fraction: float = 0.1  # used when root has no train/val folders
-    test_fraction: float = 0.1
-    split_seed: int = 0
-    in_memory_limit: int = 50000  # more images than this are streamed through a DataLoader
-    workers: int = 2  # DataLoader workers when streaming
-    cache_dir: str = DATA_DIR  # decoded images are cached here
-    crop_padding: int = 0
-    hflip: bool = False
+    root: str = MISSING
+    image_size: List[int] = MISSING
+    channels: int = MISSING
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
+    split_seed: int = MISSING
+    in_memory_limit: int = MISSING
+    workers: int = MISSING
+    cache_dir: str = MISSING
+    crop_padding: int = MISSING
+    hflip: bool = MISSING
 
 
 # -------------------------------------------------------------------- logger
@@ -357,16 +376,11 @@ class ImageFolderConfig:
 
 @dataclass
 class LoggerConfig:
-    tensorboard: bool = True  # event files in <run>/tensorboard
-    mlflow: bool = False
-    # a local SQLite-backed store by default (artifacts beside it); any MLflow tracking URI works
-    mlflow_tracking_uri: str = "sqlite:///outputs/mlflow.db"
-    mlflow_experiment: str = "dlrun"
-
-
-@dataclass
-class MLflowLoggerConfig(LoggerConfig):
-    mlflow: bool = True
+    tensorboard: bool = MISSING
+    plots: bool = MISSING
+    mlflow: bool = MISSING
+    mlflow_tracking_uri: str = MISSING
+    mlflow_experiment: str = MISSING
 
 
 # -------------------------------------------------------------------- device
@@ -374,18 +388,8 @@ class MLflowLoggerConfig(LoggerConfig):
 
 @dataclass
 class DeviceConfig:
-    type: DeviceType = DeviceType.auto  # auto: CUDA when present, else CPU
-    threads: int = 0  # intra-op CPU threads; 0: torch's default, at most the CPUs this process may use (cpus.py)
-
-
-@dataclass
-class CPUDeviceConfig(DeviceConfig):
-    type: DeviceType = DeviceType.cpu
-
-
-@dataclass
-class CUDADeviceConfig(DeviceConfig):
-    type: DeviceType = DeviceType.cuda
+    type: DeviceType = MISSING
+    threads: int = MISSING
 
 
 # ------------------------------------------------------------------- trainer
@@ -393,8 +397,8 @@ class CUDADeviceConfig(DeviceConfig):
 
 @dataclass
 class EarlyStoppingConfig:
-    patience: int = 0  # evaluations without an improvement of trainer.monitor before stopping; 0 = off
-    min_delta: float = 0.0  # the smallest change that counts as an improvement
+    patience: int = MISSING
+    min_delta: float = MISSING
 
 
 @dataclass
@@ -402,59 +406,53 @@ class DistillConfig:
     """Knowledge distillation from a trained run (Hinton et al. 2015): the training loss becomes
     alpha * T^2 * KL(teacher's soft targets || student's) + (1 - alpha) * cross-entropy on the labels."""
 
-    teacher: Optional[str] = None  # a finished run folder of the same dataset; null = off
-    temperature: float = 4.0  # T: softens both distributions (> 0)
-    alpha: float = 0.5  # weight of the soft targets, in [0, 1]; 0 = plain training
+    teacher: Optional[str] = MISSING
+    temperature: float = MISSING
+    alpha: float = MISSING
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 15
-    batch_size: int = 64
-    # 128: on a CPU, a CNN evaluates about twice as fast as in batches of 512 (its activations stay in
-    # the cache); an MLP is indifferent to it and an LSTM a few percent slower
-    eval_batch_size: int = 128
-    seed: int = 0
-    eval_every: int = 1  # validate every N epochs (and always after the last)
-    log_every: int = 10  # steps between progress-display refreshes (each one reads the loss)
-    # selects the best checkpoint and is what a sweep optimises; auto: val/acc, or val/loss for regression
-    monitor: str = "auto"
-    monitor_mode: MonitorMode = MonitorMode.auto
-    save_checkpoints: bool = True
-    checkpoint_every: int = 0  # also write the last checkpoint every N steps; 0 = at epoch ends only
-    on_nonfinite: OnNonFinite = OnNonFinite.stop  # what a NaN/inf training loss does
-    # loop features
-    precision: Precision = Precision.fp32
-    grad_clip: float = 0.0  # 0 = off
-    grad_clip_mode: ClipMode = ClipMode.norm
-    accumulate: int = 1  # micro-batches of batch_size per optimizer step
-    label_smoothing: float = 0.0  # training loss only; val/test losses are plain cross-entropy
-    decay_norm_and_bias: bool = True  # false: no weight decay on biases and normalisation weights
-    ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights (e.g. 0.999)
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    seed: int = MISSING
+    eval_every: int = MISSING
+    log_every: int = MISSING
+    monitor: str = MISSING
+    monitor_mode: MonitorMode = MISSING
+    save_checkpoints: bool = MISSING
+    checkpoint_every: int = MISSING
+    on_nonfinite: OnNonFinite = MISSING
+    precision: Precision = MISSING
+    grad_clip: float = MISSING
+    grad_clip_mode: ClipMode = MISSING
+    accumulate: int = MISSING
+    label_smoothing: float = MISSING
+    decay_norm_and_bias: bool = MISSING
+    ema_decay: float = MISSING
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    warmup_epochs: float = 0.0  # linear lr warmup, on top of any scheduler
-    # NHWC memory format for 2-D models and images; null: on where it is faster (device.use_channels_last)
-    channels_last: Optional[bool] = None
-    compile: bool = False  # torch.compile the model (pays off on GPUs, rarely on small CPU runs)
-    deterministic: bool = False  # torch.use_deterministic_algorithms for the run
-    # data-parallel processes (DDP, one per CPU share or GPU), one run folder; torchrun sets its own
-    devices: int = 1
-    # quick checks (see conf/debug/)
-    limit_train_batches: int = 0  # batches per epoch; 0 = all
-    limit_eval_batches: int = 0  # val and test batches (of eval_batch_size); 0 = all
-    overfit_batches: int = 0  # train, and validate, on the same first N batches; 0 = off
+    warmup_epochs: float = MISSING
+    channels_last: Optional[bool] = MISSING
+    compile: bool = MISSING
+    deterministic: bool = MISSING
+    devices: int = MISSING
+    limit_train_batches: int = MISSING
+    limit_eval_batches: int = MISSING
+    overfit_batches: int = MISSING
 
 
 # -------------------------------------------------------------------- config
 
 GROUPS = {
-    "model": {"cnn": CNNConfig, "rnn": RNNConfig, "mlp": MLPConfig, "resnet": ResNetConfig,
-              "transformer": TransformerConfig},
+    "model": {"cnn": CNNConfig, "cnn_blocks": CNNBlocksConfig, "rnn": RNNConfig, "mlp": MLPConfig,
+              "resnet": ResNetConfig, "transformer": TransformerConfig},
     "optimizer": {
         "sgd": SGDConfig,
         "momentum": MomentumConfig,
         "rmsprop": RMSpropConfig,
+        "adadelta": AdadeltaConfig,
         "adam": AdamConfig,
         "adamw": AdamWConfig,
     },
@@ -475,9 +473,9 @@ GROUPS = {
         "cifar100": CIFAR100Config,
         "imagefolder": ImageFolderConfig,
     },
-    "device": {"auto": DeviceConfig, "cpu": CPUDeviceConfig, "cuda": CUDADeviceConfig},
+    "device": {"auto": DeviceConfig},  # cpu and cuda extend auto (conf/device/)
     "trainer": {"default": TrainerConfig},
-    "logger": {"default": LoggerConfig, "mlflow": MLflowLoggerConfig},
+    "logger": {"default": LoggerConfig},  # mlflow extends default (conf/logger/)
 }
 
 
@@ -490,8 +488,7 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    # A run folder to continue, with its saved config: `dlrun resume=outputs/2026-11-28/14-03-07`.
-    resume: Optional[str] = None
+    resume: Optional[str] = MISSING  # a run folder to continue (conf/config.yaml)
 
 
 def cpu_share(n_jobs: int) -> int:
@@ -522,11 +519,38 @@ def register_configs(cs: ConfigStore | None = None) -> None:
 
 
 def trainer_config(node: DictConfig | dict | TrainerConfig) -> TrainerConfig:
-    """`cfg.trainer` as the schema object, checked against the schema: keys added since a config
-    was saved take their defaults, unknown keys and wrong types are refused."""
+    """`cfg.trainer` as the schema object, checked against the schema (unknown keys, wrong types and
+    missing values are refused)."""
     if isinstance(node, TrainerConfig):
         return node
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), node))
+
+
+def conf_dir() -> Path:
+    """The `conf/` directory: inside the installed package, or at the top of a checkout."""
+    here = Path(__file__).resolve().parents[1]  # the dlrun package
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"dlrun's config directory was not found next to {here}")
+
+
+# The sections of a saved config that are settings of dlrun itself, and the option whose values fill
+# the keys added since the config was saved.
+SETTINGS = {"trainer": "default", "device": "auto", "logger": "default"}
+
+
+def with_current_keys(cfg: DictConfig) -> DictConfig:
+    """A config saved by an earlier dlrun (a checkpoint's) with the trainer, device and logger keys added since
+    at today's values (conf/<group>/<option>.yaml), checked against today's schema (unknown keys and wrong types
+    are refused). The built groups (model, optimizer, ...) stay as saved, so that a resumed run goes on exactly
+    as it began."""
+    for group, option in SETTINGS.items():
+        values = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
+        values.pop("defaults", None)
+        schema = OmegaConf.structured(GROUPS[group][option])
+        cfg[group] = OmegaConf.merge(schema, values, cfg.get(group) or {})
+    return cfg
 
 
 def to_plain(cfg: DictConfig) -> dict:

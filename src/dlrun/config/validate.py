@@ -13,8 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dlrun.config.schema import MNIST1D_LENGTH, MonitorMode, OnNonFinite, TrainerConfig, score_name
-from dlrun.config.schema import CNNConfig, ConvBlockConfig
 from dlrun.errors import ConfigError
+from dlrun.rundir import RunDir
 
 SEED_MAX = 2**32 - 1  # numpy.random.seed's largest seed
 SEQUENCE = "dlrun.data.load_sequence"  # the regression dataset (a forecast)
@@ -111,16 +111,15 @@ def validate_trainer(t: DictConfig) -> None:
 def validate_distill(d: DictConfig, dataset: DictConfig) -> None:
     """trainer.distill: a teacher run folder with a best checkpoint, T > 0, alpha in [0, 1], a
     classification dataset, the one the teacher's saved config names. (The data itself, classes and
-    shapes, is compared once it is loaded: dlrun.compress.distill.load_teacher.)"""
-    key, folder = "trainer.distill.teacher", Path(d.teacher).expanduser()
-    _require((folder / "checkpoints" / "best.pt").is_file(), key,
-             "must be a finished dlrun run folder (with checkpoints/best.pt)", d.teacher)
+    shapes, is compared once it is loaded: dlrun.run.load_teacher.)"""
+    key, folder = "trainer.distill.teacher", RunDir(Path(d.teacher).expanduser())
+    _require(folder.best.is_file(), key, "must be a finished dlrun run folder (with checkpoints/best.pt)", d.teacher)
     _require(d.temperature > 0, "trainer.distill.temperature", "must be > 0", d.temperature)
     _require(0 <= d.alpha <= 1, "trainer.distill.alpha", "must be in [0, 1] (0 = plain training)", d.alpha)
     ours = dataset.get("_target_")
     _require(ours != SEQUENCE, key, "distillation needs a classification dataset (dataset=sequence is regression)",
              d.teacher)
-    saved = folder / ".hydra" / "config.yaml"
+    saved = folder.hydra_config
     theirs = OmegaConf.select(OmegaConf.load(saved), "dataset._target_", default=None) if saved.is_file() else None
     _require(theirs in (None, ours), key, f"the teacher was trained on other data ({theirs}; the student's: {ours})",
              d.teacher)
@@ -141,7 +140,7 @@ def validate_model(model: DictConfig) -> None:
         )
     if OmegaConf.is_list(model.get("hidden")):
         _require(all(h > 0 for h in model.hidden), "model.hidden", "must be positive integers", list(model.hidden))
-    elif "blocks" in model:  # the CNN's head: one width or a list of widths
+    elif "head" in model:  # the CNN's head: one width or a list of widths
         _require(type(model.hidden) is int and model.hidden >= 0, "model.hidden",
                  "must be a width >= 0 (0 = no hidden layer) or a list of positive widths", model.hidden)
     if model.get("head_dropout") is not None:
@@ -153,26 +152,18 @@ def validate_model(model: DictConfig) -> None:
 
 
 def validate_blocks(model: DictConfig) -> None:
-    """`model.blocks` replaces the CNN's channels, kernel_size and pool: those must keep their defaults."""
-    defaults = CNNConfig()
-    for key in ("channels", "kernel_size", "pool"):
-        value, default = model[key], getattr(defaults, key)
-        same = list(value) == default if OmegaConf.is_list(value) else _plain(value) == _plain(default)
-        _require(same, f"model.{key}", "has no effect when model.blocks is set (each block names its channels, "
-                 "kernel and pool); change model.blocks instead, or set model.blocks=null",
-                 list(value) if OmegaConf.is_list(value) else _plain(value))
+    """model=cnn_blocks: a non-empty list of blocks, each with channels and sizes in range."""
     _require(OmegaConf.is_list(model.blocks) and len(model.blocks) > 0, "model.blocks",
-             "must be a non-empty list of blocks such as {channels: 32, kernel: 3}, or null", model.blocks)
-    block_defaults = ConvBlockConfig()
+             "must be a non-empty list of blocks such as {channels: 32, kernel: 3}", model.blocks)
     for i, block in enumerate(model.blocks):
         where = f"model.blocks[{i}]"
-        if not OmegaConf.is_dict(block) or OmegaConf.is_missing(block, "channels") or "channels" not in block:
+        if not OmegaConf.is_dict(block) or "channels" not in block or OmegaConf.is_missing(block, "channels"):
             raise ConfigError(f"{where} names no channels: every block is a mapping such as {{channels: 32, kernel: 3}}")
         for key in ("channels", "kernel", "stride", "pool_size"):
-            value = block.get(key, getattr(block_defaults, key))
-            _require(value > 0, f"{where}.{key}", "must be a positive integer", value)
-        dropout = block.get("dropout", 0.0)
-        _require(0 <= dropout < 1, f"{where}.dropout", "must be in [0, 1)", dropout)
+            if key in block:  # a composed config has them all; a config written by hand may leave some out
+                _require(block[key] > 0, f"{where}.{key}", "must be a positive integer", block[key])
+        if "dropout" in block:
+            _require(0 <= block.dropout < 1, f"{where}.dropout", "must be in [0, 1)", block.dropout)
 
 
 def validate_residual_model(model: DictConfig) -> None:
@@ -189,10 +180,6 @@ def validate_residual_model(model: DictConfig) -> None:
     if "patch_size" in model:
         _require(model.patch_size >= 0, "model.patch_size", "must be >= 0 (0 = a token per step or per row)",
                  model.patch_size)
-
-
-def _plain(value: Any) -> Any:
-    return getattr(value, "value", value)
 
 
 def validate_dataset(ds: DictConfig) -> None:

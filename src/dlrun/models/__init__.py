@@ -1,4 +1,4 @@
-"""Model families. Classes take plain numbers; shapes come from the DataSpec.
+"""Model families. Classes take plain numbers; the data supplies the shapes (`in_shape`, `num_outputs`).
 
 Their keyword defaults are the schema's (config/schema.py: CNNConfig, MLPConfig, RNNConfig,
 ResNetConfig, TransformerConfig); tests/test_models.py fails if the two disagree.
@@ -11,13 +11,12 @@ importable as `dlrun.models.<Class>`, the name configs and checkpoints use.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig
 from torch import nn
 
 from dlrun.config.targets import instantiate_trusted
-from dlrun.data import DataSpec
 from dlrun.errors import ConfigError
 from dlrun.models.cnn import CNN
 from dlrun.models.mlp import MLP
@@ -25,14 +24,14 @@ from dlrun.models.resnet import ResNet
 from dlrun.models.rnn import RNN
 from dlrun.models.transformer import Transformer
 
-__all__ = ["CNN", "MLP", "RNN", "ResNet", "Transformer", "build_model", "check_keys", "count_parameters"]
+__all__ = ["CNN", "MLP", "RNN", "ResNet", "Transformer", "build_model", "check_keys"]
 
 
-def build_model(cfg: DictConfig, spec: DataSpec) -> nn.Module:
+def build_model(cfg: DictConfig, in_shape: Sequence[int], num_outputs: int) -> nn.Module:
     """`cfg._target_(in_shape=..., num_outputs=..., **keys)`; every key must be a constructor parameter."""
     factory = instantiate_trusted(cfg, cfg._target_, _partial_=True, _convert_="all")  # its own: see targets.py
     check_keys(factory.func, [k for k in cfg if k != "_target_"], "model")
-    return factory(in_shape=tuple(spec.input_shape), num_outputs=spec.num_outputs)
+    return factory(in_shape=tuple(in_shape), num_outputs=num_outputs)
 
 
 def check_keys(constructor: Callable[..., Any], keys: list[str], group: str) -> None:
@@ -46,8 +45,3 @@ def check_keys(constructor: Callable[..., Any], keys: list[str], group: str) -> 
         name = getattr(constructor, "__qualname__", str(constructor))
         raise ConfigError(f"{group}.{unknown[0]} is not a parameter of {name}; it takes: {', '.join(taken)}")
 
-
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable}

@@ -17,16 +17,16 @@ from dlrun.errors import ConfigError
 
 @dataclass(frozen=True)
 class Block:
-    """conv -> (batch norm) -> ReLU -> (pool) -> (dropout). The keys of one `model.blocks` entry
-    (config/schema.py: ConvBlockConfig), with its defaults."""
+    """conv -> (batch norm) -> ReLU -> (pool) -> (dropout): the keys of one `model.blocks` entry (their defaults,
+    filled into every entry of a composed config: config/schema.py ConvBlockConfig)."""
 
     channels: int
-    kernel: int = 3
-    stride: int = 1
-    padding: str = "same"  # same: kernel // 2 on each side (the size / stride for odd kernels); valid: none
-    pool: str = "none"  # max, avg or none
-    pool_size: int = 2  # window and stride of the pooling
-    dropout: float = 0.0  # element-wise, as Keras' Dropout and torch's nn.Dropout
+    kernel: int
+    stride: int
+    padding: str  # same: kernel // 2 on each side (the size / stride for odd kernels); valid: none
+    pool: str  # max, avg or none
+    pool_size: int  # window and stride of the pooling
+    dropout: float  # element-wise, as Keras' Dropout and torch's nn.Dropout
     channel_dropout: bool = False  # whole channels (Dropout1d/2d): the `channels` shorthand's kind; not a config key
 
 
@@ -39,7 +39,8 @@ def plain(value: Any) -> Any:
 
 
 def parse_blocks(blocks: Sequence[Mapping[str, Any] | Block]) -> list[Block]:
-    """`model.blocks` entries (dicts from the config, or Blocks) as Blocks; an unknown key is a one-line error."""
+    """`model.blocks` entries (dicts from the config, or Blocks) as Blocks; an unknown or a missing key is a
+    one-line error."""
     parsed = []
     for i, entry in enumerate(blocks):
         if isinstance(entry, Block):
@@ -48,8 +49,10 @@ def parse_blocks(blocks: Sequence[Mapping[str, Any] | Block]) -> list[Block]:
         unknown = [k for k in entry if k not in BLOCK_KEYS]
         if unknown:
             raise ConfigError(f"model.blocks[{i}].{unknown[0]} is not a block key; allowed: {', '.join(BLOCK_KEYS)}")
-        if "channels" not in entry:
-            raise ConfigError(f"model.blocks[{i}] names no channels (e.g. {{channels: 32, kernel: 3}})")
+        missing = [k for k in BLOCK_KEYS if k not in entry]
+        if missing:
+            raise ConfigError(f"model.blocks[{i}] names no {', '.join(missing)} (every key of a block: "
+                              f"{', '.join(BLOCK_KEYS)}; a composed config fills them in)")
         block = Block(**{k: plain(v) for k, v in entry.items()})
         for key, allowed in (("padding", ("same", "valid")), ("pool", ("none", "max", "avg"))):
             if getattr(block, key) not in allowed:
@@ -60,7 +63,7 @@ def parse_blocks(blocks: Sequence[Mapping[str, Any] | Block]) -> list[Block]:
 
 def shorthand_blocks(channels: Sequence[int], kernel_size: int, pool: str, dropout: float) -> list[Block]:
     """`model.channels` as blocks: "same" convolutions, each followed by a pool of 2 and channel dropout."""
-    return [Block(c, kernel_size, pool=plain(pool), dropout=dropout, channel_dropout=True) for c in channels]
+    return [Block(c, kernel_size, 1, "same", plain(pool), 2, dropout, channel_dropout=True) for c in channels]
 
 
 def conv_size(size: int, block: Block) -> int:
@@ -72,31 +75,36 @@ class CNN(nn.Module):
     """[conv -> (batch norm) -> ReLU -> (pool) -> (dropout)] per block, then the head:
     flatten (or global average pool) -> [FC `hidden` -> ReLU -> dropout] -> FC to the outputs.
 
-    The blocks are `blocks` when given (each a dict of Block's keys), else one per width of
-    `channels`: "same" convolutions of `kernel_size`, a `pool` of 2 and channel-wise `dropout`
-    after each. `hidden` is one width (0 = none) or a list. `head_dropout` is the dropout after
-    every hidden layer and right before the output layer; None keeps `dropout` after the hidden
-    layers only (as before the key existed).
+    The blocks are either `blocks` (model=cnn_blocks: each a dict of Block's keys) or one per width of
+    `channels` (model=cnn): "same" convolutions of `kernel_size`, a `pool` of 2 and channel-wise `dropout`
+    after each; one of the two, never both. `hidden` is one width (0 = none) or a list. `head_dropout`
+    is the dropout after every hidden layer and right before the output layer; None keeps `dropout`
+    after the hidden layers only.
     """
 
     def __init__(
         self,
         in_shape: Sequence[int],
         num_outputs: int,
-        channels: Sequence[int] = (32, 64),
-        kernel_size: int = 3,
-        pool: str = "max",
-        batch_norm: bool = True,
-        dropout: float = 0.1,
-        hidden: int | Sequence[int] = 128,
-        blocks: Sequence[Mapping[str, Any] | Block] | None = None,
-        head: str = "flatten",
-        head_dropout: float | None = None,
+        *,
+        channels: Sequence[int] | None = None,  # model=cnn's layers (None: the blocks are given) ...
+        kernel_size: int | None = None,
+        pool: str | None = None,
+        blocks: Sequence[Mapping[str, Any] | Block] | None = None,  # ... or model=cnn_blocks'
+        batch_norm: bool,
+        dropout: float,
+        hidden: int | Sequence[int],
+        head: str,
+        head_dropout: float | None,
     ) -> None:
         super().__init__()
         if len(in_shape) not in (2, 3):
             raise ConfigError(f"model=cnn needs (C, L) or (C, H, W) inputs, the dataset gives {tuple(in_shape)}")
+        if (blocks is None) == (channels is None):
+            raise ConfigError("a CNN takes model.channels (model=cnn) or model.blocks (model=cnn_blocks), one of the two")
         if blocks is None:
+            if kernel_size is None or pool is None:
+                raise ConfigError("model.channels needs model.kernel_size and model.pool")
             spec = shorthand_blocks(channels, kernel_size, pool, dropout)
             where = f"model.channels={list(channels)}"
         else:

@@ -19,9 +19,10 @@ class MLP(nn.Module):
         self,
         in_shape: Sequence[int],
         num_outputs: int,
-        hidden: Sequence[int] = (256, 128),
-        batch_norm: bool = True,
-        dropout: float = 0.1,
+        *,
+        hidden: Sequence[int],
+        batch_norm: bool,
+        dropout: float,
     ) -> None:
         super().__init__()
         width = math.prod(in_shape)

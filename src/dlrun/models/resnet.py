@@ -44,7 +44,7 @@ class ResNet(nn.Module):
     A (C, L) input gets 1-D layers, a (C, H, W) input 2-D layers.
     """
 
-    def __init__(self, in_shape: Sequence[int], num_outputs: int, depth: int = 20, width: int = 16) -> None:
+    def __init__(self, in_shape: Sequence[int], num_outputs: int, *, depth: int, width: int) -> None:
         super().__init__()
         if len(in_shape) not in (2, 3):
             raise ConfigError(f"model=resnet needs (C, L) or (C, H, W) inputs, the dataset gives {tuple(in_shape)}")

@@ -22,12 +22,13 @@ class RNN(nn.Module):
         self,
         in_shape: Sequence[int],
         num_outputs: int,
-        cell: str = "lstm",
-        hidden_size: int = 128,
-        num_layers: int = 1,
-        bidirectional: bool = False,
-        dropout: float = 0.0,
-        readout: str = "last",
+        *,
+        cell: str,
+        hidden_size: int,
+        num_layers: int,
+        bidirectional: bool,
+        dropout: float,
+        readout: str,
     ) -> None:
         super().__init__()
         if len(in_shape) == 2:

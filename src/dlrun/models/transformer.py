@@ -96,14 +96,15 @@ class Transformer(nn.Module):
         self,
         in_shape: Sequence[int],
         num_outputs: int,
-        d_model: int = 64,
-        heads: int = 4,
-        layers: int = 2,
-        ff_dim: int = 128,
-        dropout: float = 0.1,
-        positional: str = "learned",
-        readout: str = "mean",
-        patch_size: int = 0,
+        *,
+        d_model: int,
+        heads: int,
+        layers: int,
+        ff_dim: int,
+        dropout: float,
+        positional: str,
+        readout: str,
+        patch_size: int,
     ) -> None:
         super().__init__()
         if d_model % heads:

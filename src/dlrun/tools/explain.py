@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dlrun.tools import positive_int
+
 METHODS = ("integrated_gradients", "saliency", "occlusion", "gradient_shap")
 TARGETS = ("predicted", "true")
 CHECKPOINTS = ("best", "last")
@@ -54,13 +56,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{c['max_relative_error']:.2%} of the logit difference at most")
 
 
-def _positive_int(text: str) -> int:
-    """--examples' type: dlrun-predict's (imported only when used: `--help` stays free of torch)."""
-    from dlrun.tools.predict import _positive_int as positive_int
-
-    return positive_int(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dlrun-explain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", default="integrated_gradients", help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--target", default="predicted", help="attribute the predicted class or the true one")
     parser.add_argument("--checkpoint", default="best", help="best (default) or last")
-    parser.add_argument("--examples", type=_positive_int, default=8, help="test examples to explain (default 8)")
+    parser.add_argument("--examples", type=positive_int, default=8, help="test examples to explain (default 8)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--trust", action="append", default=[], metavar="TARGET",
                         help="a class outside dlrun that the checkpoint names (a model=custom model) and that you "
@@ -101,13 +96,16 @@ class Predicted:
 
 def explain(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `main` does; returns what went into explain.json (plus `written`: the files)."""
+    from dlrun.errors import require_extra
+
+    check_choices(args)  # the options, the extra and the folder are checked before torch is imported
+    require_extra("explain", ("captum",), "dlrun-explain")
+    folder, checkpoint = run_checkpoint(args.run, args.checkpoint)
     import torch
 
     from dlrun.config.targets import import_user_code
     from dlrun.data import build_dataset
 
-    check_choices(args)
-    folder, checkpoint = run_checkpoint(args.run, args.checkpoint)
     device = pick_device(args.device)
     if args.trust:
         import_user_code()
@@ -159,9 +157,10 @@ def pick_device(name: str):
 
 
 def load_classifier(checkpoint: Path, trust: list[str]):
-    """dlrun-predict's loading (checked config, weights); refuses a regression model."""
+    """The checkpoint's model, loaded as every tool loads one (checked config, weights); a regression
+    model is refused."""
+    from dlrun.checkpoint import load_model
     from dlrun.errors import ConfigError
-    from dlrun.tools.predict import load_model
 
     model, cfg, data = load_model(checkpoint, trust)
     if data["task"] != "classification":

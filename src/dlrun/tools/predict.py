@@ -12,39 +12,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from omegaconf import DictConfig
-from torch import nn
+from dlrun.tools import positive_int
 
-from dlrun import checkpoint
-from dlrun.config.targets import import_user_code
-from dlrun.data import IMAGE_SUFFIXES, DataSpec, build_dataset, decode_image
-from dlrun.errors import ConfigError, DlrunError
-from dlrun.models import build_model
-from dlrun.rundir import RunDir
-from dlrun.train import evaluate
-
-CPU = torch.device("cpu")
-
-
-def load_model(path: Path, trust: Iterable[str] = ()) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
-    """The model of a run folder (its best checkpoint) or of a checkpoint file, in eval mode, with
-    the checkpoint's config (checked: it names only dlrun's builders or what is in `trust`) and
-    data description."""
-    path = Path(path)
-    path = RunDir(path).best if path.is_dir() else path
-    ckpt = checkpoint.load(path)
-    config = checkpoint.config_of(ckpt, path, trust)
-    data = ckpt.get("data")
-    if not isinstance(data, dict) or not {"input_shape", "num_outputs", "task", "name"} <= set(data):
-        raise ConfigError(f"{path}: the checkpoint has no data description (written by an older dlrun)")
-    spec = DataSpec(tuple(data["input_shape"]), data["num_outputs"], data["task"], data["name"])
-    model = build_model(config.model, spec)
-    checkpoint.load_weights(model, ckpt["model"], path)
-    return model.eval(), config, data
+if TYPE_CHECKING:  # nothing heavy at run time: `dlrun-predict --help` and argument errors answer without torch
+    import numpy as np
+    import torch
 
 
 def read_inputs(paths: list[Path], data: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
@@ -57,6 +31,11 @@ def read_inputs(paths: list[Path], data: dict[str, Any]) -> tuple[torch.Tensor, 
     nothing in a file can run. A file that cannot be used, or values that are NaN or infinite,
     raise a ConfigError that names the file, the problem and what is accepted.
     """
+    import torch
+
+    from dlrun.data import IMAGE_SUFFIXES
+    from dlrun.errors import ConfigError
+
     shape = tuple(data["input_shape"])
     dims = ", ".join(map(str, shape))
     parts, labels = [], []
@@ -94,6 +73,8 @@ def read_inputs(paths: list[Path], data: dict[str, Any]) -> tuple[torch.Tensor, 
 
 
 def _empty_file(path: Path, expected: str) -> None:
+    from dlrun.errors import ConfigError
+
     if path.stat().st_size == 0:
         raise ConfigError(f"{path}: the file is empty; expected {expected}")
 
@@ -104,6 +85,9 @@ def _read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     import re
 
     from PIL import Image, UnidentifiedImageError
+
+    from dlrun.data import IMAGE_SUFFIXES, decode_image
+    from dlrun.errors import ConfigError
 
     expected = f"an image file ({', '.join(sorted(IMAGE_SUFFIXES))}) that Pillow can read"
     _empty_file(path, expected)
@@ -125,12 +109,16 @@ def _read_pt(path: Path) -> torch.Tensor:
     import re
     import warnings
 
+    import torch
+
+    from dlrun.errors import ConfigError
+
     expected = "a tensor saved with torch.save(tensor, path)"
     _empty_file(path, expected)
     try:
         with warnings.catch_warnings():  # torch's warnings about the file's pickle (its protocol, sparse checks)
             warnings.simplefilter("ignore")
-            x = torch.load(path, map_location=CPU, weights_only=True)
+            x = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to load a user's file is the file's
@@ -156,6 +144,11 @@ _NUMPY_KINDS = {"U": "strings", "S": "bytes", "O": "Python objects", "V": "struc
 def _read_npy(path: Path) -> torch.Tensor:
     """The array of real numbers in a numpy.save file, loaded without unpickling anything (an
     object array, whose data is a pickle, is refused), in native byte order."""
+    import numpy as np
+    import torch
+
+    from dlrun.errors import ConfigError
+
     expected = "an array of numbers saved with numpy.save(path, array)"
     _empty_file(path, expected)
     with open(path, "rb") as f:
@@ -179,32 +172,25 @@ def _read_npy(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=False))
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: torch.nn.Module, x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k class probabilities and indices, (N, k) each (k: `topk`, at most the number of classes)."""
+    import torch
+
+    from dlrun.errors import ConfigError
+
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ConfigError(f"topk must be a positive integer, not {topk!r}")
-    probs = torch.softmax(model(x).float(), dim=1)
+    with torch.no_grad():
+        probs = torch.softmax(model(x).float(), dim=1)
     return probs.topk(min(topk, probs.shape[1]), dim=1)
 
 
-def _positive_int(text: str) -> int:
-    """--topk's type: an integer of 1 or more (argparse reports anything else as its one-line error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), not {text!r}")
-    return value
-
-
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dlrun-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a run folder (its best checkpoint) or a checkpoint file")
     parser.add_argument("inputs", nargs="*", type=Path, help="image files, or .pt/.npy tensor files")
-    parser.add_argument("--topk", type=_positive_int, default=3, help="classes to show per input (default 3)")
+    parser.add_argument("--topk", type=positive_int, default=3, help="classes to show per input (default 3)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate on the dataset's test split")
     parser.add_argument("--trust", action="append", default=[], metavar="TARGET",
                         help="a class or function outside dlrun that the checkpoint names (e.g. a model=custom "
@@ -212,33 +198,59 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.inputs and not args.evaluate:
         parser.error("give input files, or --evaluate")
-    from rich.console import Console
-    from rich.table import Table
+    return args
 
-    console = Console()
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)  # before anything heavy is imported
+    from dlrun.checkpoint import load_model
+    from dlrun.config.targets import import_user_code
+    from dlrun.errors import DlrunError
+
     try:
         if args.trust:
             import_user_code()
         model, cfg, data = load_model(args.model, args.trust)
         if args.evaluate:
-            split = build_dataset(cfg.dataset, CPU).splits["test"]
-            scores = evaluate(model, split, cfg.trainer.eval_batch_size, task=data["task"])
-            console.print(f"test split of {data['name']}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            print_evaluation(model, cfg, data)
         if args.inputs:
-            x, sources = read_inputs(args.inputs, data)
-            if data["task"] == "regression":
-                with torch.no_grad():
-                    for source, row in zip(sources, model(x)):
-                        console.print(f"{source}: " + " ".join(f"{v:.4f}" for v in row.tolist()))
-                return
-            probs, index = predict(model, x, args.topk)
-            names = data.get("classes") or [str(i) for i in range(data["num_outputs"])]
-            table = Table(header_style="bold")
-            for column in ("input", "rank", "class", "probability"):
-                table.add_column(column, justify="right" if column == "probability" else "left")
-            for source, p, k in zip(sources, probs.tolist(), index.tolist()):
-                for rank, (prob, cls) in enumerate(zip(p, k), start=1):
-                    table.add_row(source if rank == 1 else "", str(rank), names[cls], f"{prob:.4f}")
-            console.print(table)
+            print_predictions(model, *read_inputs(args.inputs, data), data, args.topk)
     except DlrunError as err:
         raise SystemExit(f"dlrun-predict: error: {err}") from None
+
+
+def print_evaluation(model: torch.nn.Module, cfg: Any, data: dict[str, Any]) -> None:
+    """Loss and score of the model on its dataset's test split, rebuilt from the checkpoint's config."""
+    import torch
+    from rich.console import Console
+
+    from dlrun.data import build_dataset
+    from dlrun.train import evaluate
+
+    split = build_dataset(cfg.dataset, torch.device("cpu")).splits["test"]
+    scores = evaluate(model, split, cfg.trainer.eval_batch_size, task=data["task"])
+    Console().print(f"test split of {data['name']}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+
+def print_predictions(model: torch.nn.Module, x: torch.Tensor, sources: list[str], data: dict[str, Any],
+                      topk: int) -> None:
+    """Regression: the predicted values per input; classification: a table of the top-k classes."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if data["task"] == "regression":
+        with torch.no_grad():
+            for source, row in zip(sources, model(x)):
+                console.print(f"{source}: " + " ".join(f"{v:.4f}" for v in row.tolist()))
+        return
+    probs, index = predict(model, x, topk)
+    names = data.get("classes") or [str(i) for i in range(data["num_outputs"])]
+    table = Table(header_style="bold")
+    for column in ("input", "rank", "class", "probability"):
+        table.add_column(column, justify="right" if column == "probability" else "left")
+    for source, p, k in zip(sources, probs.tolist(), index.tolist()):
+        for rank, (prob, cls) in enumerate(zip(p, k), start=1):
+            table.add_row(source if rank == 1 else "", str(rank), names[cls], f"{prob:.4f}")
+    console.print(table)

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from dlrun.errors import DlrunError
-from dlrun.rundir import RunDir, find_runs, read_summary
+from dlrun.rundir import LEARNING_CURVES, PARETO, RunDir, find_runs, read_metrics, read_summary
 from dlrun.sinks import full_batch
 
 
@@ -180,16 +180,17 @@ def write_table(rows: list[dict], path: Path) -> None:
 def plot_runs(rows: list[dict], out_dir: Path, cost: str) -> list[Path]:
     """learning_curves.png (a colour per configuration) and, for several configurations with a test
     score, pareto.png (test score against `cost`, the Pareto front marked, seeds as error bars)."""
-    from dlrun.plots import pareto_plot, save, sweep_curves
+    from dlrun.plots import learning_curves, pareto_plot, save
 
     score = next((r["test_metric"] for r in rows if r["test_metric"]), "test/acc")
     maximise = score.endswith("acc")
     ranked = sorted(rows, key=lambda r: (r["test"] is None, -(r["test"] or 0) if maximise else (r["test"] or 0)))
-    written = [save(sweep_curves(ranked, score.split("/")[1]), out_dir / "learning_curves.png")]
+    curves = [{**r, "records": [read_metrics(RunDir(Path(p))) for p in r["paths"]]} for r in ranked]
+    written = [save(learning_curves(curves, score.split("/")[1]), out_dir / LEARNING_CURVES)]
     scored = [r for r in rows + variant_rows(rows) if r["test"] is not None and r.get(cost) is not None]
     if len(scored) >= 2:
         front = pareto_front([(float(r[cost]), r["test"] if maximise else -r["test"]) for r in scored])
-        written.append(save(pareto_plot(scored, cost, COST_LABELS[cost], score, maximise, front), out_dir / "pareto.png"))
+        written.append(save(pareto_plot(scored, cost, COST_LABELS[cost], score, maximise, front), out_dir / PARETO))
     return written
 
 

@@ -1,0 +1,84 @@
+"""Training-time augmentation, batched on the device: crops and flips of images (`Augment`), shifts
+and noise of signals and sequences (`Augment1D`). Every draw comes from a generator that is a pure
+function of (seed, epoch, batch) (`batch_generator`), so a resumed run replays it exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dlrun.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random crop with zero padding and horizontal flips, applied to a whole batch on its device."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape  # (B, C, H, W)
+        if self.crop_padding:
+            p = self.crop_padding
+            fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            padded = torch.nn.functional.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+            batch = torch.arange(n, device=x.device)[:, None, None]
+            x = padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous(memory_format=fmt)  # (B, C, H, W)
+        if self.hflip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x
+
+
+@dataclass(frozen=True)
+class Augment1D:
+    """Random shifts with zero padding and additive Gaussian noise for signals and sequences (B, C, L),
+    applied to a whole batch on its device: the 1-D counterpart of `Augment`'s crops.
+
+    A shift by up to `crop_padding` steps either way is a crop of length L from the input padded with
+    `crop_padding` zeros (the training mean, after normalisation) at both ends; `noise` is the std of
+    the noise added to every value, in normalised units. Every draw comes from `generator`, so the
+    result is a pure function of (input, generator) on any device.
+    """
+
+    crop_padding: int = 0
+    noise: float = 0.0
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, c, length = x.shape  # (B, C, L)
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = torch.nn.functional.pad(x, (p, p))  # (B, C, L+2p)
+            start = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+            index = (start[:, None] + torch.arange(length, device=x.device))[:, None, :]  # (B, 1, L)
+            x = padded.gather(2, index.expand(n, c, length))  # (B, C, L)
+        if self.noise:
+            # the noise is drawn on the batch's device, by a generator seeded from this batch's one
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            on_device = torch.Generator(device=x.device).manual_seed(seed)
+            x = x + self.noise * torch.randn(x.shape, generator=on_device, device=x.device, dtype=x.dtype)
+        return x
+
+
+def build_augment(input_shape: tuple[int, ...], data_name: str, crop_padding: int = 0, hflip: bool = False,
+                  noise: float = 0.0) -> Augment | Augment1D | None:
+    """Crops and flips for images; shifts and noise for signals and sequences (C, L); None when all are off."""
+    if len(input_shape) == 2:
+        length = input_shape[1]
+        if crop_padding >= length:
+            raise ConfigError(f"dataset.crop_padding={crop_padding} is invalid: must be < {length}, "
+                              f"the length of the {data_name} signals")
+        return Augment1D(crop_padding, noise) if (crop_padding or noise) else None
+    return Augment(crop_padding, hflip) if (crop_padding or hflip) else None
+
+
+def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    """The RNG that augments one batch: a pure function of (seed, epoch, batch), so resuming replays it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
+

@@ -1,0 +1,74 @@
+"""`resume=<run folder>`: what a resumed run continues from, and with which config.
+
+The rules: only the run's own checkpoint (`rundir.check_belongs`), the config saved in it (checked: it
+names only dlrun's builders or what the command line names, see config/targets.py), and no override but
+`trainer.epochs=N` (and the run's own overrides, which a requeued sweep job repeats).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dlrun import checkpoint, rundir
+from dlrun.errors import ConfigError
+from dlrun.rundir import RunDir
+
+
+def continue_run(resume: str, folder: RunDir, given: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """The config to go on with and the last checkpoint to go on from."""
+    ckpt = open_checkpoint(resume, folder)
+    return resumed_config(ckpt, folder, resume, given), ckpt
+
+
+def open_checkpoint(resume: str, folder: RunDir) -> dict[str, Any]:
+    """The last checkpoint of the run to continue, refused if it is not that run's own. Besides
+    `resume=`, only the run's own overrides may be given (a requeued sweep job repeats them,
+    see hydra_ext/launchers.py)."""
+    last = rundir.resume_checkpoint(resume)
+    if HydraConfig.initialized():
+        own = set(OmegaConf.load(folder.hydra_overrides)) if folder.hydra_overrides.is_file() else set()
+        others = [o for o in HydraConfig.get().overrides.task
+                  if not o.startswith(("resume=", "trainer.epochs=")) and o not in own]
+        if others:
+            raise ConfigError(
+                f"resume={resume} continues the run with the config saved in its checkpoint; drop the other "
+                f"overrides ({' '.join(others)}); to train for more epochs add trainer.epochs=N, to change "
+                "anything else start a new run"
+            )
+    ckpt = checkpoint.load(last)
+    rundir.check_belongs(folder, ckpt, last)
+    rundir.read_metrics(folder)  # a damaged record is refused before anything is written
+    return ckpt
+
+
+def resumed_config(resumed: dict[str, Any], folder: RunDir, resume: str, given: DictConfig) -> DictConfig:
+    """The config saved in the checkpoint (with the settings added since it was saved: see
+    checkpoint.config_of), trained on to `trainer.epochs=N` when the resume command says so."""
+    cfg = checkpoint.config_of(resumed, folder.last, trusted_targets(),
+                               consent=f"dlrun resume={resume} {{group}}._target_={{target}}")
+    if not (HydraConfig.initialized() and any(o.startswith("trainer.epochs=") for o in HydraConfig.get().overrides.task)):
+        return cfg
+    epochs, done = given.trainer.epochs, resumed["state"]["epoch"]
+    if epochs < max(done, 1):
+        raise ConfigError(f"trainer.epochs={epochs} is invalid with resume=: the run has completed {done} epochs")
+    if epochs != cfg.trainer.epochs and cfg.scheduler._target_ == "dlrun.optim.onecycle_lr":
+        raise ConfigError(f"trainer.epochs={epochs} is invalid with resume=: scheduler=onecycle planned its cycle "
+                          f"for {cfg.trainer.epochs} epochs; start a new run to train longer")
+    cfg.trainer.epochs = epochs
+    return cfg
+
+
+def trusted_targets() -> list[str]:
+    """The `_target_`s given on this command line: the user's consent to run that code when a
+    saved config names it (a `model=custom` run resumed, or a requeued sweep job)."""
+    if not HydraConfig.initialized():
+        return []
+    return [o.split("=", 1)[1] for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].endswith("._target_")]
+
+
+def resume_point(resumed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where a resumed run continues (epoch, batch, step), for its summary."""
+    return None if resumed is None else {k: resumed["state"][k] for k in ("epoch", "batch", "step")}
