@@ -31,6 +31,7 @@ from dlrun.data import Data, build_dataset, channels_last, quick_check_subsets
 from dlrun.device import deterministic_algorithms, resolve_device, seed_everything, set_threads, use_channels_last
 from dlrun.distributed import SINGLE, Ranks
 from dlrun.errors import ConfigError, DlrunError, Interrupted, NonFiniteLoss, WorkerFailed
+from dlrun.metrics import TestAnalysis
 from dlrun.models import build_model
 from dlrun.optim import build_optimizer, build_scheduler
 from dlrun.rundir import RunDir, RunRecord
@@ -120,8 +121,7 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
             if stop.signum:  # during the final evaluation: the run is checkpointed, its results are not
                 raise Interrupted(stop.signum, state.step, checkpointer.has_last())
             if main and cfg.logger.plots:
-                predictions = None if data.spec.task != "regression" else tuple(t.numpy() for t in best.predictions())
-                plots.run_pictures(folder, {**record.summary, **results}, predictions)
+                draw_pictures(folder, {**record.summary, **results}, data, best)
     except BaseException as err:
         record.fail(err, wall_time_s=time.perf_counter() - clock)
         for sink in sinks:
@@ -133,6 +133,13 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
     for sink in sinks:
         sink.close(record.summary)
     return record.summary
+
+
+def draw_pictures(folder: RunDir, summary: dict[str, Any], data: Data, best: TestAnalysis) -> None:
+    """plots/: the run's learning curves, and its best weights' confusion matrix or, for regression, their
+    predictions against the targets (logger.plots=true)."""
+    predictions = tuple(t.numpy() for t in best.predictions()) if data.spec.task == "regression" else None
+    plots.run_pictures(folder, summary, predictions)
 
 
 def fit_telling_checkpoints(parts: Parts, data: Data, settings: LoopSettings, sinks: list[Sink],
