@@ -139,6 +139,7 @@ def test_a_pruned_variant_reloads_without_torch_pruning(trained, tmp_path):
     (["--prune-by", "latency"], "--prune-by 'latency' is invalid: allowed: params, flops"),
     (["--importance", "random"], "--importance 'random' is invalid: allowed: magnitude, taylor"),
     (["--sparsity", "1"], "--sparsity 1 is invalid: each must be in [0, 1)"),
+    (["--batch", "0"], "--batch 0 is invalid: must be >= 1"),  # it used to measure at the run's batch silently
 ])
 def test_bad_options_are_one_line_and_write_nothing(cli, tmp_path, args, expected):
     run_dir = tmp_path / "run"

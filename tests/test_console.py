@@ -25,8 +25,8 @@ def test_the_run_folder_is_printed_whole_on_a_narrow_pipe(cli, tmp_path, monkeyp
     monkeypatch.setenv("COLUMNS", "40")  # stdout is captured, not a terminal: the width comes from COLUMNS
     folder = tmp_path / ("a_rather_long_folder_name_that_a_user_copies_" * 3) / "run"
     ran = cli("dlrun", f"hydra.run.dir={folder}", "trainer.epochs=1", *CPU, check=True)
-    assert f"run folder: {folder}\n" in ran.stdout
-    assert "…" not in ran.stdout.split("run folder:")[1]
+    said = [line for line in ran.stdout.splitlines() if line.startswith("run folder:")]
+    assert said == [f"run folder: {folder}"] * 2  # before the first epoch and after the table, whole both times
 
 
 def test_early_stopping_is_announced(cli, tmp_path):
@@ -50,3 +50,14 @@ def test_parallel_sweep_lines_name_their_job(dlrun_cli, tmp_path):
     assert sorted(line.split("]")[0] for line in epoch_lines) == ["[job 0", "[job 0", "[job 1", "[job 1"]
     summaries = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/summary.json"))
     assert [read_summary(s.parent)["job"] for s in summaries] == [0, 1]
+
+
+def test_a_run_says_what_it_trains_and_where_before_its_first_epoch(cli, tmp_path):
+    """Also where the output is not a terminal (a log, a pipe, CI): the first lines come before epoch 1 ends."""
+    ran = cli("dlrun", "hydra.run.dir=run", "trainer.epochs=2", *CPU, check=True)
+    lines = ran.stdout.splitlines()
+    start = "training CNN (53,098 parameters) on digits (1,259 train / 179 val / 359 test) for 2 epochs, 40 steps " \
+            "(cpu, 1 thread)"
+    assert lines[0] == start and lines[1] == f"run folder: {tmp_path / 'run'}", lines[:3]
+    assert lines[2].startswith("epoch 1/2")
+

@@ -54,8 +54,8 @@ def test_fashion_mnist_uses_its_own_folder(tmp_path):
 def test_cifar_pickles_through_torchvision(tmp_path, classes, loader):
     write_cifar(tmp_path, classes=classes, per_batch=60, n_test=40)
     kwargs = dict(download=False, val_fraction=0.1, split_seed=0, crop_padding=4, hflip=True)
-    with pytest.raises(ConfigError, match="cannot load"):  # torchvision's md5 check rejects our files
-        loader(str(tmp_path), verify=True, **kwargs)
+    with pytest.raises(ConfigError, match="fail torchvision's md5 check .*; dataset.verify=false reads them"):
+        loader(str(tmp_path), verify=True, **kwargs)  # torchvision's md5 check rejects our files: the fix is named
     raw = loader(str(tmp_path), verify=False, **kwargs)
     assert len(raw.train[1]) + len(raw.val[1]) == 300 and len(raw.test[1]) == 40
     assert raw.train[0].shape[1:] == (3, 32, 32) and raw.num_outputs == classes
@@ -175,6 +175,25 @@ def test_sequence_regression_with_the_rnn(cli, tmp_path):
 
 
 def test_missing_dataset_files_from_the_cli(cli, tmp_path):
-    ran = cli("dlrun", "dataset=mnist", f"dataset.data_dir={tmp_path / 'empty'}")
+    ran = cli("dlrun", "dataset=mnist", f"dataset.data_dir={tmp_path / 'empty'}", "hydra.run.dir=run")
     assert ran.returncode == 1 and "Traceback" not in ran.stderr
     assert f"{tmp_path / 'empty'}/MNIST/raw/train-images-idx3-ubyte" in ran.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_a_failed_download_names_its_cause_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Offline, torchvision's download fails for every mirror: the one line names the network error, and the
+    folders made for the download are removed again."""
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # the network, not dlrun: this machine may be online
+    with pytest.raises(ConfigError) as err:
+        load_mnist(str(tmp_path), download=True, val_fraction=0.1, split_seed=0)
+    message = str(err.value)
+    assert message.startswith(f"dataset=mnist: the download into {tmp_path} failed (")
+    assert "Temporary failure in name resolution" in message and "MNIST/raw/train-images-idx3-ubyte" in message
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == []

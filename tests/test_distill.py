@@ -123,7 +123,11 @@ def test_bad_distill_settings(make_cfg, teacher, change, expected):
 
 def test_a_resumed_student_reloads_its_teacher(cli, tmp_path, teacher):
     args = ["model.channels=[8,16]", *CPU, f"trainer.distill.teacher={teacher}", "trainer.distill.alpha=0.7"]
-    cli("dlrun", *args, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'whole'}", check=True)
+    said = cli("dlrun", *args, "trainer.epochs=2", f"hydra.run.dir={tmp_path / 'whole'}", check=True).stdout
+    teacher_record = read_summary(tmp_path / "whole")["teacher"]
+    assert (f"distilled from {teacher_record['run_dir']} ({teacher_record['parameters']:,} parameters, test/acc "
+            f"{teacher_record['test/acc']:.4f}): train loss = 0.7·T²·KL(teacher ‖ student) + 0.3·cross-entropy, "
+            "T = 4; val and test losses are plain cross-entropy") in said.splitlines()
     cli("dlrun", *args, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'part'}", check=True)
     cli("dlrun", f"resume={tmp_path / 'part'}", "trainer.epochs=2", check=True)
     whole, resumed = read_summary(tmp_path / "whole"), read_summary(tmp_path / "part")

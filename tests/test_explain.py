@@ -269,3 +269,38 @@ def test_the_installed_command_refuses_what_is_not_a_run(tmp_path):
     proc = subprocess.run([EXPLAIN, "nowhere"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "dlrun-explain: error: nowhere: not a run folder (give the folder a dlrun run wrote)"
+
+
+def test_captions_say_which_class_a_map_is_of_and_how_to_read_it():
+    """With --target true, a map's panel names the true class (and the prediction when it differs); Saliency's
+    unsigned maps are not read as "towards/away"."""
+    import argparse
+
+    seen = Predicted(torch.tensor([0, 1]), torch.tensor([[0.9, 0.1], [0.7, 0.3]]))  # example 1 is wrong
+    names = ["cat", "dog"]
+    args = argparse.Namespace(target="true", method="integrated_gradients", checkpoint="best")
+    captions, title, signed = explain.map_captions(args, seen, [0, 1], names, "run")
+    assert captions[1] == ("#1 true dog (0.30)", "map of true dog (0.30); predicted cat") and signed
+    assert title == "run: integrated gradients of the true class (best checkpoint); red pushes towards that class, " \
+                    "blue away"
+    args = argparse.Namespace(target="predicted", method="saliency", checkpoint="last")
+    captions, title, signed = explain.map_captions(args, seen, [1], names, "run")
+    assert captions == [("#1 true dog (0.30)", "map of predicted cat (0.70)")] and not signed
+    assert title.endswith("darker red: a larger |gradient|") and "blue" not in title
+
+
+@pytest.mark.parametrize("signed,scale", [(True, "bwr"), (False, "Reds")])
+def test_every_attribution_map_has_its_colour_bar(signed, scale):
+    from dlrun import plots
+
+    maps = np.random.default_rng(0).standard_normal((3, 1, 8, 8))
+    fig = plots.attribution_images(np.zeros((3, 1, 8, 8)), np.abs(maps) if not signed else maps,
+                                   [("a", "b")] * 3, "t", signed)
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 3  # one per map, on its own scale
+    low, high = bars[0].get_ylim()
+    assert (low < 0 < high) == signed and high > 0
+    assert all(bar.collections or bar.images for bar in bars)
+    fig = plots.attribution_signals(np.zeros((2, 1, 40)), np.abs(maps[:2, :, 0].repeat(5, axis=-1)),
+                                    [("a", "b")] * 2, "t", signed)
+    assert [im.get_cmap().name for ax in fig.axes for im in ax.images][:2] == [scale, scale]

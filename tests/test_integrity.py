@@ -426,13 +426,69 @@ def test_resume_refuses_a_checkpoint_from_another_run(trained, cli, tmp_path):
     assert snapshot(cnn) == before
 
 
+def test_a_resume_refused_for_a_foreign_best_checkpoint_changes_nothing(trained, cli, tmp_path):
+    """A refused resume changes nothing: a best.pt from another run is refused before the completed run's
+    summary is touched (it used to be rewritten as failed, its results gone)."""
+    cli("dlrun", "hydra.run.dir=cnn", "trainer.epochs=1", *CPU, check=True)
+    other = trained("model=mlp", "model.hidden=[16]", "trainer.epochs=1", *CPU)
+    cnn = tmp_path / "cnn"
+    shutil.copy2(other / "checkpoints" / "best.pt", cnn / "checkpoints" / "best.pt")
+    before = snapshot(cnn)
+    assert_refused(cli("dlrun", f"resume={cnn}", "trainer.epochs=2"), "best.pt does not belong")
+    assert snapshot(cnn) == before and read_summary(cnn)["status"] == "completed"
+
+
+@pytest.mark.parametrize("entry", ["metrics.jsonl", "dlrun.log", "plots", "checkpoints", ".hydra"])
+def test_nothing_is_written_through_a_link_out_of_the_run_folder(trained, cli, tmp_path, entry):
+    """A link inside a run folder that leads out of it is refused by every command that writes there
+    (a resume appends to metrics.jsonl and dlrun.log, writes checkpoints and .hydra/resume-*; the tools
+    write plots/), and the place it leads to is left as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(trained("trainer.epochs=1", *CPU), run)
+    outside = tmp_path / "outside"
+    target = run / entry
+    if target.is_dir():
+        shutil.copytree(target, outside)
+        shutil.rmtree(target)
+    elif target.exists():
+        shutil.copy2(target, outside)
+        target.unlink()
+    else:
+        outside.mkdir()
+    target.symlink_to(outside, target_is_directory=outside.is_dir())
+    before = {p: p.read_bytes() for p in sorted(outside.rglob("*")) if p.is_file()} if outside.is_dir() else \
+        outside.read_bytes()
+    for command, args, prog in (("dlrun", [f"resume={run}", "trainer.epochs=2"], "dlrun"),
+                                ("dlrun-report", [run], "dlrun-report"),
+                                ("dlrun-explain", [run, "--examples", "2"], "dlrun-explain")):
+        ran = cli(command, *args)
+        assert ran.returncode == 1 and "Traceback" not in ran.stderr, ran.stderr
+        assert ran.stderr.strip().splitlines()[-1].startswith(f"{prog}: error: {target} is a symbolic link to"), \
+            ran.stderr
+    after = {p: p.read_bytes() for p in sorted(outside.rglob("*")) if p.is_file()} if outside.is_dir() else \
+        outside.read_bytes()
+    assert after == before
+
+
+@pytest.mark.parametrize("folder,words", [("", "hydra.run.dir is empty"),
+                                          ("mine", "holds files that are not a dlrun run's (notes.txt)")])
+def test_a_run_is_written_into_a_folder_of_its_own(cli, tmp_path, folder, words):
+    """`hydra.run.dir=` (empty: the working directory) or a folder of the user's files: refused, nothing written."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert_refused(cli("dlrun", f"hydra.run.dir={folder}", "trainer.epochs=1", *CPU), words)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 # ------------------------------------------------------------------ 12: dead processes never show as running
 
 
 @pytest.mark.slow
 def test_a_killed_parallel_sweep_worker_leaves_no_running_job(cli, tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    proc = start(["-m", "launcher=local_parallel", "hydra.launcher.n_jobs=2", "trainer.seed=0,1",
+    proc = start(["-m", "launcher=local_parallel", "hydra.launcher.n_jobs=2", "trainer.seed=0,1,2,3",
                   "trainer.epochs=300", "trainer.batch_size=8", *CPU, "hydra.sweep.dir=sweep"], tmp_path,
                  cli_env(data_dir))
     try:
@@ -460,6 +516,16 @@ def test_a_killed_parallel_sweep_worker_leaves_no_running_job(cli, tmp_path, dat
     report = cli("dlrun-report", sweep)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "running" not in report.stdout, report.stdout
+    # the jobs the pool never started are in the sweep summary and in the one line too
+    rows = {row["job"]: row for row in json.loads((sweep / "sweep_summary.json").read_text())["jobs"]}
+    assert sorted(rows) == ["0", "1", "2", "3"], rows
+    assert rows["2"]["status"] == rows["3"]["status"] == "not started"
+    assert rows["3"]["overrides"] == ["launcher=local_parallel", "trainer.seed=3", "trainer.epochs=300",
+                                      "trainer.batch_size=8", *CPU]
+    assert rows["2"]["error"].startswith("the parallel sweep stopped before this job started (TerminatedWorkerError")
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("dlrun: 4 of 4 jobs did not complete: #0 (") and "#2 not started (" in line, err[-2000:]
+    assert "#3 not started (launcher=local_parallel trainer.seed=3 " in line
 
 
 def test_report_does_not_show_running_for_a_dead_owner(trained, cli, tmp_path):

@@ -83,6 +83,31 @@ def test_resume_of_a_folder_without_a_run_says_so(cli, tmp_path):
     assert one_line(ran.stderr).endswith("does not exist (no dlrun run was started in this folder)")
 
 
+def test_resume_of_a_checkpoint_file_names_the_folder_to_give(cli, tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"")
+    ran = cli("dlrun", "resume=run/checkpoints/last.pt")
+    assert ran.returncode == 1
+    assert one_line(ran.stderr).endswith(f"a file; resume= takes the run folder (here {tmp_path / 'run'}, if it is "
+                                         "a run's checkpoint)")
+
+
+def test_a_run_killed_before_its_first_last_checkpoint_can_be_started_again(cli, tmp_path):
+    """Killed between its first best.pt and its first last.pt: resume= cannot continue it and says to start it
+    again, and starting it again is allowed (it used to answer "continue it with resume=": a loop)."""
+    run = tmp_path / "run"
+    cli("dlrun", f"hydra.run.dir={run}", "trainer.epochs=1", *CPU, check=True)
+    (run / "checkpoints" / "last.pt").unlink()
+    summary = read_summary(run)
+    summary["status"] = "failed"
+    (run / "summary.json").write_text(json.dumps(summary))
+    ran = cli("dlrun", f"resume={run}")
+    assert ran.returncode == 1 and one_line(ran.stderr).endswith("start it again with its own command)")
+    again = cli("dlrun", f"hydra.run.dir={run}", "trainer.epochs=1", *CPU)
+    assert again.returncode == 0, again.stderr
+    assert [r["epoch"] for r in read_metrics(run)] == [1] and read_summary(run)["status"] == "completed"
+
+
 @pytest.mark.slow
 def test_two_signals_exit_as_the_signal_says(tmp_path, data_dir):
     run = tmp_path / "run"
@@ -212,3 +237,19 @@ def test_a_sweep_stopped_by_sigterm_exits_143(tmp_path, data_dir):
     assert proc.returncode == 143, err
     assert "Traceback" not in err
     assert read_summary(tmp_path / "sweep" / "0")["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_a_closed_console_does_not_stop_the_run(tmp_path, data_dir):
+    """`dlrun ... | head -c 1`: the reader of the console goes away after one byte; the run goes on to its end
+    (it used to stop with an empty stderr and a summary that said only `SystemExit: 1`)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([DLRUN, f"hydra.run.dir={run}", "trainer.epochs=3", *CPU], cwd=tmp_path,
+                            env=env_of(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert read_summary(run)["status"] == "completed" and [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
+    assert "the console's reader has gone (a broken pipe): the run goes on" in err
+    assert "epoch=3" in (run / "dlrun.log").read_text()

@@ -87,3 +87,5 @@ def test_the_command(folder_run, cli):
     assert "class1" in out and "probability" in out
     bad = cli("dlrun-predict", run_dir, "missing.png")
     assert bad.returncode != 0 and "missing.png: no such file" in bad.stderr and "Traceback" not in bad.stderr
+    folder = cli("dlrun-predict", run_dir, root / "class1")  # a folder of images is not taken for a missing file
+    assert folder.returncode == 1 and f"{root / 'class1'}: a folder; give the image or tensor files" in folder.stderr

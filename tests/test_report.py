@@ -222,15 +222,15 @@ def test_compress_variants_are_points_of_the_pareto_plot(tmp_path):
          "latency_ms": {"batch_1": 0.3, "batch_64": 2.0}},
         {"name": "pruned-flops-0.5", "runtime": "eager", "test/acc": 0.94, "parameters": 20_000,
          "flops_per_sample": 50_000, "latency_ms": {"batch_1": 0.2, "batch_64": 1.0}},
-        {"name": "original-onnx", "runtime": "onnxruntime", "test/acc": 0.95, "parameters": 50_000,
+        {"name": "original+onnxruntime", "runtime": "onnxruntime", "test/acc": 0.95, "parameters": 50_000,
          "flops_per_sample": 100_000, "latency_ms": {"batch_1": 0.1, "batch_64": 0.5}},
     ]
     (run / "compress.json").write_text(json.dumps({"metric": "test/acc", "variants": variants}))
     rows = rows_for([run])
     assert rows[0]["latency_ms"] == 2.0 and "latency_ms" in shown(rows)  # the summary's full-batch median
     found = variant_rows(rows)
-    assert [(v["run"], v["params"], v["latency_ms"]) for v in found] == [
-        ("run/pruned-flops-0.5", 20_000, 1.0), ("run/original-onnx", 50_000, 0.5)]
+    assert [(v["run"], v["params"], v["latency_ms"]) for v in found] == [  # one run: named by the variant alone
+        ("pruned-flops-0.5", 20_000, 1.0), ("original+onnxruntime", 50_000, 0.5)]
     (written,) = [p for p in plot_runs(rows, tmp_path / "plots", "latency_ms") if p.name == PARETO]
     with Image.open(written) as png:
         assert png.format == "PNG"
@@ -239,7 +239,69 @@ def test_compress_variants_are_points_of_the_pareto_plot(tmp_path):
         variant_rows(rows)
 
 
+def test_latencies_on_other_thread_counts_are_not_one_axis(tmp_path, capsys):
+    """The run's latency was timed on 2 threads, its variants on 1: the latency Pareto plot keeps the run's
+    count only, and says what it left out (parameters and FLOPs do not depend on threads: all stay)."""
+    run = fake_run(tmp_path / "run", [], 0.95, 50_000, [1.0])
+    summary = json.loads((run / "summary.json").read_text())
+    summary["cost"].update(latency_ms={"batch_1": 0.3, "batch_64": 2.0}, latency={"threads": 2})
+    (run / "summary.json").write_text(json.dumps(summary))
+    variants = [{"name": name, "test/acc": 0.9 + i / 100, "parameters": 20_000 + i, "flops_per_sample": 50_000,
+                 "latency_ms": {"batch_1": 0.2, "batch_64": 1.0 + i}} for i, name in enumerate(("a", "b"))]
+    (run / "compress.json").write_text(json.dumps({"metric": "test/acc", "threads": 1, "variants": variants}))
+    plot_runs(rows_for([run]), tmp_path / "latency", "latency_ms")
+    said = capsys.readouterr().out
+    assert "pareto.png leaves out 2 variant(s) timed on 1 thread(s): the runs' latencies were timed on 2" in said
+    assert not (tmp_path / "latency" / PARETO).exists()  # one point is left: no Pareto plot to draw
+    plot_runs(rows_for([run]), tmp_path / "params", "params")
+    assert (tmp_path / "params" / PARETO).is_file() and "leaves out" not in capsys.readouterr().out
+
+
 def test_run_names_sort_as_numbers(tmp_path):
     folders = [fake_run(tmp_path / str(i), [f"optimizer.lr={i}"], 0.9, 1000, [1.0]) for i in (10, 9, 2, 100)]
     rows = sort_rows(rows_for(folders), "run", False)
     assert [r["run"] for r in rows] == ["2", "9", "10", "100"]
+
+
+def test_optuna_floats_read_short_in_tables_and_pictures_but_group_and_export_exact(cli, tmp_path):
+    lrs = ["0.0012520653814999472", "0.0012520653899999999"]  # equal to 4 digits: still two configurations
+    folders = [fake_run(tmp_path / str(i), [f"optimizer.lr={lr}", "trainer.batch_size=64"], 0.9, 1000, [1.0])
+               for i, lr in enumerate(lrs)]
+    rows = by_configuration(rows_for(folders))
+    assert len(rows) == 2 and [r["overrides"] for r in rows] == [f"optimizer.lr={lr}" for lr in lrs]
+    ran = cli("dlrun-report", *folders, "--csv", tmp_path / "runs.csv", "--plots", tmp_path / "plots")
+    assert ran.returncode == 0 and ran.stdout.count("optimizer.lr=0.001252") == 2, ran.stdout
+    assert "0.00125206538" not in ran.stdout
+    with open(tmp_path / "runs.csv") as f:
+        assert [r["overrides"] for r in csv.DictReader(f)] == [f"optimizer.lr={lr}" for lr in lrs]
+
+
+def test_figures_with_their_spread_leave_the_text_columns_readable(cli, tmp_path, monkeypatch):
+    """Seeds merged into mean ± std used to squeeze overrides, status and monitor to 3 characters."""
+    configs = [["optimizer=sgd", "optimizer.lr=0.05", "model.channels=[16,32]"],
+               ["optimizer=adamw", "optimizer.lr=0.001", "model.channels=[32,64]"]]
+    folders = [fake_run(tmp_path / f"{i}-{seed}", [*config, f"trainer.seed={seed}"], 0.9 + seed / 100, 1000, [1.0])
+               for i, config in enumerate(configs) for seed in (0, 1, 2)]
+    for folder in folders:  # every figure a real classification run has, each with its spread
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["best"]["test/macro_f1"] = summary["best"]["test/acc"] - 0.01
+        summary["cost"]["latency_ms"] = {"batch_1": 0.1, "batch_64": 1.0 + len(str(folder)) % 3 / 10}
+        (folder / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setenv("COLUMNS", "120")
+    ran = cli("dlrun-report", *folders)
+    assert ran.returncode == 0
+    for text in ("optimizer=sgd", "optimizer.lr=0.05", "optimizer=adamw", "completed", "val/acc"):
+        assert text in ran.stdout, ran.stdout
+    assert "± 0.0100" in ran.stdout  # the spread, on its own line under its mean
+    assert max(len(line) for line in ran.stdout.splitlines()) <= 160
+
+
+def test_a_legend_names_a_run_whole():
+    """Optuna runs differ in their last override too: a legend wraps a long name, never cuts it."""
+    from dlrun.plots import _label
+
+    label = _label({"run": "3", "overrides": "optimizer.lr=0.001252 optimizer.weight_decay=1.235e-05 "
+                                              "trainer.batch_size=64 model.channels=[32,64]"})
+    assert label.replace("\n", " ") == ("3: optimizer.lr=0.001252 optimizer.weight_decay=1.235e-05 "
+                                        "trainer.batch_size=64 model.channels=[32,64]")
+    assert max(len(line) for line in label.splitlines()) <= 44

@@ -65,3 +65,18 @@ def test_search_presets_keep_the_study_in_the_sweep_folder(preset, direction):
     assert sweeper.storage == f"sqlite:///outputs/search/{preset}/optuna.db"
     assert set(sweeper.params) == {"optimizer.lr", "optimizer.weight_decay", "trainer.batch_size",
                                    "model.channels" if preset == "digits_cnn" else "model.hidden_size"}
+
+
+def test_a_rerun_with_other_fixed_overrides_is_told_its_trials_do_not_compare(cli, tmp_path):
+    """The study remembers the fixed overrides it was run with: `trainer.epochs=2` after `trainer.epochs=1`
+    says so (the earlier trials trained half as long); the same ones again say nothing."""
+    args = ("-m", "hparams_search=digits_cnn", "hydra.sweeper.n_trials=1", *CPU)
+    assert cli("dlrun", *args, "trainer.epochs=1").returncode == 0
+    same = cli("dlrun", *args, "trainer.epochs=1")
+    assert same.returncode == 0 and "not comparable" not in same.stderr
+    other = cli("dlrun", *args, "trainer.epochs=2")
+    assert other.returncode == 0
+    assert ("the study digits_cnn was run with the fixed overrides [device.threads=1 device=cpu "
+            "hparams_search=digits_cnn trainer.epochs=1], this run gives [device.threads=1 device=cpu "
+            "hparams_search=digits_cnn trainer.epochs=2]: its trials are not comparable") in other.stderr
+

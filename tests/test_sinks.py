@@ -60,9 +60,10 @@ def test_a_resumed_run_continues_its_mlflow_run(cli, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()
     folder = tmp_path / "run"
-    cli("dlrun", "logger=mlflow", f"logger.mlflow_tracking_uri={uri}", *CPU, "trainer.epochs=1",
-        f"hydra.run.dir={folder}", check=True)
+    said = cli("dlrun", "logger=mlflow", f"logger.mlflow_tracking_uri={uri}", *CPU, "trainer.epochs=1",
+               f"hydra.run.dir={folder}", check=True).stdout
     first = read_summary(folder)["mlflow_run_id"]
+    assert f"MLflow run {first} in {uri} (to browse: mlflow ui --backend-store-uri {uri})" in said.splitlines()
     cli("dlrun", f"resume={folder}", "trainer.epochs=2", check=True)
     summary = read_summary(folder)
     assert summary["mlflow_run_id"] == first and summary["status"] == "completed" and summary["epochs"] == 2

@@ -18,7 +18,7 @@ from dlrun.config.schema import with_current_keys
 from dlrun.config.targets import check_saved_config
 from dlrun.errors import ConfigError
 from dlrun.models import build_model
-from dlrun.rundir import RunDir, atomic_write, check_belongs
+from dlrun.rundir import RunDir, atomic_write
 from dlrun.train import Parts, TrainState
 
 
@@ -154,12 +154,11 @@ class Checkpointer:
         return copy.deepcopy({"model": self.parts.model.state_dict(), "ema": None if ema is None else ema.state_dict()})
 
     def restore(self, resumed: dict[str, Any]) -> TrainState:
-        """Continue from a loaded last.pt: parts, RNGs and the best weights so far."""
+        """Continue from a loaded last.pt: parts, RNGs and the best weights so far (both checkpoints were
+        checked to be the run's own before anything was written: resume.open_checkpoint)."""
         state = restore_training(resumed, self.parts, self.run_dir.last)
         if self.run_dir.best.is_file():
-            best = load(self.run_dir.best)
-            check_belongs(self.run_dir, best, self.run_dir.best)
-            self.best_weights = best
+            self.best_weights = load(self.run_dir.best)
         return state
 
     def save(self, state: TrainState, is_best: bool) -> None:

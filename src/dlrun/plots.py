@@ -75,20 +75,28 @@ def _grid(n: int, per_row: int, cell: tuple[float, float]) -> tuple[Any, np.ndar
     return fig, axes
 
 
-def _overlay(heat: np.ndarray) -> np.ndarray:
-    """An (H, W, 4) RGBA layer: red for positive, blue for negative attribution, as opaque as the value
-    is large (zero is transparent, so the input shows through)."""
+def _overlay(heat: np.ndarray, signed: bool) -> tuple[np.ndarray, Any]:
+    """An (H, W, 4) RGBA layer and its colour scale: signed, red for positive and blue for negative attribution
+    (bwr, symmetric around 0); unsigned (saliency), darker red for larger values. As opaque as the value is
+    large (zero is transparent, so the input shows through)."""
+    from matplotlib.colors import Normalize
+
     bound = float(np.abs(heat).max()) or 1.0
-    rgba = colormap("bwr")(0.5 + 0.5 * heat / bound)
+    norm = Normalize(-bound, bound) if signed else Normalize(0.0, bound)
+    cmap = colormap("bwr" if signed else "Reds")
+    rgba = cmap(norm(heat))
     rgba[..., 3] = 0.9 * np.abs(heat) / bound
-    return rgba
+    return rgba, (norm, cmap)
 
 
-def attribution_images(path: Path, inputs: np.ndarray, maps: np.ndarray, captions: Sequence[tuple[str, str]],
-                       title: str) -> Path:
-    """For each example two panels: the input (captioned with its true label) and the attribution
-    map summed over channels, in red (pushes towards the target) and blue (away from it) over the
-    input in grey (captioned with the prediction). Four examples per row."""
+def attribution_images(inputs: np.ndarray, maps: np.ndarray, captions: Sequence[tuple[str, str]], title: str,
+                       signed: bool = True):
+    """For each example two panels: the input (captioned with its true label) and the attribution map summed
+    over channels over the input in grey (captioned with the class attributed), with its colour bar: signed,
+    red pushes towards that class and blue away from it; unsigned (saliency), red marks what matters most.
+    Four examples per row. Returns the figure."""
+    from matplotlib.cm import ScalarMappable
+
     n = len(inputs)
     pairs = min(4, max(n, 1))
     fig, axes = _grid(2 * n, 2 * pairs, (2.1, 2.6))
@@ -97,19 +105,23 @@ def attribution_images(path: Path, inputs: np.ndarray, maps: np.ndarray, caption
         left, right = axes.flat[2 * i], axes.flat[2 * i + 1]
         left.imshow(image, cmap=cmap)
         right.imshow(inputs[i].mean(axis=0), cmap="gray")
-        right.imshow(_overlay(maps[i].sum(axis=0)))
+        layer, (norm, scale) = _overlay(maps[i].sum(axis=0), signed)
+        right.imshow(layer)
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=scale), ax=right, fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize=6)
         for ax, caption in zip((left, right), captions[i]):
             ax.set_title(caption, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
-    return save(fig, path)
+    return fig
 
 
-def attribution_signals(path: Path, inputs: np.ndarray, maps: np.ndarray, captions: Sequence[tuple[str, str]],
-                        title: str) -> Path:
+def attribution_signals(inputs: np.ndarray, maps: np.ndarray, captions: Sequence[tuple[str, str]], title: str,
+                        signed: bool = True):
     """For each example the signal (C, L: a line per channel) over a band coloured by the attribution
-    per step (summed over channels): red pushes towards the target, blue away from it. Two per row."""
+    per step (summed over channels), with its colour bar: signed, red pushes towards the target and blue
+    away from it; unsigned (saliency), red marks what matters most. Two per row. Returns the figure."""
     n = len(inputs)
     per_row = 2 if n > 1 else 1
     fig, axes = _grid(n, per_row, (5.2, 2.4))
@@ -118,7 +130,8 @@ def attribution_signals(path: Path, inputs: np.ndarray, maps: np.ndarray, captio
         bound = float(np.abs(steps).max()) or 1.0
         low, high = float(signal.min()), float(signal.max())
         pad = 0.1 * (high - low or 1.0)
-        band = ax.imshow(steps[None, :], aspect="auto", cmap="bwr", vmin=-bound, vmax=bound, alpha=0.55,
+        band = ax.imshow(steps[None, :], aspect="auto", cmap="bwr" if signed else "Reds",
+                         vmin=-bound if signed else 0.0, vmax=bound, alpha=0.55,
                          extent=(-0.5, signal.shape[1] - 0.5, low - pad, high + pad), interpolation="nearest")
         for channel in signal:
             ax.plot(np.arange(signal.shape[1]), channel, color="black", linewidth=1.2)
@@ -128,7 +141,7 @@ def attribution_signals(path: Path, inputs: np.ndarray, maps: np.ndarray, captio
         ax.tick_params(labelsize=7)
         fig.colorbar(band, ax=ax, pad=0.01, fraction=0.04).ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=10)
-    return save(fig, path)
+    return fig
 
 
 def examples(path: Path, inputs: np.ndarray, captions: Sequence[str], title: str) -> Path:
@@ -206,8 +219,11 @@ def place_labels(ax, points: list[tuple[float, float]], labels: list[str], prior
 
 
 def _label(row: dict[str, Any]) -> str:
-    label = f"{row['run']}: {row['overrides']}" if row["overrides"] else row["run"]
-    return label if len(label) <= 60 else label[:57] + "..."
+    """A row's name in a legend: its run and its overrides, wrapped (never cut: the override that tells two
+    runs apart is often the last one), at most four lines."""
+    lines = textwrap.wrap(f"{row['run']}: {row['overrides']}" if row["overrides"] else row["run"], 44,
+                          break_long_words=False)
+    return "\n".join(lines[:3] + ([" ".join(lines[3:])] if len(lines) > 3 else []))
 
 
 def learning_curves(rows: list[dict[str, Any]], score_metric: str, title: str | None = None,

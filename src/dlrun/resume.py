@@ -24,7 +24,8 @@ def continue_run(resume: str, folder: RunDir, given: DictConfig) -> tuple[DictCo
 
 
 def open_checkpoint(resume: str, folder: RunDir) -> dict[str, Any]:
-    """The last checkpoint of the run to continue, refused if it is not that run's own. Besides
+    """The last checkpoint of the run to continue, refused (before anything is written) if it or the best one
+    is not that run's own. Besides
     `resume=`, only the run's own overrides may be given (a requeued sweep job repeats them,
     see hydra_ext/launchers.py)."""
     last = rundir.resume_checkpoint(resume)
@@ -40,6 +41,8 @@ def open_checkpoint(resume: str, folder: RunDir) -> dict[str, Any]:
             )
     ckpt = checkpoint.load(last)
     rundir.check_belongs(folder, ckpt, last)
+    if folder.best.is_file():  # refused now, a foreign best.pt would fail the run after its summary was rewritten
+        rundir.check_belongs(folder, checkpoint.load(folder.best), folder.best)
     rundir.read_metrics(folder)  # a damaged record is refused before anything is written
     return ckpt
 

@@ -93,8 +93,8 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
     entries = run_entries(job_info)
     record = RunRecord(folder, entries, resume.resume_point(resumed), run_id=resumed and resumed.get("run_id"),
                        write=main)
-    jsonl = JsonlSink(folder)
-    sinks: list[Sink] = [ConsoleSink(entries.get("job")), jsonl, LogSink()] if main else []
+    jsonl, console = JsonlSink(folder), ConsoleSink(entries.get("job")) if main else None
+    sinks: list[Sink] = [console, jsonl, LogSink()] if main else []
     try:
         with stop_on_signals() as stop, ExitStack() as scope:
             sinks += optional_sinks(cfg.logger, folder, record, run_params(cfg)) if main else []
@@ -106,6 +106,8 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
             check_sweep_direction(settings)
             parts, data = build_parts(cfg, settings, data, device, ranks)
             record.update(**describe(parts, data, settings, device, ranks))
+            if main:
+                console.begin(record.summary)
             checkpointer = Checkpointer(folder, parts, {"config": to_plain(cfg), "data": data.describe(),
                                                         "dlrun_version": dlrun.__version__, "run_id": record.run_id},
                                         write=settings.save_checkpoints, main=main)

@@ -224,9 +224,14 @@ def _in_use(run_dir: RunDir) -> RunFolderError:
 
 @contextmanager
 def own(run_dir: RunDir) -> Iterator[None]:
-    """Hold the run folder's lock for the block; a clear error if another live process holds it."""
+    """Hold the run folder's lock for the block; a clear error if another live process holds it, or if the
+    folder holds a link out of it (`check_links`)."""
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    check_links(run_dir)
+    try:
+        fd = os.open(run_dir.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:  # ELOOP: the lock file is a symbolic link
+        raise RunFolderError(f"{run_dir.lock} cannot be used as the run's lock ({err.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -260,6 +265,19 @@ def check_not_in_use(run_dir: RunDir) -> None:
         raise _in_use(run_dir)
 
 
+def check_links(run_dir: RunDir) -> None:
+    """Refuse a run folder holding a symbolic link that leads out of it: dlrun appends to, and writes into,
+    the files and folders of a run folder (metrics.jsonl, dlrun.log, plots/, checkpoints/, .hydra/, ...), and
+    writing through such a link would change files elsewhere. (The folder itself may be a link.)"""
+    if not run_dir.path.is_dir():
+        return
+    inside = run_dir.path.resolve()
+    for entry in sorted(run_dir.path.rglob("*")):
+        if entry.is_symlink() and not entry.resolve().is_relative_to(inside):
+            raise RunFolderError(f"{entry} is a symbolic link to {entry.resolve()}, outside the run folder; dlrun "
+                                 "writes only inside a run folder: replace the link with the file or folder itself")
+
+
 def process_alive(pid: int, host: str | None) -> bool | None:
     """Whether process `pid` exists (None: it runs on another host, so this cannot tell)."""
     if host != socket.gethostname():
@@ -290,15 +308,28 @@ def claim_fresh(path: Path) -> Path:
     raise RunFolderError(f"no free folder name next to {path}")
 
 
+def check_own(run_dir: RunDir, key: str = "hydra.run.dir") -> None:
+    """A run is written into a folder of its own: an explicit output folder that exists must be empty, or
+    hold what dlrun (and Hydra for it) wrote there, never other files it would be scattered among."""
+    if not run_dir.path.is_dir() or run_dir.holds_run():
+        return
+    others = sorted(p.name for p in run_dir.path.iterdir()
+                    if p.name not in (".hydra", run_dir.log.name, run_dir.lock.name))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise RunFolderError(f"{key}={run_dir.path} holds files that are not a dlrun run's ({shown}); a run is "
+                             "written into a folder of its own: choose a new or empty folder")
+
+
 def check_fresh(run_dir: RunDir, key: str = "hydra.run.dir") -> None:
-    """A new run may not start in a folder that holds another run: one that completed, or wrote
-    metrics or a checkpoint. A run that ended before it trained anything (bad input, a job killed
-    at start and requeued) may be started again in its folder."""
+    """A new run may not start in a folder that holds another run: one that completed, or one that can be
+    continued (it wrote checkpoints/last.pt). A run that ended before that (bad input, a job killed at start
+    and requeued, a kill between its first best.pt and its first last.pt) may be started again in its
+    folder, which it then begins afresh (its metrics file emptied, its best.pt rewritten)."""
     if not run_dir.holds_run():
         return
     status = read_summary(run_dir.path).get("status")
-    trained = run_dir.last.is_file() or (run_dir.metrics.is_file() and run_dir.metrics.stat().st_size > 0)
-    if trained or status == "completed":
+    if run_dir.last.is_file() or status == "completed":
         raise RunFolderError(f"{key}={run_dir.path} holds another run ({status}); "
                              f"continue it with resume={run_dir.path}, or choose another folder")
 
@@ -309,6 +340,9 @@ def check_fresh(run_dir: RunDir, key: str = "hydra.run.dir") -> None:
 def resume_checkpoint(folder: str | Path) -> Path:
     """The checkpoint that `resume=<folder>` continues from; a clear error if there is none."""
     run_dir = RunDir(Path(folder).expanduser().resolve())
+    if run_dir.path.is_file():
+        raise ConfigError(f"resume={folder}: a file; resume= takes the run folder (here {run_dir.path.parents[1]}, "
+                          "if it is a run's checkpoint)")
     if not run_dir.path.is_dir():
         raise ConfigError(f"resume={folder}: no such run folder")
     if not run_dir.last.is_file():
@@ -325,7 +359,8 @@ def _why_no_checkpoint(run_dir: RunDir) -> str:
         saved = OmegaConf.load(run_dir.hydra_config)
         if OmegaConf.select(saved, "trainer.save_checkpoints") is False:
             return "the run was started with trainer.save_checkpoints=false"
-    return f"the run ended before its first checkpoint ({read_summary(run_dir.path).get('status')}); start it again"
+    return (f"the run ended before it wrote a checkpoint to continue from ({read_summary(run_dir.path).get('status')});"
+            " start it again with its own command")
 
 
 def check_belongs(run_dir: RunDir, ckpt: dict[str, Any], path: Path) -> None:

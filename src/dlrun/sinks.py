@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,6 +97,7 @@ class ConsoleSink:
         )
 
         self.console = Console()
+        self.console.on_broken_pipe = self.reader_gone
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
             BarColumn(),
@@ -110,8 +112,28 @@ class ConsoleSink:
         self.task = None
         # In a sweep whose jobs share a console (launcher=local_parallel), every line names its job.
         self.prefix = "" if job is None else f"[job {job}] "
+        self.run: dict[str, Any] = {}
+
+    def say(self, what: Any) -> None:
+        """A line (never cut to the console's width), or a table."""
+        self.console.print(what, markup=False, highlight=False, soft_wrap=isinstance(what, str))
+
+    def reader_gone(self) -> None:
+        """The console's reader has gone (`dlrun ... | head` closed the pipe): the run goes on without a console,
+        its log keeps every epoch line. (rich's default ends the process with SystemExit(1), mid-run.)"""
+        import os
+
+        self.console.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        log.warning("the console's reader has gone (a broken pipe): the run goes on, its epoch lines are in dlrun.log")
+
+    def begin(self, summary: dict[str, Any]) -> None:
+        """What the run is (the summary as it stands before training), said when training starts."""
+        self.run = summary
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
+        for line in start_lines(self.run, epochs, total_steps, done_steps) if self.run else []:
+            self.say(f"{self.prefix}{line}")
         self.progress.start()
         self.task = self.progress.add_task(  # no loss to show before the first log interval
             "train", total=total_steps, completed=done_steps, epoch=1, epochs=epochs, loss="-", sps="-"
@@ -130,17 +152,39 @@ class ConsoleSink:
             if metrics:
                 line += f"  {split} " + " ".join(metrics)
         line += f"  lr {record['lr']:.3g}  {record['samples_per_s']:,.0f} samples/s"
-        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self.say(line)
 
     def close(self, summary: dict[str, Any] | None) -> None:
         self.progress.stop()
         if summary is None:
             return
         if summary.get("stopped_early"):
-            self.console.print(f"{self.prefix}{stopped_early(summary)}", markup=False, highlight=False, soft_wrap=True)
-        self.console.print(summary_table(summary))
+            self.say(f"{self.prefix}{stopped_early(summary)}")
+        self.say(summary_table(summary))
         # Whole, never cut to the terminal's width: users copy it to resume, report and predict.
-        self.console.print(f"{self.prefix}run folder: {summary['run_dir']}", markup=False, highlight=False, soft_wrap=True)
+        self.say(f"{self.prefix}run folder: {summary['run_dir']}")
+
+
+def start_lines(run: dict[str, Any], epochs: int, total_steps: int, done_steps: int) -> list[str]:
+    """The lines a run prints before its first step, on any output (a terminal, a log, a pipe): what trains on
+    what and where its folder is; a distilled run's teacher and what its training loss is; MLflow's store."""
+    data, model, sizes = run["data"], run["model"], run["data"]["sizes"]
+    where = f"{run['device']}, {run['threads']} thread{'s' if run['threads'] != 1 else ''}"
+    where += f", {run['processes']} processes" if run.get("processes", 1) > 1 else ""
+    lines = [f"training {model['class']} ({model['parameters']['total']:,} parameters) on {data['name']} "
+             f"({sizes['train']:,} train / {sizes['val']:,} val / {sizes['test']:,} test) for {epochs} epochs, "
+             f"{total_steps:,} steps" + (f", from step {done_steps:,}" if done_steps else "") + f" ({where})",
+             f"run folder: {run['run_dir']}"]
+    if teacher := run.get("teacher"):
+        alpha = teacher["alpha"]
+        lines.append(f"distilled from {teacher['run_dir']} ({teacher['parameters']:,} parameters, test/acc "
+                     f"{teacher['test/acc']:.4f}): train loss = {alpha:g}·T²·KL(teacher ‖ student) + "
+                     f"{1 - alpha:g}·cross-entropy, T = {teacher['temperature']:g}; val and test losses are plain "
+                     "cross-entropy")
+    if run.get("mlflow_run_id"):
+        uri = run["mlflow_tracking_uri"]
+        lines.append(f"MLflow run {run['mlflow_run_id']} in {uri} (to browse: mlflow ui --backend-store-uri {uri})")
+    return lines
 
 
 def stopped_early(summary: dict[str, Any]) -> str:
@@ -315,9 +359,16 @@ def optional_sinks(logger: Any, folder: RunDir, record: RunRecord, params: dict[
     if logger.mlflow:
         mlflow = MLflowSink(logger.mlflow_tracking_uri, logger.mlflow_experiment, folder.path.name, params,
                             folder.path, record.summary.get("mlflow_run_id"))
-        record.update(mlflow_run_id=mlflow.run_id)
+        record.update(mlflow_run_id=mlflow.run_id, mlflow_tracking_uri=absolute(logger.mlflow_tracking_uri))
         sinks.append(mlflow)
     return sinks
+
+
+def absolute(tracking_uri: str) -> str:
+    """A SQLite store's URI with its path made absolute (the default is relative to where dlrun ran)."""
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).resolve()}"
+    return tracking_uri
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

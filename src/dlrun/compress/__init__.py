@@ -29,7 +29,7 @@ class Plan:
     onnx: bool = True
     inductor: bool = False  # also time the original and static int8 compiled by inductor
     calibration_batches: int = 8
-    batch: int = 0  # the full batch latency is measured at; 0 = the run's trainer.batch_size
+    batch: int | None = None  # the full batch latency is measured at; None: the run's trainer.batch_size
 
     def check(self) -> None:
         """One line naming the option and what is allowed, before anything is read or written."""
@@ -45,6 +45,7 @@ class Plan:
         if any(not 0 <= s < 1 for s in self.sparsity):
             raise DlrunError(f"--sparsity {','.join(f'{s:g}' for s in self.sparsity)} is invalid: each must be in [0, 1)")
         for name, value, low in (("--steps", self.steps, 1), ("--finetune-epochs", self.finetune_epochs, 0),
-                                 ("--calibration-batches", self.calibration_batches, 1), ("--batch", self.batch, 0)):
+                                 ("--calibration-batches", self.calibration_batches, 1),
+                                 ("--batch", 1 if self.batch is None else self.batch, 1)):
             if value < low:
                 raise DlrunError(f"{name} {value} is invalid: must be >= {low}")

@@ -1,10 +1,13 @@
 """Range and cross-field rules that types cannot express, checked before any tensor exists.
 
-Each failure names the key, the value and what is allowed (`ConfigError`). Torch-free.
+Each failure names the key, the value and what is allowed (`ConfigError`). Torch-free, but for the
+check that device=cuda has a CUDA device (only asked then; the run imports torch a moment later).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import secrets
 from pathlib import Path
@@ -69,8 +72,10 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Range and cross-field rules, checked before any tensor exists."""
+    for group in ("model", "optimizer", "scheduler", "dataset", "device", "trainer", "logger"):
+        validate_keys(cfg.get(group), group)
     validate_trainer(cfg.trainer)
-    if cfg.trainer.get("distill") is not None and cfg.trainer.distill.teacher is not None:
+    if cfg.trainer.get("distill") is not None:
         validate_distill(cfg.trainer.distill, cfg.dataset)
     opt = cfg.optimizer
     _require(opt.get("lr", 1.0) > 0, "optimizer.lr", "must be > 0", opt.get("lr"))
@@ -78,6 +83,25 @@ def validate(cfg: DictConfig) -> None:
     validate_model(cfg.model)
     validate_dataset(cfg.dataset)
     _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
+    validate_device(cfg.device)
+    validate_files(cfg.dataset)
+
+
+def validate_keys(node: Any, where: str) -> None:
+    """Only the keys of a node's schema: a key added with Hydra's `+` (as its own error message suggests for a
+    misspelt one) would otherwise be carried along and do nothing. A node without a schema (model=custom, whose
+    keys its class checks) takes any key."""
+    schema = OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
+    if not dataclasses.is_dataclass(schema):
+        return
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key, value in node.items_ex(resolve=False):  # unresolved: a value may follow Hydra's job config
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {where}.{close[0]}? " if close else ""
+            raise ConfigError(f"{where}.{key} is not a key of {where} ({hint}its keys: "
+                              f"{', '.join(k for k in known if k != '_target_')})")
+        validate_keys(value, f"{where}.{key}")
 
 
 def validate_trainer(t: DictConfig) -> None:
@@ -109,13 +133,16 @@ def validate_trainer(t: DictConfig) -> None:
 
 
 def validate_distill(d: DictConfig, dataset: DictConfig) -> None:
-    """trainer.distill: a teacher run folder with a best checkpoint, T > 0, alpha in [0, 1], a
-    classification dataset, the one the teacher's saved config names. (The data itself, classes and
-    shapes, is compared once it is loaded: dlrun.run.load_teacher.)"""
-    key, folder = "trainer.distill.teacher", RunDir(Path(d.teacher).expanduser())
-    _require(folder.best.is_file(), key, "must be a finished dlrun run folder (with checkpoints/best.pt)", d.teacher)
+    """trainer.distill: T > 0 and alpha in [0, 1] (with or without a teacher: a value out of range is an error
+    even where it does nothing yet); a teacher run folder with a best checkpoint, a classification dataset,
+    the one the teacher's saved config names. (The data itself, classes and shapes, is compared once it is
+    loaded: dlrun.run.load_teacher.)"""
     _require(d.temperature > 0, "trainer.distill.temperature", "must be > 0", d.temperature)
     _require(0 <= d.alpha <= 1, "trainer.distill.alpha", "must be in [0, 1] (0 = plain training)", d.alpha)
+    if d.teacher is None:
+        return
+    key, folder = "trainer.distill.teacher", RunDir(Path(d.teacher).expanduser())
+    _require(folder.best.is_file(), key, "must be a finished dlrun run folder (with checkpoints/best.pt)", d.teacher)
     ours = dataset.get("_target_")
     _require(ours != SEQUENCE, key, "distillation needs a classification dataset (dataset=sequence is regression)",
              d.teacher)
@@ -207,6 +234,55 @@ def validate_dataset(ds: DictConfig) -> None:
     if "image_size" in ds:
         _require(len(ds.image_size) == 2 and min(ds.image_size) > 0, "dataset.image_size",
                  "must be [height, width], both positive", list(ds.image_size))
+
+
+# The files torchvision reads for each of its datasets, relative to the data dir (as its classes name them).
+DATASET_FILES = {
+    "mnist": [f"MNIST/raw/{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")],
+    "fashion_mnist": [f"FashionMNIST/raw/{s}-{k}-ubyte" for s in ("train", "t10k")
+                      for k in ("images-idx3", "labels-idx1")],
+    "cifar10": [f"cifar-10-batches-py/{f}" for f in
+                ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta")],
+    "cifar100": [f"cifar-100-python/{f}" for f in ("train", "test", "meta")],
+}
+
+
+def dataset_files(name: str, data_dir: str) -> list[Path]:
+    """The files torchvision reads for dataset `name` under `data_dir`."""
+    root = Path(data_dir).expanduser().resolve()
+    return [root / f for f in DATASET_FILES[name]]
+
+
+def missing_files(name: str, root: Path, missing: list[Path]) -> str:
+    """The one line for dataset files that are not there, and the two ways to get them."""
+    hint = ""
+    if name.startswith(("mnist", "fashion")):
+        hint = " (the .gz files from the official site also work with dataset.download=true, offline)"
+    named = ", ".join(f"{p} (a folder, not the file)" if p.is_dir() else str(p) for p in missing)
+    return (f"dataset={name}: cannot load the files under {root} (missing: {named}); "
+            f"set dataset.download=true to download them when online{hint}")
+
+
+def validate_files(ds: DictConfig) -> None:
+    """A torchvision dataset's files are there (or will be downloaded): checked before the run folder exists."""
+    name = str(ds.get("_target_", "")).removeprefix("dlrun.data.load_")
+    if name in DATASET_FILES and not ds.download:
+        missing = [p for p in dataset_files(name, ds.data_dir) if not p.is_file()]
+        if missing:
+            raise ConfigError(missing_files(name, Path(ds.data_dir).expanduser().resolve(), missing))
+
+
+def validate_device(device: DictConfig) -> None:
+    """device=cuda needs a CUDA device (torch is imported for this check only when asked for cuda; the run
+    imports it a moment later anyway)."""
+    if device.type != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for, but torch finds no CUDA device (torch "
+                          f"{torch.__version__}, built with CUDA {torch.version.cuda}); use device=cpu or device=auto")
 
 
 def forecast_shift_problem(crop_padding: int) -> str | None:

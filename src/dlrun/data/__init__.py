@@ -11,7 +11,6 @@ from dlrun.data.datasets import (
     ImageFiles,
     RawSplits,
     decode_image,
-    expected_files,
     load_cifar10,
     load_cifar100,
     load_digits,
@@ -40,7 +39,7 @@ from dlrun.data.pipeline import (
 __all__ = [
     "IMAGE_SUFFIXES", "Augment", "Augment1D", "Batch", "Data", "DataSpec", "ImageFiles", "RawSplits", "Split",
     "StreamSplit", "TensorSplit", "batch_generator", "batches", "build_augment", "build_data", "build_dataset",
-    "channels_last", "decode_image", "epoch_generator", "expected_files", "load_cifar10", "load_cifar100",
+    "channels_last", "decode_image", "epoch_generator", "load_cifar10", "load_cifar100",
     "load_digits", "load_fashion_mnist", "load_imagefolder", "load_mnist", "load_mnist1d", "load_sequence",
     "num_batches", "quick_check_subsets",
 ]

@@ -15,13 +15,14 @@ import os
 import random
 import zipfile
 import zlib
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from dlrun.config.validate import dir_problem, forecast_shift_problem
+from dlrun.config.validate import dataset_files, dir_problem, forecast_shift_problem, missing_files
 from dlrun.errors import ConfigError, DlrunError
 from dlrun.rundir import atomic_write
 
@@ -228,28 +229,12 @@ def _torchvision_class(name: str, verify: bool):
     })
 
 
-EXPECTED = {  # the files torchvision reads, relative to the data dir (as its classes name them)
-    "mnist": [f"MNIST/raw/{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")],
-    "fashion_mnist": [f"FashionMNIST/raw/{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")],
-    "cifar10": [f"cifar-10-batches-py/{f}" for f in
-                ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
-                 "batches.meta")],
-    "cifar100": [f"cifar-100-python/{f}" for f in ("train", "test", "meta")],
-}
-
-
-def expected_files(name: str, data_dir: str) -> list[Path]:
-    """The files torchvision reads for dataset `name` under `data_dir`."""
-    root = Path(data_dir).expanduser().resolve()
-    return [root / f for f in EXPECTED[name]]
-
-
 def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: float, split_seed: int,
                         verify: bool, crop_padding: int, hflip: bool) -> RawSplits:
     """The dataset's train and test arrays, read by torchvision's class once and then from a cache
     (keyed by the files' sizes and times) that spares later runs the torchvision import."""
     root = Path(data_dir).expanduser().resolve()
-    files = expected_files(name, data_dir)
+    files = dataset_files(name, data_dir)
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
     cached = root / "dlrun-cache" / f"{name}-{_key([stamp, verify])}.npz"  # missing files: a new key, a miss
     read = lambda: _read_torchvision(name, root, download, verify, files)  # noqa: E731
@@ -263,17 +248,16 @@ def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: 
 
 def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files: list[Path]) -> dict[str, np.ndarray]:
     cls = _torchvision_class(name, verify)
+    made = sorted({q for f in files for q in f.parents if q.is_relative_to(root) and q != root and not q.exists()},
+                  key=lambda q: len(q.parts), reverse=True)  # the folders a failed download would leave, deepest first
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=False)
-    except Exception as err:  # torchvision raises RuntimeError when files are missing, URLError offline
-        missing = [str(p) for p in files if not p.is_file()]
-        where = f"missing: {', '.join(missing)}" if missing else f"{type(err).__name__}: {err}"
-        hint = "" if download else "; set dataset.download=true to download them when online"
-        if missing and name.startswith(("mnist", "fashion")):
-            hint += " (the .gz files from the official site also work with dataset.download=true, offline)"
-        raise ConfigError(f"dataset={name}: cannot load the files under {root} ({where}){hint}") from None
-
+    except Exception as err:  # torchvision raises RuntimeError when files are missing or fail md5, URLError offline
+        for folder in made:  # nothing of a failed download stays behind
+            with suppress(OSError):
+                folder.rmdir()
+        raise ConfigError(unreadable(name, root, files, download, verify, err)) from None
     def images(ds) -> np.ndarray:
         x = np.asarray(ds.data)
         return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W), uint8
@@ -281,6 +265,24 @@ def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files
     return {"train_x": images(train), "train_y": np.asarray(train.targets, dtype=np.int64),
             "test_x": images(test), "test_y": np.asarray(test.targets, dtype=np.int64),
             "classes": np.asarray(train.classes, dtype=str)}
+
+
+def unreadable(name: str, root: Path, files: list[Path], download: bool, verify: bool, err: Exception) -> str:
+    """Why torchvision could not read the dataset, and the fix: missing files (download them), a failed
+    download (its cause), or files that fail torchvision's md5 check (dataset.verify=false)."""
+    missing = [p for p in files if not p.is_file()]
+    if download and missing:
+        cause = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, OSError)), None)
+        # torchvision's MNIST tries its mirrors and raises one RuntimeError that ends with the last mirror's error
+        reason = f"{type(cause).__name__}: {cause}" if cause else (str(err).strip().splitlines() or [repr(err)])[-1]
+        return (f"dataset={name}: the download into {root} failed ({reason}); without a network, put the "
+                f"files there yourself: {', '.join(str(p.relative_to(root)) for p in files)}")
+    if missing:
+        return missing_files(name, root, missing)
+    if verify and name.startswith("cifar"):
+        return (f"dataset={name}: the files under {root} fail torchvision's md5 check ({err}); "
+                "dataset.verify=false reads them without it")
+    return f"dataset={name}: the files under {root} cannot be read ({type(err).__name__}: {err})"
 
 
 def decode_image(path: str, size: Sequence[int], channels: int) -> np.ndarray:

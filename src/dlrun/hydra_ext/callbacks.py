@@ -6,6 +6,7 @@ for every command, so it imports nothing heavy.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
@@ -33,7 +34,9 @@ class DlrunCallback(Callback):
         try:
             if config.get("resume"):  # the run continues with its saved config
                 rundir.resume_checkpoint(config.resume)
-                rundir.check_not_in_use(RunDir(Path(config.resume).expanduser().resolve()))
+                folder = RunDir(Path(config.resume).expanduser().resolve())
+                rundir.check_not_in_use(folder)
+                rundir.check_links(folder)  # before Hydra writes .hydra/resume-<time>/ into it
             else:
                 check_set(config, "run")
                 validate(config)  # bad input is refused before the run folder exists
@@ -61,7 +64,8 @@ class DlrunCallback(Callback):
             raise SystemExit(signal_exit_code(signal.Signals[stopped[-1]["signal"] or "SIGINT"]))
         failed = [row for row in ran if row["status"] != "completed"]
         if failed:
-            names = ", ".join(f"#{row['job']} ({' '.join(row['overrides'])})" for row in failed)
+            names = ", ".join(f"#{row['job']}{' not started' if row['status'] == 'not started' else ''} "
+                              f"({' '.join(row['overrides'])})" for row in failed)
             raise SystemExit(f"dlrun: {len(failed)} of {len(ran)} jobs did not complete: {names}")
 
 
@@ -121,12 +125,15 @@ def claim_output_dir(config: DictConfig, mode: str) -> None:
     same second); an explicit run folder must not hold another run."""
     key = f"hydra.{mode}.dir"
     path = str(config.hydra[mode].dir)
+    if not path.strip():  # Path("") is the working directory
+        raise DlrunError(f"{key} is empty; name the folder, e.g. {key}=outputs/my-run")
     problem = dir_problem(path)
     if problem is not None:
         raise DlrunError(f"{key}={path} cannot be used as the output folder: {problem}")
     if "${now:" not in OmegaConf.to_container(config.hydra[mode], resolve=False)["dir"]:
         if mode == "run":
             rundir.check_not_in_use(RunDir(Path(path)))
+            rundir.check_own(RunDir(Path(path)))
             rundir.check_fresh(RunDir(Path(path)))
         return
     claimed = str(rundir.claim_fresh(Path(path)))
@@ -146,12 +153,32 @@ def override_value(value: str) -> str:
     return f"'{escaped}'"
 
 
-def write_sweep_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The sweep summary file (one row per job, runs whose process is gone recorded as failed), printed too."""
+def write_sweep_summary(sweep_dir: Path, planned: dict[str, list[str]] | None = None,
+                        why: str = "") -> list[dict[str, Any]]:
+    """The sweep summary file (one row per job, runs whose process is gone recorded as failed), printed too;
+    `planned` (job number: overrides) adds a `not started` row, with `why`, for each job that never made its
+    folder (a parallel sweep whose pool was ended); a later summary of the same sweep keeps those rows."""
     rows = sweep_rows(sweep_dir)
+    started = {row["job"] for row in rows}
+    waiting = {job: {"overrides": o, "error": why} for job, o in planned.items()} if planned else not_started(sweep_dir)
+    rows += [{"job": job, "status": "not started", "monitor": None, "monitor_value": None, "wall_time_s": None,
+              "signal": None, **row} for job, row in waiting.items() if job not in started]
+    rows.sort(key=lambda row: (len(row["job"]), row["job"]))
     rundir.write_json(rundir.sweep_summary(sweep_dir), {"sweep_dir": str(sweep_dir), "jobs": rows})
     print_sweep(rows, sweep_dir)
     return rows
+
+
+def not_started(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """The jobs a sweep summary already lists as never started (the parallel launcher wrote them when its pool
+    was ended), with their overrides and error."""
+    path = rundir.sweep_summary(sweep_dir)
+    try:
+        jobs = json.loads(path.read_text())["jobs"] if path.is_file() else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {row["job"]: {"overrides": row.get("overrides", []), "error": row.get("error")} for row in jobs
+            if isinstance(row, dict) and row.get("status") == "not started"}
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:

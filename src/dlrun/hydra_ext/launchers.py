@@ -36,11 +36,13 @@ class JoblibLauncher(joblib_launcher.JoblibLauncher):
         try:
             return super().launch(job_overrides, initial_job_idx)
         except Exception as err:  # jobs' own errors come back as failed JobReturns; this is the pool's
-            sweep_dir = Path(str(self.config.hydra.sweep.dir))
-            write_sweep_summary(sweep_dir)
+            # every planned job in the sweep summary, those the pool never started too; the sweep's end
+            # (callbacks.on_multirun_end, which Hydra calls next) names each unfinished job in one line
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise SystemExit(f"dlrun: error: the parallel sweep stopped ({type(err).__name__}: {reason}); "
-                             f"its jobs are recorded in {sweep_dir}") from None
+            write_sweep_summary(Path(str(self.config.hydra.sweep.dir)),
+                                {str(initial_job_idx + i): list(o) for i, o in enumerate(job_overrides)},
+                                f"the parallel sweep stopped before this job started ({type(err).__name__}: {reason})")
+            raise
 
 
 class ResumeOnRequeue:

@@ -83,8 +83,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     add("--no-onnx", action="store_true", help="skip the ONNX export and ONNX Runtime")
     add("--inductor", action="store_true", help="also time the original and static int8 compiled by inductor "
                                                  "(static int8 is fast only there; compiling takes seconds)")
-    add("--batch", type=int, default=0, help="the full batch latency is measured at (0: the run's trainer.batch_size;"
-                                             " at most 256 either way)")
+    add("--batch", type=int, default=None, help="the full batch latency is measured at (default: the run's "
+                                                "trainer.batch_size; at most 256 either way)")
     add("--threads", type=int, default=0,
         help="CPU threads for everything measured (0: the run's device.threads, else torch's default)")
     add("--trust", action="append", default=[], metavar="TARGET",

@@ -134,11 +134,12 @@ def explain(args: argparse.Namespace) -> dict[str, Any]:
 def run_checkpoint(run: Path, which: str):
     """The run folder and its best or last checkpoint; one-line errors when either is missing."""
     from dlrun.errors import ConfigError
-    from dlrun.rundir import RunDir
+    from dlrun.rundir import RunDir, check_links
 
     if not run.is_dir():
         raise ConfigError(f"{run}: not a run folder (give the folder a dlrun run wrote)")
     folder = RunDir(run)
+    check_links(folder)  # plots/ and explain.json are written into it
     path = folder.best if which == "best" else folder.last
     if not path.is_file():
         raise ConfigError(f"{run}: no checkpoint to explain ({path.relative_to(folder.path)} does not exist; "
@@ -359,24 +360,40 @@ def draw(folder, args, x, maps, seen: Predicted, chosen: list[int], wrong_inputs
     from dlrun import plots
 
     names = class_names(data)
-    p = seen.probs
-
-    def label(i: int, k: int) -> str:
-        return f"{names[k]} ({float(p[i, k]):.2f})"
-
-    captions = [(f"#{i} true {label(i, int(seen.y[i]))}", f"predicted {label(i, int(seen.predicted[i]))}")
-                for i in chosen]
-    title = (f"{folder.path.name}: {args.method.replace('_', ' ')} of the {args.target} class "
-             f"({args.checkpoint} checkpoint); red pushes towards that class, blue away")
+    captions, title, signed = map_captions(args, seen, chosen, names, folder.path.name)
     draw_map = plots.attribution_images if x.dim() == 4 else plots.attribution_signals
-    pictures = [draw_map(folder.attributions(args.method), raw_scale(x, data), maps.numpy(), captions, title)]
+    pictures = [plots.save(draw_map(raw_scale(x, data), maps.numpy(), captions, title, signed),
+                           folder.attributions(args.method))]
     shown = raw_scale(torch.stack(wrong_inputs), data) if wrong_inputs else raw_scale(x[:0], data)
-    wrong_captions = [f"#{i} {names[int(seen.y[i])]} → {label(i, int(seen.predicted[i]))}" for i in wrong]
+    wrong_captions = [f"#{i} {names[int(seen.y[i])]} → {labelled(seen, names, i, int(seen.predicted[i]))}"
+                      for i in wrong]
     total = int((seen.predicted != seen.y).sum())
     pictures.append(plots.examples(folder.misclassified, shown, wrong_captions,
                                    f"{folder.path.name}: the most confidently wrong test examples, true → predicted "
                                    f"(probability); {len(wrong)} of {total} wrong of {len(seen.y)}"))
     return pictures
+
+
+def labelled(seen: Predicted, names: list[str], i: int, k: int) -> str:
+    """Class `k`'s name and its probability for example `i`."""
+    return f"{names[k]} ({float(seen.probs[i, k]):.2f})"
+
+
+def map_captions(args, seen: Predicted, chosen: list[int], names: list[str],
+                 run_name: str) -> tuple[list[tuple[str, str]], str, bool]:
+    """Each example's two captions (the input: its true class; the map: the class it attributes, with the
+    prediction when that is another), the picture's title, and whether the maps are signed (Saliency's are
+    absolute gradients: no "away from")."""
+    def attributed(i: int) -> str:
+        if args.target == "true":
+            return f"map of true {labelled(seen, names, i, int(seen.y[i]))}; predicted {names[int(seen.predicted[i])]}"
+        return f"map of predicted {labelled(seen, names, i, int(seen.predicted[i]))}"
+
+    signed = args.method != "saliency"
+    reading = "red pushes towards that class, blue away" if signed else "darker red: a larger |gradient|"
+    title = (f"{run_name}: {args.method.replace('_', ' ')} of the {args.target} class ({args.checkpoint} "
+             f"checkpoint); {reading}")
+    return [(f"#{i} true {labelled(seen, names, i, int(seen.y[i]))}", attributed(i)) for i in chosen], title, signed
 
 
 def write_report(folder, report: dict[str, Any]) -> None:

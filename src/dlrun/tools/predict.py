@@ -40,6 +40,8 @@ def read_inputs(paths: list[Path], data: dict[str, Any]) -> tuple[torch.Tensor, 
     dims = ", ".join(map(str, shape))
     parts, labels = [], []
     for path in paths:
+        if path.is_dir():
+            raise ConfigError(f"{path}: a folder; give the image or tensor files themselves")
         if not path.is_file():
             raise ConfigError(f"{path}: no such file")
         suffix = path.suffix.lower()

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from dlrun.errors import DlrunError
-from dlrun.rundir import LEARNING_CURVES, PARETO, RunDir, find_runs, read_metrics, read_summary
+from dlrun.rundir import LEARNING_CURVES, PARETO, RunDir, check_links, find_runs, read_metrics, read_summary
 from dlrun.sinks import full_batch
 
 
@@ -39,6 +39,20 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return front
+
+
+FLOAT = re.compile(r"(?<=[=,(\[ ])(-?\d+\.\d{5,}(?:e-?\d+)?)(?=$|[,)\] ])")
+
+
+def shortened(overrides: str) -> str:
+    """Overrides as a reader wants them in a table or a picture: floats at 4 significant digits (an Optuna
+    trial's `optimizer.lr=0.0012520653814999472` reads `optimizer.lr=0.001252`). Runs are grouped, and the
+    CSV written, with the overrides as they were given."""
+    return " ".join(FLOAT.sub(lambda m: f"{float(m.group(1)):.4g}", o) for o in overrides.split())
+
+
+def displayed(rows: list[dict]) -> list[dict]:
+    return [{**r, "overrides": shortened(r["overrides"])} for r in rows]
 
 
 def is_seed(override: str) -> bool:
@@ -71,6 +85,7 @@ def rows_of(runs: list[Path]) -> list[dict]:
             "flops": s.get("cost", {}).get("flops_per_sample"),
             "time_s": s.get("train", {}).get("seconds"),
             "latency_ms": full_batch_ms(s.get("cost", {}).get("latency_ms")),
+            "threads": s.get("cost", {}).get("latency", {}).get("threads"),  # what the latency was measured on
         })
     return rows
 
@@ -90,10 +105,11 @@ def variant_rows(rows: list[dict]) -> list[dict]:
         for v in report.get("variants", []):
             if v.get("name") == "original" or metric not in v or metric != row["test_metric"]:
                 continue
-            found.append({**{c: None for c in COLUMNS}, "run": f"{row['run']}/{v['name']}", "overrides": "",
+            name = v["name"] if len(rows) == 1 else f"{row['run']}/{v['name']}"
+            found.append({**{c: None for c in COLUMNS}, "run": name, "overrides": "",
                           "test": v[metric], "test_metric": metric, "params": v.get("parameters"),
                           "flops": v.get("flops_per_sample"), "latency_ms": full_batch_ms(v.get("latency_ms")),
-                          "variant": True})
+                          "threads": report.get("threads"), "variant": True})
     return found
 
 
@@ -149,6 +165,10 @@ def _cell(value, std=None) -> str:
     return str(value)
 
 
+# The text columns of the console table and the width each keeps however many figures stand beside it.
+TEXT_WIDTHS = {"run": 10, "overrides": 24, "status": 9, "monitor": 8}
+
+
 def shown(rows: list[dict]) -> list[str]:
     """The columns worth printing: those some row has a value in (macro F1 is for classification,
     vs_linear for regression)."""
@@ -156,7 +176,7 @@ def shown(rows: list[dict]) -> list[str]:
 
 
 def cells(row: dict, columns: list[str]) -> list[str]:
-    return [_cell(row[c], row.get(f"{c}_std")) for c in columns]
+    return [_cell(shortened(row[c]) if c == "overrides" else row[c], row.get(f"{c}_std")) for c in columns]
 
 
 def write_table(rows: list[dict], path: Path) -> None:
@@ -182,12 +202,20 @@ def plot_runs(rows: list[dict], out_dir: Path, cost: str) -> list[Path]:
     score, pareto.png (test score against `cost`, the Pareto front marked, seeds as error bars)."""
     from dlrun.plots import learning_curves, pareto_plot, save
 
+    rows = displayed(rows)
     score = next((r["test_metric"] for r in rows if r["test_metric"]), "test/acc")
     maximise = score.endswith("acc")
     ranked = sorted(rows, key=lambda r: (r["test"] is None, -(r["test"] or 0) if maximise else (r["test"] or 0)))
     curves = [{**r, "records": [read_metrics(RunDir(Path(p))) for p in r["paths"]]} for r in ranked]
     written = [save(learning_curves(curves, score.split("/")[1]), out_dir / LEARNING_CURVES)]
     scored = [r for r in rows + variant_rows(rows) if r["test"] is not None and r.get(cost) is not None]
+    if cost == "latency_ms":  # latencies on other thread counts do not compare: the runs' count decides
+        threads = next((r["threads"] for r in scored if not r.get("variant")), None)
+        apart = [r for r in scored if r["threads"] != threads]
+        scored = [r for r in scored if r["threads"] == threads]
+        if apart:
+            print(f"{PARETO} leaves out {len(apart)} variant(s) timed on {apart[0]['threads']} thread(s): the runs' "
+                  f"latencies were timed on {threads} (dlrun-compress --threads {threads} makes them comparable)")
     if len(scored) >= 2:
         front = pareto_front([(float(r[cost]), r["test"] if maximise else -r["test"]) for r in scored])
         written.append(save(pareto_plot(scored, cost, COST_LABELS[cost], score, maximise, front), out_dir / PARETO))
@@ -223,6 +251,8 @@ def report(argv: list[str] | None) -> None:
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:
         raise SystemExit(f"dlrun-report: error: no such folder: {', '.join(missing)}")
+    if args.plots is None:  # the PNGs go into the first folder's plots/
+        check_links(RunDir(Path(args.folders[0])))
     runs = find_runs(args.folders)
     if not runs:
         raise SystemExit(f"dlrun-report: error: no run folders (with a summary) under {' '.join(args.folders)}")
@@ -235,13 +265,14 @@ def report(argv: list[str] | None) -> None:
                   header_style="bold")
     columns = shown(rows)
     for column in columns:
-        left = column in ("run", "overrides", "status", "monitor")
-        table.add_column(column, justify="left" if left else "right", overflow="fold", no_wrap=not left)
-    for r in rows:
-        table.add_row(*cells(r, columns))
+        left = column in TEXT_WIDTHS
+        table.add_column(column, justify="left" if left else "right", overflow="fold", no_wrap=not left,
+                         min_width=TEXT_WIDTHS.get(column))
+    for r in rows:  # a mean ± std on two lines: the figures take half the width, the text columns keep theirs
+        table.add_row(*(cell.replace(" ± ", "\n± ") for cell in cells(r, columns)))
     console = Console()
     if not console.is_terminal:
-        console = Console(width=160)  # piped or logged: room for the numbers
+        console = Console(width=max(console.width, 160))  # piped or logged: COLUMNS if set, and room for the numbers
     console.print(table)
     for path in (args.csv, args.markdown):
         if path is not None:

@@ -44,7 +44,7 @@ class Job:
     data: Data
     threads: int
     log: Callable[[str], None]
-    latency_batch: int = 0
+    latency_batch: int | None = None  # None: the run's trainer.batch_size
 
     task = property(lambda self: self.data.spec.task)
     metric = property(lambda self: f"test/{score_name(self.data.spec.task)}")
@@ -117,6 +117,7 @@ def measure(job: Job, name: str, model: nn.Module, source: nn.Module, file: Path
 def open_job(run_dir: Path, trust: Iterable[str], threads: int | None, log: Callable[[str], None]) -> tuple[Job, nn.Module]:
     """The run folder's best model, its config and its data rebuilt on the CPU."""
     folder = RunDir(run_dir)
+    rundir.check_links(folder)  # variants/ and compress.json are written into it
     model, cfg, described = checkpoint.load_model(folder.best, trust)
     torch.manual_seed(cfg.trainer.seed)
     data = build_dataset(cfg.dataset, CPU)
