@@ -9,6 +9,8 @@ ReduceLROnPlateau, which is stepped after each validation with the monitored val
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -16,6 +18,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from dlrun.config.targets import instantiate_trusted
+from dlrun.errors import ConfigError
 
 Scheduler = LRScheduler | ReduceLROnPlateau | None
 
@@ -25,13 +28,25 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module, decay_norm_and_bias
     weights (every parameter with fewer than two dimensions) get no weight decay."""
     fused = {"fused": fused_kernels(model)} if cfg.get("fused", False) is None else {}
     factory = instantiate_trusted(cfg, _partial_=True, _convert_="all", **fused)
-    if decay_norm_and_bias:
-        return factory(model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
-    return factory([
+    groups = model.parameters() if decay_norm_and_bias else [
         {"params": [p for p in params if p.ndim >= 2]},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ])
+    ]
+    with refused_keys("optimizer", cfg):
+        return factory(groups)
+
+
+@contextmanager
+def refused_keys(group: str, cfg: DictConfig) -> Iterator[None]:
+    """A value the schema cannot check (`optimizer.betas=[0.9]`) that the torch class refuses: one line naming
+    the group and torch's reason, not a traceback."""
+    try:
+        yield
+    except (TypeError, ValueError, IndexError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{group}: {cfg._target_} refuses its settings ({type(err).__name__}: {reason}); "
+                          f"see `dlrun --cfg job` for {group}'s keys") from None
 
 
 def fused_kernels(model: torch.nn.Module) -> bool:
@@ -44,7 +59,8 @@ def fused_kernels(model: torch.nn.Module) -> bool:
 
 def build_scheduler(cfg: DictConfig, optimizer: Optimizer, steps_per_epoch: int, total_steps: int, mode: str) -> Scheduler:
     factory = instantiate_trusted(cfg, _partial_=True, _convert_="all")
-    return factory(optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps, mode=mode)
+    with refused_keys("scheduler", cfg):
+        return factory(optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps, mode=mode)
 
 
 def steps_per_batch(scheduler: Scheduler) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dlrun import checkpoint, rundir
 from dlrun.errors import ConfigError
@@ -30,7 +30,8 @@ def open_checkpoint(resume: str, folder: RunDir) -> dict[str, Any]:
     see hydra_ext/launchers.py)."""
     last = rundir.resume_checkpoint(resume)
     if HydraConfig.initialized():
-        own = set(OmegaConf.load(folder.hydra_overrides)) if folder.hydra_overrides.is_file() else set()
+        saved = rundir.read_yaml(folder.hydra_overrides) if folder.hydra_overrides.is_file() else []
+        own = {str(o) for o in saved} if isinstance(saved, list) else set()
         others = [o for o in HydraConfig.get().overrides.task
                   if not o.startswith(("resume=", "trainer.epochs=")) and o not in own]
         if others:

@@ -115,7 +115,7 @@ class RunRecord:
         if not write:
             return
         if resumed_at is not None and run_dir.holds_run():
-            self.summary = json.loads(run_dir.summary.read_text())
+            self.summary = load_summary(run_dir)
             for stale in self.STALE:
                 self.summary.pop(stale, None)
             self.summary.setdefault("resumed", []).append({"at": now(), **resumed_at})
@@ -157,9 +157,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     name is unique, so two writers never trip over each other's temp file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    except OSError as err:  # a read-only file system, a full disk, no permission
+        raise RunFolderError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -226,12 +229,16 @@ def _in_use(run_dir: RunDir) -> RunFolderError:
 def own(run_dir: RunDir) -> Iterator[None]:
     """Hold the run folder's lock for the block; a clear error if another live process holds it, or if the
     folder holds a link out of it (`check_links`)."""
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunFolderError(f"cannot write into {run_dir.path}: {err.strerror or err}") from None
     check_links(run_dir)
     try:
         fd = os.open(run_dir.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as err:  # ELOOP: the lock file is a symbolic link
-        raise RunFolderError(f"{run_dir.lock} cannot be used as the run's lock ({err.strerror})") from None
+    except OSError as err:  # a read-only file system; ELOOP: the lock file is a symbolic link
+        raise RunFolderError(f"{run_dir.lock} cannot be used as the run's lock ({err.strerror or err}); dlrun "
+                             "writes into its run folders: give a writable one") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -354,10 +361,8 @@ def _why_no_checkpoint(run_dir: RunDir) -> str:
     if not run_dir.holds_run():
         return "no dlrun run was started in this folder"
     if run_dir.hydra_config.is_file():
-        from omegaconf import OmegaConf
-
-        saved = OmegaConf.load(run_dir.hydra_config)
-        if OmegaConf.select(saved, "trainer.save_checkpoints") is False:
+        saved = read_yaml(run_dir.hydra_config)
+        if isinstance(saved, dict) and (saved.get("trainer") or {}).get("save_checkpoints") is False:
             return "the run was started with trainer.save_checkpoints=false"
     return (f"the run ended before it wrote a checkpoint to continue from ({read_summary(run_dir.path).get('status')});"
             " start it again with its own command")
@@ -368,7 +373,7 @@ def check_belongs(run_dir: RunDir, ckpt: dict[str, Any], path: Path) -> None:
 
     Checkpoints and summaries carry the run's `run_id`; where one of them was written before
     dlrun recorded it, the checkpoint's config is compared with the folder's (model and dataset)."""
-    summary = json.loads(run_dir.summary.read_text()) if run_dir.holds_run() else {}
+    summary = load_summary(run_dir) if run_dir.holds_run() else {}
     ours, theirs = summary.get("run_id"), ckpt.get("run_id")
     if ours is not None and theirs is not None:
         foreign = ours != theirs
@@ -382,9 +387,9 @@ def check_belongs(run_dir: RunDir, ckpt: dict[str, Any], path: Path) -> None:
 def _same_model_and_data(run_dir: RunDir, config: dict[str, Any]) -> bool:
     if not run_dir.hydra_config.is_file():
         return True  # nothing to compare with
-    from omegaconf import OmegaConf
-
-    saved = OmegaConf.to_container(OmegaConf.load(run_dir.hydra_config), resolve=False)
+    saved = read_yaml(run_dir.hydra_config)
+    if not isinstance(saved, dict):
+        return False
     return (saved.get("model") == config.get("model")
             and saved.get("dataset", {}).get("_target_") == config.get("dataset", {}).get("_target_"))
 
@@ -392,14 +397,40 @@ def _same_model_and_data(run_dir: RunDir, config: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------ reading
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file of a run folder (Hydra's record), as plain data with its `${...}` left unresolved: a file
+    someone else may have written is read, never evaluated. One that is not plain YAML (a python tag, a
+    syntax error) is a one-line error naming it."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (yaml.YAMLError, ValueError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RunFolderError(f"{path} is not a plain YAML file ({first}); dlrun reads only what Hydra wrote") from None
+
+
 def read_summary(folder: str | Path) -> dict[str, Any]:
     """A run's summary; a run recorded as `running` whose process is gone reads as `failed`."""
     run_dir = RunDir(Path(folder))
-    summary = json.loads(run_dir.summary.read_text())
+    summary = load_summary(run_dir)
     if summary.get("status") == "running" and not _alive(run_dir, summary):
         summary["status"] = "failed"
         summary["error"] = (f"the process that ran it (pid {summary.get('pid')} on {summary.get('host')}) "
                             "ended without recording an end (killed?)")
+    return summary
+
+
+def load_summary(run_dir: RunDir) -> dict[str, Any]:
+    """The run's summary.json as written; one that is not a JSON object (damaged, or not dlrun's) is a
+    one-line error naming it."""
+    try:
+        summary = json.loads(run_dir.summary.read_text())
+    except ValueError as err:
+        raise RunFolderError(f"{run_dir.summary} is not valid JSON ({err}); damaged? (dlrun rewrites it whole)") from None
+    if not isinstance(summary, dict):
+        raise RunFolderError(f"{run_dir.summary} holds a {type(summary).__name__}, not a dlrun summary")
     return summary
 
 
@@ -416,7 +447,7 @@ def settle(folder: str | Path) -> dict[str, Any]:
     """Write down what `read_summary` found: a run whose process is gone is recorded as failed."""
     run_dir = RunDir(Path(folder))
     summary = read_summary(run_dir.path)
-    if summary.get("status") == "failed" and json.loads(run_dir.summary.read_text()).get("status") == "running":
+    if summary.get("status") == "failed" and load_summary(run_dir).get("status") == "running":
         with suppress(RunFolderError), own(run_dir):  # a process that took it over meanwhile writes its own
             run_dir.write_summary(summary)
     return summary

@@ -29,10 +29,22 @@ def import_user_code() -> None:
 
 
 def instantiate_trusted(cfg: Any, *also: str, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate` limited to TRUSTED_TARGETS and the targets in `also`."""
+    """`hydra.utils.instantiate` limited to TRUSTED_TARGETS and the targets in `also`; a target that cannot be
+    found or used (a module that does not exist, a name outside the whitelist) is a one-line ConfigError."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(cfg, _execution_whitelist_=[*TRUSTED_TARGETS, *also], **kwargs)
+    try:
+        return instantiate(cfg, _execution_whitelist_=[*TRUSTED_TARGETS, *also], **kwargs)
+    except InstantiationException as err:
+        target = cfg.get("_target_") if hasattr(cfg, "get") else None
+        root = err
+        while root.__cause__ is not None:  # Hydra wraps the import's own error, which says what is missing
+            root = root.__cause__
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        cause = f" ({type(root).__name__}: {(str(root).strip().splitlines() or [''])[0]})" if root is not err else ""
+        raise ConfigError(f"_target_={target} cannot be used: {first}{cause}; it must be importable from where "
+                          "dlrun runs (or installed)") from None
 
 
 # ------------------------------------------------------------ saved configs

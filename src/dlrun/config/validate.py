@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlrun.config.schema import MNIST1D_LENGTH, MonitorMode, OnNonFinite, TrainerConfig, score_name
 from dlrun.errors import ConfigError
-from dlrun.rundir import RunDir
+from dlrun.rundir import RunDir, read_yaml
 
 SEED_MAX = 2**32 - 1  # numpy.random.seed's largest seed
 SEQUENCE = "dlrun.data.load_sequence"  # the regression dataset (a forecast)
@@ -146,8 +146,8 @@ def validate_distill(d: DictConfig, dataset: DictConfig) -> None:
     ours = dataset.get("_target_")
     _require(ours != SEQUENCE, key, "distillation needs a classification dataset (dataset=sequence is regression)",
              d.teacher)
-    saved = folder.hydra_config
-    theirs = OmegaConf.select(OmegaConf.load(saved), "dataset._target_", default=None) if saved.is_file() else None
+    saved = read_yaml(folder.hydra_config) if folder.hydra_config.is_file() else {}
+    theirs = ((saved.get("dataset") or {}) if isinstance(saved, dict) else {}).get("_target_")
     _require(theirs in (None, ours), key, f"the teacher was trained on other data ({theirs}; the student's: {ours})",
              d.teacher)
 

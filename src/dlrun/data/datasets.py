@@ -262,9 +262,14 @@ def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files
         x = np.asarray(ds.data)
         return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W), uint8
 
-    return {"train_x": images(train), "train_y": np.asarray(train.targets, dtype=np.int64),
-            "test_x": images(test), "test_y": np.asarray(test.targets, dtype=np.int64),
-            "classes": np.asarray(train.classes, dtype=str)}
+    arrays = {"train_x": images(train), "train_y": np.asarray(train.targets, dtype=np.int64),
+              "test_x": images(test), "test_y": np.asarray(test.targets, dtype=np.int64),
+              "classes": np.asarray(train.classes, dtype=str)}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_x"]) != len(arrays[f"{split}_y"]):
+            raise ConfigError(f"dataset={name}: the {split} files under {root} hold {len(arrays[f'{split}_x']):,} "
+                              f"images but {len(arrays[f'{split}_y']):,} labels; replace them with a matching pair")
+    return arrays
 
 
 def unreadable(name: str, root: Path, files: list[Path], download: bool, verify: bool, err: Exception) -> str:
@@ -282,7 +287,19 @@ def unreadable(name: str, root: Path, files: list[Path], download: bool, verify:
     if verify and name.startswith("cifar"):
         return (f"dataset={name}: the files under {root} fail torchvision's md5 check ({err}); "
                 "dataset.verify=false reads them without it")
-    return f"dataset={name}: the files under {root} cannot be read ({type(err).__name__}: {err})"
+    sizes = ", ".join(f"{p.relative_to(root)} ({p.stat().st_size:,} bytes)" for p in files)
+    reason = (str(err).strip().splitlines() or [""])[0]
+    return (f"dataset={name}: torchvision cannot read the files under {root} ({type(err).__name__}: {reason}); "
+            f"they may be damaged or cut short: {sizes}")
+
+
+def check_sizes(name: str, sizes: dict[str, int]) -> None:
+    """No split is empty (a run needs samples to train, validate and test on)."""
+    empty = [split for split, n in sizes.items() if n == 0]
+    if empty:
+        shown = ", ".join(f"{split} {n:,}" for split, n in sizes.items())
+        raise ConfigError(f"dataset {name}: the {empty[0]} split is empty ({shown}); give it more samples, or change "
+                          "dataset.val_fraction / dataset.test_fraction")
 
 
 def decode_image(path: str, size: Sequence[int], channels: int) -> np.ndarray:
@@ -293,6 +310,18 @@ def decode_image(path: str, size: Sequence[int], channels: int) -> np.ndarray:
         img = img.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
         arr = np.array(img, dtype=np.uint8)  # a writable copy
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def decoded(path: str, size: Sequence[int], channels: int) -> np.ndarray:
+    """`decode_image` of a file in the user's image folder: one that Pillow cannot read is a one-line error
+    naming it."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return decode_image(path, size, channels)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:  # what Pillow raises for bad files
+        raise ConfigError(f"{path}: not an image Pillow can read ({type(err).__name__}); remove it from the "
+                          "image folder, or convert it") from None
 
 
 def _scan(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
@@ -333,6 +362,7 @@ def load_imagefolder(
                  for name, sel in (("train", train), ("val", val), ("test", test))}
     if len(classes) < 2 or not parts["train"][0]:
         raise ConfigError(f"dataset.root={root}: expected image files in at least two class sub-folders")
+    check_sizes(f"imagefolder:{base.name}", {name: len(f) for name, (f, _) in parts.items()})
 
     total = sum(len(f) for f, _ in parts.values())
     if total > in_memory_limit:
@@ -344,7 +374,7 @@ def load_imagefolder(
         def decode() -> dict[str, np.ndarray]:
             out = {}
             for name, (f, lab) in parts.items():
-                out[f"{name}_x"] = np.stack([decode_image(p, size, channels) for p in f])
+                out[f"{name}_x"] = np.stack([decoded(p, size, channels) for p in f])
                 out[f"{name}_y"] = np.asarray(lab, dtype=np.int64)
             return out
 

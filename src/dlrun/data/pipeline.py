@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from dlrun.data.augment import Augment, Augment1D, build_augment
-from dlrun.data.datasets import ImageFiles, RawSplits, decode_image
+from dlrun.data.datasets import ImageFiles, RawSplits, check_sizes, decode_image, decoded
+from dlrun.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -119,9 +120,10 @@ class Data:
 
 def build_data(raw: RawSplits, device: torch.device) -> Data:
     """Normalise with the training split's per-channel statistics and put the splits on `device`."""
+    check_splits(raw)
     train = raw.train
     if isinstance(train, ImageFiles):  # statistics of up to 2,000 of the files
-        sample = np.stack([decode_image(f, train.size, train.channels) for f in train.files[:2000]])
+        sample = np.stack([decoded(f, train.size, train.channels) for f in train.files[:2000]])
         mean, std = _channel_stats(torch.from_numpy(sample).float())
         input_shape: tuple[int, ...] = (train.channels, *train.size)
     else:
@@ -142,6 +144,17 @@ def build_data(raw: RawSplits, device: torch.device) -> Data:
     return Data(spec, splits, mean=mean.flatten().tolist(), std=std.flatten().tolist(), augment=augment,
                 classes=raw.classes)
 
+
+def check_splits(raw: RawSplits) -> None:
+    """Data a run can use: no split empty, and a classifier's labels within its classes."""
+    labels = {name: part.labels if isinstance(part, ImageFiles) else part[1]
+              for name, part in (("train", raw.train), ("val", raw.val), ("test", raw.test))}
+    check_sizes(raw.name, {name: len(y) for name, y in labels.items()})
+    for name, y in labels.items():
+        if raw.task == "classification" and (int(np.min(y)) < 0 or int(np.max(y)) >= raw.num_outputs):
+            raise ConfigError(f"dataset {raw.name}: the {name} split has labels {int(np.min(y))}..{int(np.max(y))}, "
+                              f"outside the {raw.num_outputs} classes 0..{raw.num_outputs - 1}; its label files "
+                              "do not belong to these images")
 
 
 def build_dataset(cfg: Any, device: torch.device) -> Data:

@@ -37,6 +37,8 @@ class DlrunCallback(Callback):
                 folder = RunDir(Path(config.resume).expanduser().resolve())
                 rundir.check_not_in_use(folder)
                 rundir.check_links(folder)  # before Hydra writes .hydra/resume-<time>/ into it
+                if (problem := dir_problem(folder.path)) is not None:  # read-only: Hydra's writes would fail
+                    raise ConfigError(f"resume={config.resume}: the run folder cannot be written ({problem})")
             else:
                 check_set(config, "run")
                 validate(config)  # bad input is refused before the run folder exists

@@ -62,6 +62,21 @@ def is_seed(override: str) -> bool:
 def rows_of(runs: list[Path]) -> list[dict]:
     """One row per run; `overrides` without those common to every run."""
     summaries = [read_summary(run) for run in runs]
+    try:
+        return rows_of_summaries(runs, summaries)
+    except (AttributeError, TypeError, KeyError) as err:  # a field of another shape than dlrun writes
+        bad = next((run for run, s in zip(runs, summaries) if not well_formed(s)), runs[0])
+        raise DlrunError(f"{RunDir(bad).summary} is not a summary dlrun wrote ({type(err).__name__}: {err})") from None
+
+
+def well_formed(summary: dict) -> bool:
+    """Whether the sections a report reads have the shapes dlrun writes."""
+    sections = ("best", "final", "monitor", "model", "cost", "train", "baselines")
+    return (all(isinstance(summary.get(k, {}), dict) for k in sections)
+            and isinstance(summary.get("overrides", []), list))
+
+
+def rows_of_summaries(runs: list[Path], summaries: list[dict]) -> list[dict]:
     common = set.intersection(*(set(s.get("overrides", [])) for s in summaries)) if summaries else set()
     base = Path(os.path.commonpath([r.resolve() for r in runs])) if len(runs) > 1 else runs[0].resolve().parent
     rows = []
@@ -184,17 +199,24 @@ def write_table(rows: list[dict], path: Path) -> None:
     (anything else; `mean ± std` where a configuration has several seeds)."""
     if path.suffix == ".csv":
         import csv
+        import io
 
         fields = [*COLUMNS, *(f"{c}_std" for c in AVERAGED), "test_metric", "paths"]
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "paths": " ".join(r["paths"])} for r in rows)
+        content = buffer.getvalue()
+    else:
+        columns = shown(rows)
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cells(r, columns)) + " |" for r in rows]
+        content = "\n".join(lines) + "\n"
+    try:
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({**r, "paths": " ".join(r["paths"])} for r in rows)
-        return
-    columns = shown(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cells(r, columns)) + " |" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+            f.write(content)
+    except OSError as err:
+        raise DlrunError(f"{path}: cannot be written ({err.strerror or err})") from None
 
 
 def plot_runs(rows: list[dict], out_dir: Path, cost: str) -> list[Path]:

@@ -230,7 +230,6 @@ def static_variants(job: Job, base: nn.Module, plan: Plan, skipped: list[dict[st
         batches = job.calibration()[: plan.calibration_batches]
         model = static_int8(copy.deepcopy(base), batches, batches[0])
         file = job.folder.variant("int8-static", ".pt2")
-        file.parent.mkdir(parents=True, exist_ok=True)
         with quiet():
             archive = torch.export.export(model.graph, (batches[0],),
                                           dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
@@ -262,7 +261,6 @@ def inductor_variant(job: Job, name: str, model: nn.Module, source: nn.Module, f
 def onnx_variant(job: Job, name: str, model: nn.Module) -> dict[str, Any]:
     """`model` exported to variants/<name>.onnx, checked against PyTorch and run by ONNX Runtime."""
     file = job.folder.variant(name, ".onnx")
-    file.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(model, job.shape, file)
     x = next(iter(job.data.splits["test"].batches(256)))[0]
     checked = check_and_time(model, file, x, job.batch, job.threads)
