@@ -157,6 +157,20 @@ def test_the_command(cli, trained, tmp_path):
     assert "1 threads" in out
 
 
+def test_pruned_variants_are_fine_tuned_by_default(cli, trained, tmp_path):
+    """With no fine-tuning option, structured pruning is followed by 10 epochs of the run's own loop, which wins
+    back what pruning lost; --finetune-epochs 0 keeps the bare pruned model."""
+    scores = {}
+    for name, extra in (("default", ()), ("bare", ("--finetune-epochs", "0"))):
+        run = shutil.copytree(trained(*MLP_RUN), tmp_path / name)
+        cli("dlrun-compress", run, "--prune", "0.75", "--no-half", "--no-onnx", "--quantize", "", *extra, check=True)
+        pruned = json.loads((run / "compress.json").read_text())["variants"][1]
+        assert pruned["name"] == "pruned-flops-0.75"
+        scores[name] = (pruned["finetune_epochs"], pruned["test/acc"])
+    assert scores["default"][0] == 10 and scores["bare"][0] == 0
+    assert scores["default"][1] > scores["bare"][1], scores
+
+
 @pytest.mark.slow
 def test_the_installed_command_refuses_a_bad_option(tmp_path):
     """The console script itself: its exit status and its one line on stderr."""

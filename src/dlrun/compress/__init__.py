@@ -22,7 +22,7 @@ class Plan:
     scope: str = "global"  # global (one ranking over all layers) or uniform (the same share per layer)
     importance: str = "magnitude"  # or taylor
     steps: int = 1  # prune in this many steps, fine-tuning after each
-    finetune_epochs: int = 0
+    finetune_epochs: int = 10  # after each pruning step, through the run's own loop (0: none)
     sparsity: list[float] = field(default_factory=list)  # unstructured magnitude pruning (zeros only)
     quantize: list[str] = field(default_factory=lambda: list(QUANTIZE))
     half: bool = True

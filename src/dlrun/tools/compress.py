@@ -73,7 +73,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     add("--scope", default="global", help="global (one ranking over all layers) or uniform (the same share per layer)")
     add("--importance", default="magnitude", help="channel importance: magnitude or taylor")
     add("--steps", type=int, default=1, help="prune in this many steps, fine-tuning after each")
-    add("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model this long with the run's loop")
+    add("--finetune-epochs", type=int, default=Plan.finetune_epochs,
+        help="fine-tune each pruned model this many epochs with the run's own loop and settings (default: "
+             "%(default)s; 0: none, and a pruned model then loses accuracy)")
     add("--sparsity", default="", help="unstructured magnitude pruning (zeros only: no fewer FLOPs), e.g. 0.5,0.9")
     add("--quantize", default="dynamic,static", help="int8 methods: dynamic (Linear/LSTM/GRU), static (PT2E, "
                                                      "calibrated; convolutions too); '' for none")
