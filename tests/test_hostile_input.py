@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import CPU, read_summary
 from datafiles import write_idx, write_image_folder, write_mnist
@@ -73,6 +74,26 @@ def test_an_image_folder_with_a_file_that_is_not_an_image(cli, tmp_path):
     line = one_line(cli("dlrun", "dataset=imagefolder", f"dataset.root={root}", f"dataset.cache_dir={tmp_path}",
                         "trainer.epochs=1", *CPU))
     assert f"{root / 'class0' / 'notes.png'}: not an image Pillow can read" in line
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_streamed_image_that_is_not_an_image(tmp_path, workers):
+    """Folders too large for memory are decoded batch by batch, in DataLoader workers where asked: a bad file
+    met there is the same one line, not the worker's traceback."""
+    from dlrun.data.datasets import ImageFiles
+    from dlrun.data.pipeline import StreamSplit
+    from dlrun.errors import ConfigError
+
+    root = write_image_folder(tmp_path / "images", classes=2, per_class=4, size=8)
+    bad = root / "class1" / "cut.png"
+    bad.write_bytes((root / "class1").joinpath(sorted(os.listdir(root / "class1"))[0]).read_bytes()[:20])
+    files = sorted(str(p) for p in root.rglob("*.png"))
+    images = ImageFiles(files=files, labels=[0 if "class0" in f else 1 for f in files], size=(8, 8), channels=3)
+    split = StreamSplit(images, torch.zeros(3, 1, 1), torch.ones(3, 1, 1), torch.device("cpu"), workers)
+    with pytest.raises(ConfigError) as err:
+        list(split.batches(4))
+    assert str(err.value) == (f"{bad}: not an image Pillow can read (OSError); remove it from the image folder, "
+                              "or convert it")
 
 
 def test_idx_files_whose_image_and_label_counts_differ(cli, mnist_files):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dlrun.data.augment import Augment, Augment1D, build_augment
-from dlrun.data.datasets import ImageFiles, RawSplits, check_sizes, decode_image, decoded
+from dlrun.data.datasets import ImageFiles, RawSplits, check_sizes, decoded
 from dlrun.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -77,9 +77,12 @@ class StreamSplit:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
         )
-        for x, y in loader:
-            x = x.to(self.device, non_blocking=True).float()
-            yield (x - self.mean) / self.std, y.to(self.device, non_blocking=True)
+        try:
+            for x, y in loader:
+                x = x.to(self.device, non_blocking=True).float()
+                yield (x - self.mean) / self.std, y.to(self.device, non_blocking=True)
+        except ConfigError as err:  # from a worker, torch puts the worker's traceback in front of our one line
+            raise ConfigError(str(err).strip().splitlines()[-1].removeprefix(f"{ConfigError.__module__}.ConfigError: "))
 
     def take(self, n: int) -> StreamSplit:
         subset = replace(self.images, files=self.images.files[:n], labels=self.images.labels[:n])
@@ -94,7 +97,7 @@ class _DecodedImages(torch.utils.data.Dataset):
         return len(self.images.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = decode_image(self.images.files[i], self.images.size, self.images.channels)
+        image = decoded(self.images.files[i], self.images.size, self.images.channels)
         return torch.from_numpy(image), self.images.labels[i]
 
 
