@@ -277,6 +277,8 @@ def test_predicted_vs_true_draws_every_point_in_its_outputs_colour_and_the_diago
     (diagonal,) = ax.lines
     assert diagonal.get_xydata().tolist() == [[-1.0, -1.0], [1.1, 1.1]]  # predicted = true, over the values' range
     assert ax.get_legend_handles_labels()[1] == ["output 0", "output 1", "output 2", "predicted = true"]
+    (legend,) = fig.legends  # beside the plot: it hides no point
+    assert not legend.get_window_extent().overlaps(ax.get_window_extent())
     # rendered: each point's centre is nearest to its own output's colour (half transparent over white), the
     # diagonal is dark
     colours = np.array([255 * (c.get_facecolor()[0][:3] * c.get_alpha() + 1 - c.get_alpha()) for c in points])

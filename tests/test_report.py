@@ -116,6 +116,21 @@ def test_pareto_point_labels_never_overlap(tmp_path):
     assert all(rows[i]["run"] in labelled for i in front[:3])  # the front comes first
 
 
+def test_points_on_one_spot_share_a_label_and_the_legend_hides_none(tmp_path):
+    """bf16, fp16 and int8 copies often score and cost what the original does: one label names them all
+    (none is dropped for want of room), and the legend sits above the plot."""
+    (folder,) = [fake_run(tmp_path / "run", [], 0.95, 50_000, [1.0])]
+    (run,) = rows_for([folder])
+    rows = [run, *({**run, "run": name, "variant": True} for name in ("bf16", "fp16", "int8-dynamic")),
+            {**run, "run": "pruned-flops-0.5", "variant": True, "params": 25_000, "test": 0.96}]
+    fig = pareto_plot(rows, "params", "parameters", "test/acc", True, [4])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    texts = sorted(t.get_text().replace("\n", " ") for t in ax.texts if t.get_visible())
+    assert texts == ["pruned-flops-0.5", "run, bf16, fp16, int8-dynamic"]
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+
+
 @pytest.mark.parametrize("n_runs", [1, 4, 7, 20])
 def test_learning_curve_legend_is_outside_the_data(tmp_path, n_runs):
     folders = [fake_run(tmp_path / str(i), [f"optimizer.lr={i}e-3"], 0.9, 1000, [2.0 / (e + i + 1) for e in range(5)])
@@ -129,9 +144,32 @@ def test_learning_curve_legend_is_outside_the_data(tmp_path, n_runs):
     assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
     entries = [t.get_text() for t in legend.get_texts()]
     if n_runs == 1:  # one run: named by the title, the legend tells its lines apart
-        assert entries == ["val", "train"] and fig.get_suptitle() == rows[0]["run"]
+        assert entries == ["val", "train"] and fig.get_suptitle() == f"run {rows[0]['run']}"
     else:
         assert len(entries) == min(n_runs, 10) + (n_runs > 10)  # the best ten by name, then "10 more (grey)"
+        named = [h.get_color() for h in legend.legend_handles[:min(n_runs, 10)]]
+        assert len(set(named)) == len(named) and not any(len(set(c[:3])) == 1 for c in named)  # no grey
+
+
+def test_one_epoch_curves_are_points_on_the_epoch_train_hollow():
+    """A 1-epoch run has no lines to tell val (solid) from train (dashed): the markers do (train hollow), and
+    the epoch axis shows that epoch alone, not fractions around it."""
+    records = [{"epoch": 1, "train/loss": 1.5, "val/loss": 1.2, "train/acc": 0.5, "val/acc": 0.6}]
+    fig = learning_curves([{"run": "r", "overrides": "", "records": [records]}], "acc")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if low <= t <= high] == [1]
+        faces = {line.get_linestyle(): line.get_markerfacecolor() for line in ax.lines}
+        assert faces["--"] == "none" and faces["-"] != "none" and all(line.get_marker() == "o" for line in ax.lines)
+
+
+def test_a_configuration_of_several_seeds_is_named_by_its_seeds():
+    from dlrun.plots import _label
+
+    row = {"run": "0 (+19)", "runs": [str(i) for i in range(20)], "overrides": "optimizer.lr=0.01"}
+    assert _label(row).replace("\n", " ") == "20 seeds (runs 0, 1, ..., 19): optimizer.lr=0.01"
+    assert _label({**row, "runs": ["4", "7"], "overrides": ""}) == "2 seeds (runs 4, 7)"
 
 
 def test_a_runs_plot_names_its_overrides_and_marks_the_best_epoch(tmp_path):

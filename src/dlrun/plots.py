@@ -221,9 +221,15 @@ def place_labels(ax, points: list[tuple[float, float]], labels: list[str], prior
 def _label(row: dict[str, Any]) -> str:
     """A row's name in a legend: its run and its overrides, wrapped (never cut: the override that tells two
     runs apart is often the last one), at most four lines."""
-    lines = textwrap.wrap(f"{row['run']}: {row['overrides']}" if row["overrides"] else row["run"], 44,
-                          break_long_words=False)
+    runs = row.get("runs") or [row["run"]]
+    shown = ", ".join(runs if len(runs) <= 3 else [*runs[:2], "...", runs[-1]])
+    name = runs[0] if len(runs) == 1 else f"{len(runs)} seeds (runs {shown})"
+    lines = textwrap.wrap(f"{name}: {row['overrides']}" if row["overrides"] else name, 44, break_long_words=False)
     return "\n".join(lines[:3] + ([" ".join(lines[3:])] if len(lines) > 3 else []))
+
+
+# validation and training curves: line style and marker face (hollow for training, so one-epoch points differ too)
+SPLIT_STYLES = (("val", "-", None), ("train", "--", "none"))
 
 
 def learning_curves(rows: list[dict[str, Any]], score_metric: str, title: str | None = None,
@@ -237,31 +243,37 @@ def learning_curves(rows: list[dict[str, Any]], score_metric: str, title: str | 
     from matplotlib.ticker import MaxNLocator
 
     named = rows[:LEGEND_ENTRIES]
-    colors = colormap("tab10" if len(named) <= 10 else "tab20").colors
+    # the named rows' colours: no greys among them (grey is for the rows the legend does not name)
+    colors = [c for c in colormap("tab10" if len(named) <= 9 else "tab20").colors if len(set(c)) > 1]
     fig = figure(figsize=(12, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
     for i, row in enumerate(rows):
         color, width = (colors[i % len(colors)], 1.5) if i < len(named) else ("0.7", 0.8)
         for records in row["records"]:
             for ax, metric in zip(axes, ("loss", score_metric)):
-                for split, style in (("val", "-"), ("train", "--")):
+                for split, style, face in SPLIT_STYLES:
                     points = [(r["epoch"], r[f"{split}/{metric}"]) for r in records
                               if math.isfinite(r.get(f"{split}/{metric}", math.nan))]  # a diverged epoch is left out
                     if points:
-                        ax.plot(*zip(*points), style, marker="o", markersize=3, color=color, linewidth=width)
+                        ax.plot(*zip(*points), style, marker="o", markersize=3.5, color=color, linewidth=width,
+                                markerfacecolor=face or color)
+    epochs = {r["epoch"] for row in rows for records in row["records"] for r in records}
     for ax, metric in zip(axes, ("loss", score_metric)):
         if best_epoch is not None:
             ax.axvline(best_epoch, color="0.5", linestyle=":", linewidth=1.2)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{metric} (val solid, train dashed)")
+        ax.set_ylabel(f"{metric} (val solid, train dashed and hollow)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:  # one epoch: its tick alone, not a fractional axis around it
+            ax.set_xlim(min(epochs) - 0.5, min(epochs) + 0.5)
+            ax.set_xticks(sorted(epochs))
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", markersize=3, label=_label(row))
+    handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", markersize=3.5, label=_label(row))
                for i, row in enumerate(named)]
     if len(rows) == 1:  # one configuration: its name is the title; the legend tells the lines apart
-        title = title or _label(rows[0])
-        handles = [Line2D([], [], color=colors[0], marker="o", markersize=3, linestyle=style, label=split)
-                   for split, style in (("val", "-"), ("train", "--"))]
+        title = title or (_label(rows[0]) if rows[0].get("n", 1) > 1 else f"run {_label(rows[0])}")
+        handles = [Line2D([], [], color=colors[0], marker="o", markersize=3.5, linestyle=style, label=split,
+                          markerfacecolor=face or colors[0]) for split, style, face in SPLIT_STYLES]
     if len(rows) > len(named):
         handles.append(Line2D([], [], color="0.7", label=f"{len(rows) - len(named)} more (grey)"))
     if best_epoch is not None:
@@ -306,11 +318,11 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str], titl
 
 def predicted_vs_true(true: np.ndarray, predicted: np.ndarray, title: str):
     """Each (sample, output) as a point, predicted against true, a colour per output (named in the
-    legend up to 10 outputs); the diagonal is a perfect prediction. Returns the figure."""
+    legend beside the plot, up to 10 outputs); the diagonal is a perfect prediction. Returns the figure."""
     true, predicted = np.asarray(true, dtype=float), np.asarray(predicted, dtype=float)
     true, predicted = true.reshape(len(true), -1), predicted.reshape(len(predicted), -1)
     finite = np.isfinite(true) & np.isfinite(predicted)
-    fig = figure(figsize=(6.5, 6), layout="constrained")
+    fig = figure(figsize=(7.8, 6), layout="constrained")
     ax = fig.subplots()
     for j in range(true.shape[1]):
         ax.scatter(true[finite[:, j], j], predicted[finite[:, j], j], s=6, alpha=0.6,
@@ -319,7 +331,7 @@ def predicted_vs_true(true: np.ndarray, predicted: np.ndarray, title: str):
         low, high = float(min(true[finite].min(), predicted[finite].min())), float(max(true[finite].max(),
                                                                                         predicted[finite].max()))
         ax.plot([low, high], [low, high], color="black", linewidth=1.0, label="predicted = true")
-        ax.legend(fontsize="small", loc="upper left")
+        fig.legend(fontsize="small", loc="outside right upper")  # beside the points, never over them
     ax.set_xlabel("true value")
     ax.set_ylabel("predicted value")
     ax.grid(alpha=0.3)
@@ -376,10 +388,16 @@ def pareto_plot(rows: list[dict[str, Any]], cost: str, cost_label: str, score_me
     ax.set_xlabel(cost_label)
     ax.set_ylabel(f"{score_metric} ({'higher' if maximise else 'lower'} is better)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncols=3, fontsize="small", borderaxespad=0)  # above
     fig.tight_layout()
     rest = sorted(set(range(len(rows))) - set(front), key=lambda i: -ys[i] if maximise else ys[i])
     # few points: named by their overrides (as in the table); many: by the table's run column
     labels = [r["overrides"] if len(rows) <= 8 and 0 < len(r["overrides"]) <= 40 else r["run"] for r in rows]
-    place_labels(ax, list(zip(xs, ys)), labels, [*front, *rest])
+    # points on the same spot (bf16 and fp16 score and cost as the original) share one label naming them all
+    spots: dict[tuple[float, float], list[int]] = {}
+    for i in [*front, *rest]:
+        spots.setdefault((xs[i], ys[i]), []).append(i)
+    place_labels(ax, list(spots), [textwrap.fill(", ".join(labels[i] for i in same), 40, break_on_hyphens=False)
+                                  for same in spots.values()],
+                 list(range(len(spots))))
     return fig
