@@ -190,10 +190,10 @@ def test_a_failed_download_names_its_cause_and_leaves_nothing_behind(tmp_path, m
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)  # the network, not dlrun: this machine may be online
-    with pytest.raises(ConfigError) as err:
-        load_mnist(str(tmp_path), download=True, val_fraction=0.1, split_seed=0)
+    with pytest.raises(ConfigError) as err:  # into a data dir that does not exist yet
+        load_mnist(str(tmp_path / "data"), download=True, val_fraction=0.1, split_seed=0)
     message = str(err.value)
-    assert message.startswith(f"dataset=mnist: the download into {tmp_path} failed (")
+    assert message.startswith(f"dataset=mnist: the download into {tmp_path / 'data'} failed (")
     assert "Temporary failure in name resolution" in message and "MNIST/raw/train-images-idx3-ubyte" in message
     assert "\n" not in message
     assert list(tmp_path.iterdir()) == []

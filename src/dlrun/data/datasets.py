@@ -248,8 +248,9 @@ def _torchvision_splits(name: str, data_dir: str, download: bool, val_fraction: 
 
 def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files: list[Path]) -> dict[str, np.ndarray]:
     cls = _torchvision_class(name, verify)
-    made = sorted({q for f in files for q in f.parents if q.is_relative_to(root) and q != root and not q.exists()},
-                  key=lambda q: len(q.parts), reverse=True)  # the folders a failed download would leave, deepest first
+    made = sorted({q for f in files for q in f.parents if q.is_relative_to(root) and not q.exists()},
+                  key=lambda q: len(q.parts), reverse=True)  # the folders (the data dir too) a failed download
+    # would leave, deepest first
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=False)
