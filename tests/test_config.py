@@ -155,6 +155,8 @@ def test_schema_rejects_bad_keys_and_types(make_cfg, override, message):
         (["+trainer.early_stopping.patiense=3"], "trainer.early_stopping.patiense is not a key"),
         (["+optimizer.betaz=[0.9,0.99]"], "optimizer.betaz is not a key of optimizer (did you mean optimizer.betas?"),
         (["+dataset.crop=2"], "dataset.crop is not a key of dataset"),
+        (["model=cnn_blocks", "+model.blocks.0.chanels=8"],  # in a list item too: refused before the run folder
+         "model.blocks[0].chanels is not a key of model.blocks[0] (did you mean model.blocks[0].channels?"),
         (["trainer.distill.alpha=2"], "trainer.distill.alpha"),  # even without a teacher
         (["trainer.distill.temperature=0"], "trainer.distill.temperature"),
     ],

@@ -91,6 +91,10 @@ def validate_keys(node: Any, where: str) -> None:
     """Only the keys of a node's schema: a key added with Hydra's `+` (as its own error message suggests for a
     misspelt one) would otherwise be carried along and do nothing. A node without a schema (model=custom, whose
     keys its class checks) takes any key."""
+    if OmegaConf.is_list(node):  # model.blocks: a schema per item
+        for i, item in enumerate(node):
+            validate_keys(item, f"{where}[{i}]")
+        return
     schema = OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
     if not dataclasses.is_dataclass(schema):
         return
