@@ -151,10 +151,28 @@ def test_schema_rejects_bad_keys_and_types(make_cfg, override, message):
         (["dataset=cifar10", "dataset.crop_padding=-1"], "dataset.crop_padding"),
         (["dataset.val_fraction=0.5", "dataset.test_fraction=0.6"], "dataset.val_fraction"),
         (["device.threads=-1"], "device.threads"),
+        (["device.threads=100000"], "device.threads=100000 is invalid: must be in 0 .. 1024"),  # it crashed
         (["+trainer.epoch=3"], "trainer.epoch is not a key of trainer (did you mean trainer.epochs?"),
         (["+trainer.early_stopping.patiense=3"], "trainer.early_stopping.patiense is not a key"),
         (["+optimizer.betaz=[0.9,0.99]"], "optimizer.betaz is not a key of optimizer (did you mean optimizer.betas?"),
         (["+dataset.crop=2"], "dataset.crop is not a key of dataset"),
+        (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] is invalid: must be two numbers in [0, 1)"),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5] is invalid"),
+        (["optimizer=momentum", "optimizer.momentum=-1"], "optimizer.momentum=-1.0 is invalid: must be >= 0"),
+        (["optimizer=rmsprop", "optimizer.alpha=-1"], "optimizer.alpha=-1.0 is invalid"),
+        (["optimizer=adadelta", "optimizer.rho=2"], "optimizer.rho=2.0 is invalid: must be in [0, 1]"),
+        (["scheduler=step", "scheduler.gamma=-1"], "scheduler.gamma=-1.0 is invalid: must be > 0"),  # it trained
+        (["scheduler=plateau", "scheduler.factor=2"], "scheduler.factor=2.0 is invalid: must be in (0, 1)"),
+        (["scheduler=onecycle", "scheduler.pct_start=0"], "scheduler.pct_start=0.0 is invalid"),
+        (["dataset=mnist1d", "dataset.num_samples=0"], "dataset.num_samples=0 is invalid: must be a positive integer"),
+        (["dataset=mnist1d", "dataset.train_split=1.5"], "dataset.train_split=1.5 is invalid: must be in (0, 1)"),
+        (["dataset=sequence", "dataset.horizon=0"], "dataset.horizon=0 is invalid"),  # it trained on NaN losses
+        (["dataset=sequence", "dataset.length=0"], "dataset.length=0 is invalid"),
+        (["dataset=sequence", "dataset.num_sines=0"], "dataset.num_sines=0 is invalid"),
+        (["dataset=sequence", "dataset.noise=-1"], "dataset.noise=-1.0 is invalid: must be >= 0"),
+        (["dataset=sequence", "dataset.seed=-5"], "dataset.seed=-5 is invalid"),
+        (["dataset.split_seed=-1"], "dataset.split_seed=-1 is invalid"),
+        (["dataset=imagefolder", "dataset.root=.", "dataset.workers=-1"], "dataset.workers=-1 is invalid"),
         (["model=cnn_blocks", "+model.blocks.0.chanels=8"],  # in a list item too: refused before the run folder
          "model.blocks[0].chanels is not a key of model.blocks[0] (did you mean model.blocks[0].channels?"),
         (["trainer.distill.alpha=2"], "trainer.distill.alpha"),  # even without a teacher

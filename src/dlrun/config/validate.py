@@ -11,7 +11,7 @@ import difflib
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,6 +20,7 @@ from dlrun.errors import ConfigError
 from dlrun.rundir import RunDir, read_yaml
 
 SEED_MAX = 2**32 - 1  # numpy.random.seed's largest seed
+MAX_THREADS = 1024  # more CPU threads than any machine has cores; 100,000 made the process run out of memory
 SEQUENCE = "dlrun.data.load_sequence"  # the regression dataset (a forecast)
 
 
@@ -77,14 +78,39 @@ def validate(cfg: DictConfig) -> None:
     validate_trainer(cfg.trainer)
     if cfg.trainer.get("distill") is not None:
         validate_distill(cfg.trainer.distill, cfg.dataset)
-    opt = cfg.optimizer
-    _require(opt.get("lr", 1.0) > 0, "optimizer.lr", "must be > 0", opt.get("lr"))
-    _require(opt.get("weight_decay", 0.0) >= 0, "optimizer.weight_decay", "must be >= 0", opt.get("weight_decay"))
+    validate_numbers(cfg.optimizer, "optimizer", OPTIMIZER_RULES)
+    validate_numbers(cfg.scheduler, "scheduler", SCHEDULER_RULES)
     validate_model(cfg.model)
     validate_dataset(cfg.dataset)
-    _require(cfg.device.threads >= 0, "device.threads", "must be >= 0 (0 keeps torch's default)", cfg.device.threads)
+    _require(0 <= cfg.device.threads <= MAX_THREADS, "device.threads",
+             f"must be in 0 .. {MAX_THREADS} (0 keeps torch's default)", cfg.device.threads)
     validate_device(cfg.device)
     validate_files(cfg.dataset)
+
+
+# The optimizer's and scheduler's numbers (the keys each option has, in conf/), so that torch's own refusal,
+# after the run folder is made, is not the first word on them: key -> (rule, what it says).
+Rule = tuple[Callable[[float], bool], str]
+POSITIVE: Rule = (lambda v: v > 0, "must be > 0")
+AT_LEAST_0: Rule = (lambda v: v >= 0, "must be >= 0")
+SHARE: Rule = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+OPEN_SHARE: Rule = (lambda v: 0 < v < 1, "must be in (0, 1)")
+OPTIMIZER_RULES: dict[str, Rule] = {
+    "lr": POSITIVE, "weight_decay": AT_LEAST_0, "eps": AT_LEAST_0, "momentum": AT_LEAST_0, "dampening": SHARE,
+    "alpha": AT_LEAST_0, "rho": SHARE, "betas": (lambda v: 0 <= v < 1, "must be two numbers in [0, 1)")}
+SCHEDULER_RULES: dict[str, Rule] = {
+    "step_epochs": (lambda v: v >= 1, "must be >= 1"), "gamma": POSITIVE, "min_lr_ratio": SHARE,
+    "pct_start": OPEN_SHARE, "div_factor": POSITIVE, "final_div_factor": POSITIVE, "factor": OPEN_SHARE,
+    "patience": AT_LEAST_0, "threshold": AT_LEAST_0, "min_lr": AT_LEAST_0}
+
+
+def validate_numbers(node: DictConfig, group: str, rules: dict[str, Rule]) -> None:
+    for key, (ok, rule) in rules.items():
+        if key in node:
+            value = node[key]
+            values = list(value) if OmegaConf.is_list(value) else [value]
+            _require(all(ok(v) for v in values) and (key != "betas" or len(values) == 2), f"{group}.{key}", rule,
+                     values if OmegaConf.is_list(value) else value)
 
 
 def validate_keys(node: Any, where: str) -> None:
@@ -213,10 +239,23 @@ def validate_residual_model(model: DictConfig) -> None:
                  model.patch_size)
 
 
+# The generated datasets' sizes and the data options that count something: at least 1.
+DATASET_COUNTS = ("num_samples", "num_series", "length", "horizon", "num_sines", "in_memory_limit")
+
+
 def validate_dataset(ds: DictConfig) -> None:
-    for key in ("val_fraction", "test_fraction"):
+    for key in ("val_fraction", "test_fraction", "train_split"):
         if key in ds:
             _require(0 < ds[key] < 1, f"dataset.{key}", "must be in (0, 1)", ds[key])
+    for key in DATASET_COUNTS:
+        if key in ds:
+            _require(ds[key] >= 1, f"dataset.{key}", "must be a positive integer", ds[key])
+    for key in ("noise", "workers"):
+        if key in ds:
+            _require(ds[key] >= 0, f"dataset.{key}", "must be >= 0", ds[key])
+    for key in ("seed", "split_seed", "generator_seed"):
+        if key in ds:
+            _require(0 <= ds[key] <= SEED_MAX, f"dataset.{key}", f"must be in 0 .. {SEED_MAX}", ds[key])
     if "val_fraction" in ds and "test_fraction" in ds:
         total = ds.val_fraction + ds.test_fraction
         if total >= 1:
