@@ -1,13 +1,14 @@
 """`make results`: run every preset the README quotes and regenerate the README's results tables.
 
-Each row is one real `dlrun` run on this machine with one thread (`device.threads=1`, OMP_NUM_THREADS=1),
-read back from its summary.json. The figures go to results/results.json (with the machine, the date,
-the versions and the command) and into README.md between the `<!-- generated:... -->` markers; nothing
-in those tables is typed by hand. Runs are deterministic: the same versions on the same kind of CPU
-give the same accuracies (tests/test_results.py reruns a row and compares); times depend on the
-machine and its load, which the table states.
+Each row is a real `dlrun` run per seed (trainer.seed=0, 1, 2) on this machine with one thread
+(`device.threads=1`, OMP_NUM_THREADS=1), read back from its summary.json: the test score as mean ± std over
+the seeds, the wall time of seed 0's command. The figures go to results/results.json (with the machine, the
+date, the versions and the command) and into README.md between the `<!-- generated:... -->` markers; nothing
+in those tables is typed by hand. A run is bit-exact only on the machine that made it; elsewhere its score
+lands within the seeds' spread (tests/test_results.py reruns a row); times depend on the machine and its
+load, which the table states.
 
-    python scripts/results.py                 # everything (about 12 minutes on a 2-core CPU)
+    python scripts/results.py                 # everything (about 15 minutes on a 2-core CPU)
     python scripts/results.py --only mnist1d_logreg mnist1d_cnn   # some rows; the others are kept
     python scripts/results.py --check          # is the README what results.json says? (no runs)
 """
@@ -60,6 +61,19 @@ NEEDS_DOWNLOAD: dict[str, tuple[list[str], tuple[int, ...], int]] = {
     "mnist_keras_cnn": (["experiment=mnist_keras_cnn"], (1, 28, 28), 10),
     "cifar10_cnn": (["experiment=cifar10_cnn"], (3, 32, 32), 10),
 }
+
+
+SEEDS = (0, 1, 2)
+
+
+def run_seeds(overrides: list[str], workdir: Path) -> dict:
+    """A row: `run_row` for each seed, the test score as mean and (sample) std over them, the rest of seed 0's."""
+    import statistics
+
+    runs = [run_row([*overrides, f"trainer.seed={seed}"], workdir) for seed in SEEDS]
+    tests = [r["test"] for r in runs]
+    return {**runs[0], "overrides": overrides, "seeds": list(SEEDS), "tests": tests, "test": statistics.fmean(tests),
+            "test_std": statistics.stdev(tests), "best_epochs": [r["best_epoch"] for r in runs]}
 
 
 def run_row(overrides: list[str], workdir: Path) -> dict:
@@ -116,7 +130,9 @@ def command(overrides: list[str]) -> str:
 
 
 def _pct(row: dict) -> str:
-    return f"{100 * row['test']:.1f}%" if row["metric"] == "test/acc" else f"MAE {row['test']:.4f}"
+    if row["metric"] == "test/acc":
+        return f"{100 * row['test']:.1f} ± {100 * row['test_std']:.1f}%"
+    return f"MAE {row['test']:.4f} ± {row['test_std']:.4f}"
 
 
 def machine_line(m: dict) -> str:
@@ -126,7 +142,8 @@ def machine_line(m: dict) -> str:
 
 def _sequence_cells(r: dict, paper: str | None) -> list[str]:
     base = r["baselines"]
-    return [f"{r['parameters']:,}", f"{r['test']:.4f}", f"{base['naive']:.4f}", f"{base['linear']:.4f}",
+    return [f"{r['parameters']:,}", f"{r['test']:.4f} ± {r['test_std']:.4f}", f"{base['naive']:.4f}",
+            f"{base['linear']:.4f}",
             f"{r['test'] / base['linear']:.2f}", str(r["epochs"]), f"{r['wall_s']:.0f} s"]
 
 
@@ -146,7 +163,8 @@ def render(results: dict) -> dict[str, str]:
     """Markdown for each marked block of the README, from results.json (the Performance table is
     bench/run_all.py's)."""
     where = (f"Made by `make results` ({machine_line(results['machine'])}), one thread per run. Test score of the "
-             "best validation epoch; wall time is the whole `dlrun` command on that machine.")
+             f"best validation epoch, mean ± std over trainer.seed={','.join(map(str, SEEDS))}; wall time is seed "
+             f"{SEEDS[0]}'s whole `dlrun` command on that machine.")
     rows, blocks = results["rows"], {}
     for table, (header, cells) in COLUMNS.items():
         lines = ["| command | " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(header)]
@@ -194,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, overrides in runs:
             if args.only is None or name in args.only:
                 print(f"results: {name}: dlrun {' '.join(overrides)}", flush=True)
-                rows[name] = run_row(overrides, Path(tmp))
+                rows[name] = run_seeds(overrides, Path(tmp))
     for name, (overrides, shape, classes) in NEEDS_DOWNLOAD.items():
         if args.only is None or name in args.only:
             rows[name] = parameters_only(overrides, shape, classes)

@@ -38,12 +38,14 @@ def test_the_readme_tables_are_results_json():
 def test_a_readme_row_reproduces(name, tmp_path, trained):
     recorded = json.loads(results.RESULTS.read_text())["rows"][name]
     (overrides,) = [o for table in results.TABLES.values() for n, o, _ in table if n == name]
-    again = results.run_row(overrides, tmp_path)  # as `make results` runs it: a `dlrun` process, one thread
-    here = read_summary(trained(*overrides, *CPU))  # the same run in this process, on this machine
+    seed = [f"trainer.seed={results.SEEDS[0]}"]
+    again = results.run_row([*overrides, *seed], tmp_path)  # as `make results` runs a seed: a process, one thread
+    here = read_summary(trained(*overrides, *seed, *CPU))  # the same run in this process, on this machine
     assert (again["test"], again["best_epoch"], again["epochs"], again["parameters"], again["flops_per_sample"]) == (
         here["best"][again["metric"]], here["best"]["epoch"], here["epochs"], here["model"]["parameters"]["total"],
         here["cost"]["flops_per_sample"])
-    assert again["test"] == pytest.approx(recorded["test"], abs=TOLERANCE)
+    assert again["test"] == pytest.approx(recorded["tests"][0], abs=TOLERANCE)
+    assert abs(again["test"] - recorded["test"]) <= max(TOLERANCE, 3 * recorded["test_std"])  # within the spread
     # fixed by the preset and its model, the same on any machine
     for key in ("epochs", "parameters", "flops_per_sample"):
         assert again[key] == recorded[key], key
