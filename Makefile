@@ -40,7 +40,7 @@ sweep: install
 bench: install
 	$(BIN)/python bench/run_all.py $(ARGS)
 
-## Rerun every preset the README quotes and regenerate its results tables (about 10 minutes here).
+## Rerun every preset the README quotes on three seeds and regenerate its results tables (about 12 minutes here).
 results: install
 	$(BIN)/python scripts/results.py $(ARGS)
 
