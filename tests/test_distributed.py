@@ -114,6 +114,34 @@ def test_torchrun_ranks_share_rank_0s_config_and_run_folder_and_resume(data_dir,
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_train_like_one_process(data_dir, tmp_path, single_process):
+    """Multi-node as torchrun runs it, with two "nodes" on the loopback address: c10d rendezvous hands out the
+    ranks; the node that gets rank 0 runs Hydra and makes the one run folder (a file system both nodes see)."""
+    port, env = free_port(), {**os.environ, "DLRUN_DATA_DIR": str(data_dir)}
+    node = [str(Path(sys.executable).with_name("torchrun")), "--nnodes=2", "--nproc-per-node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "-m", "dlrun", *EXACT]
+    nodes = [subprocess.Popen(node, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        errors = [proc.communicate(timeout=300)[1] for proc in nodes]
+    finally:
+        for proc in nodes:
+            proc.kill()
+    assert [proc.returncode for proc in nodes] == [0, 0], errors
+    (run,) = run_folders(tmp_path)
+    assert_same_run(read_summary(run), single_process)
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_an_interrupted_ddp_run_resumes_where_it_stopped(cli, data_dir, tmp_path, single_process):
     """SIGTERM to the launching `dlrun` (a real process: the signal must not reach this one), which
