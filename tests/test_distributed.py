@@ -18,6 +18,7 @@ from typing import Callable
 import pytest
 import torch
 from conftest import CPU, DLRUN, read_metrics, read_summary
+from servers import free_port
 
 from dlrun.config.validate import check_data_parallel
 from dlrun.distributed import Ranks
@@ -112,14 +113,6 @@ def test_torchrun_ranks_share_rank_0s_config_and_run_folder_and_resume(data_dir,
     assert summary["resumed"][0]["step"] == stopped["steps"]
     assert_same_run(summary, single_process)
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

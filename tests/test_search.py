@@ -29,7 +29,7 @@ def test_optuna_search_run_twice_continues_its_sqlite_study(cli, tmp_path):
     assert second.returncode == 0, second.stderr
     trials = study_trials(sweep)
     assert [(t.number, t.state.name) for t in trials] == [(i, "COMPLETE") for i in range(4)]
-    # The rerun sampled new points (the sampler is reseeded with seed + trials so far).
+    # The rerun sampled new points (the sampler is seeded with seed + trial number).
     assert trials[2].params != trials[0].params and trials[3].params != trials[1].params
     # Job folder N is trial N: its overrides are the trial's parameters, its result the trial's value.
     for trial in trials:
@@ -41,6 +41,15 @@ def test_optuna_search_run_twice_continues_its_sqlite_study(cli, tmp_path):
     assert [j["job"] for j in jobs] == ["0", "1", "2", "3"]
     best = max(trials, key=lambda t: t.value)
     assert f"Best value: {best.value}" in second.stdout + second.stderr
+
+
+@pytest.mark.parametrize("key,value,least", [("n_trials", 0, 1), ("n_jobs", 0, 1), ("max_trials", 0, 1),
+                                             ("heartbeat_s", 0, 1), ("max_retry", -1, 0)])
+def test_sweeper_numbers_below_their_least_are_one_line(cli, tmp_path, key, value, least):
+    ran = cli("dlrun", "-m", "hparams_search=digits_cnn", f"hydra.sweeper.{key}={value}", *CPU)
+    assert ran.returncode == 1
+    assert ran.stderr.strip().splitlines() == [f"dlrun: error: hydra.sweeper.{key}={value} must be at least {least}"]
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_search_direction_must_match_the_monitor():

@@ -304,7 +304,8 @@ def hydra_job_info() -> dict[str, Any]:
         return {}
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
-    job = {"job": hc.job.num} if hc.mode == RunMode.MULTIRUN else {}  # the sweep's job number
+    # the sweep's job number, and which sweep (worker) launched it: several share a study's folder
+    job = {"job": hc.job.num, "sweep_id": hc.job.env_set.get(rundir.SWEEP_ID)} if hc.mode == RunMode.MULTIRUN else {}
     return {"overrides": list(hc.overrides.task), "choices": choices, **job}
 
 

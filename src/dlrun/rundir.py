@@ -34,6 +34,9 @@ from typing import IO, Any, Callable, Iterator
 from dlrun.errors import ConfigError, Interrupted, RunFolderError
 
 SUMMARY = "summary.json"
+# hydra.job.env_set key that names the sweep (worker process) which launched a job: the summary records it,
+# so a worker sharing a study's folder with others reports on its own jobs only
+SWEEP_ID = "DLRUN_SWEEP_ID"
 LEARNING_CURVES, PARETO = "learning_curves.png", "pareto.png"  # in a run's plots/, or dlrun-report's --plots folder
 
 

@@ -7,9 +7,12 @@ for every command, so it imports nothing heavy.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ class DlrunCallback(Callback):
 
     def __init__(self) -> None:
         self.earlier_jobs: set[str] = set()  # job folders a continued sweep (hparams_search) had already
+        self.sweep_id = ""  # written into this sweep's runs: other workers of a shared study write theirs
         self.sweep_started = False  # Hydra calls on_multirun_end even when on_multirun_start refused the sweep
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -53,14 +57,18 @@ class DlrunCallback(Callback):
         except DlrunError as err:
             raise SystemExit(f"dlrun: error: {err}") from None
         self.earlier_jobs = {job.name for job in rundir.find_runs([config.hydra.sweep.dir])}
+        self.sweep_id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        with read_write(config.hydra), open_dict(config.hydra):  # jobs compose their config from these overrides
+            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{rundir.SWEEP_ID}={override_value(self.sweep_id)}")
         self.sweep_started = True
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the sweep summary (one row per job), print it, exit non-zero if a job of this sweep failed."""
-        if not self.sweep_started:  # refused at its start: nothing ran, and nothing is written
-            return
+        if not self.sweep_started or not Path(config.hydra.sweep.dir).is_dir():  # refused, or failed before any
+            return  # job (say the sweeper's storage): nothing ran, and nothing is written
         rows = write_sweep_summary(Path(config.hydra.sweep.dir))
-        ran = [row for row in rows if row["job"] not in self.earlier_jobs]
+        ran = [row for row in rows if row["sweep_id"] == self.sweep_id
+               or (row["sweep_id"] is None and row["job"] not in self.earlier_jobs)]
         stopped = [row for row in ran if row["status"] == "interrupted"]
         if stopped:  # a signal stopped the sweep (the job said so): exit as the signal says
             raise SystemExit(signal_exit_code(signal.Signals[stopped[-1]["signal"] or "SIGINT"]))
@@ -164,7 +172,7 @@ def write_sweep_summary(sweep_dir: Path, planned: dict[str, list[str]] | None = 
     started = {row["job"] for row in rows}
     waiting = {job: {"overrides": o, "error": why} for job, o in planned.items()} if planned else not_started(sweep_dir)
     rows += [{"job": job, "status": "not started", "monitor": None, "monitor_value": None, "wall_time_s": None,
-              "signal": None, **row} for job, row in waiting.items() if job not in started]
+              "signal": None, "sweep_id": None, **row} for job, row in waiting.items() if job not in started]
     rows.sort(key=lambda row: (len(row["job"]), row["job"]))
     rundir.write_json(rundir.sweep_summary(sweep_dir), {"sweep_dir": str(sweep_dir), "jobs": rows})
     print_sweep(rows, sweep_dir)
@@ -198,6 +206,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 "wall_time_s": s.get("wall_time_s"),
                 "error": s.get("error"),
                 "signal": s.get("signal"),
+                "sweep_id": s.get("sweep_id"),
             }
         )
     return rows
