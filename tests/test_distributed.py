@@ -135,6 +135,41 @@ def test_two_torchrun_nodes_train_like_one_process(data_dir, tmp_path, single_pr
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
 
+def worker_of_rank(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=`rank` (a child of its agent `parent`)."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.slow
+def test_an_elastic_run_continues_after_torchrun_restarts_a_killed_worker(data_dir, tmp_path, single_process):
+    """torchrun --max-restarts=1: rank 1 killed (SIGKILL) after the first checkpoint; torchrun restarts the group,
+    and rank 0's Hydra finds the run this torchrun began (its timestamped folder named by the rendezvous id in
+    the summary) and continues it from last.pt, with no resume= typed. The run ends like one process's."""
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node=2",
+                "--max-restarts=1", "-m", "dlrun", *EXACT]
+    proc = subprocess.Popen(torchrun, cwd=tmp_path, env={**os.environ, "DLRUN_DATA_DIR": str(data_dir)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((run / "checkpoints" / "last.pt").is_file() for run in run_folders(tmp_path)):
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
+            time.sleep(0.05)
+        os.kill(worker_of_rank(proc.pid, 1), signal.SIGKILL)
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    (run,) = run_folders(tmp_path)  # the restart made no new folder
+    assert f"dlrun: torchrun restart 1: continuing {run.relative_to(tmp_path)} from its last checkpoint" in err
+    summary = read_summary(run)
+    assert len(summary["resumed"]) == 1 and summary["elastic_run_id"]
+    assert_same_run(summary, single_process)
+    assert [m["epoch"] for m in read_metrics(run)][-1] == 3
+
+
 @pytest.mark.slow
 def test_an_interrupted_ddp_run_resumes_where_it_stopped(cli, data_dir, tmp_path, single_process):
     """SIGTERM to the launching `dlrun` (a real process: the signal must not reach this one), which

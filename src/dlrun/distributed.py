@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from dlrun.config.schema import cpu_share
-from dlrun.errors import ConfigError, DlrunError, Interrupted, WorkerFailed
+from dlrun.errors import ConfigError, DlrunError, Interrupted, PeerLost, WorkerFailed
 from dlrun.rundir import RunDir
 
 log = logging.getLogger("dlrun")
@@ -108,8 +109,13 @@ def join(ranks: Ranks, timeout_min: float = 30.0) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, init_method=ranks.rendezvous, rank=ranks.rank, world_size=ranks.world,
-                            timeout=timedelta(minutes=timeout_min))
+    timeout = timedelta(minutes=timeout_min)
+    store, _, _ = next(dist.rendezvous(ranks.rendezvous, ranks.rank, ranks.world, timeout=timeout))
+    # torchrun keeps one store for all restarts of the group (--max-restarts): keys of each attempt apart, so a
+    # restarted rank never reads the address a rank of the failed attempt published
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"dlrun/attempt-{attempt}", store), rank=ranks.rank,
+                            world_size=ranks.world, timeout=timeout)
 
 
 def rank_device(device: torch.device, ranks: Ranks, threads: int) -> torch.device:
@@ -145,6 +151,10 @@ def process_group(ranks: Ranks) -> Iterator[None]:
     except DlrunError:
         _leave()
         raise
+    except RuntimeError as err:  # gloo's words for a peer whose process is gone
+        if (lost := re.search(r"Connection (reset|closed) by peer", str(err))) is None:
+            raise
+        raise PeerLost(f"gloo: {lost.group(0)}") from None
     _leave()
 
 

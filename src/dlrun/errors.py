@@ -41,6 +41,14 @@ class Interrupted(DlrunError):
         return signal_exit_code(self.signum)
 
 
+class PeerLost(DlrunError):
+    """Another process of the DDP group went away mid-run (killed, its node lost): this one cannot go on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"another process of the group ended ({reason}): this one stops too; under torchrun "
+                         "--max-restarts the group is started again and continues from the last checkpoint")
+
+
 class WorkerFailed(DlrunError):
     """A DDP rank's process ended with a non-zero exit code (`traceback`: an unexpected error's)."""
 

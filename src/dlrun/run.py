@@ -52,6 +52,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, checked: bool = Fals
     """
     given = cfg.get("resume")
     folder = RunDir(Path(given).expanduser().resolve() if given else Path(run_dir or HydraConfig.get().runtime.output_dir))
+    if not given and rundir.continues_after_restart(folder):  # a sweep job Slurm requeued (single runs: callbacks.py)
+        given = str(folder.path)
     with rundir.own(folder):
         resumed = None
         if given:
@@ -306,7 +308,8 @@ def hydra_job_info() -> dict[str, Any]:
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
     # the sweep's job number, and which sweep (worker) launched it: several share a study's folder
     job = {"job": hc.job.num, "sweep_id": hc.job.env_set.get(rundir.SWEEP_ID)} if hc.mode == RunMode.MULTIRUN else {}
-    return {"overrides": list(hc.overrides.task), "choices": choices, **job}
+    elastic = {"elastic_run_id": os.environ[rundir.ELASTIC_RUN_ID]} if rundir.ELASTIC_RUN_ID in os.environ else {}
+    return {"overrides": list(hc.overrides.task), "choices": choices, **job, **elastic}
 
 
 def git_sha() -> str | None:

@@ -397,6 +397,39 @@ def _same_model_and_data(run_dir: RunDir, config: dict[str, Any]) -> bool:
             and saved.get("dataset", {}).get("_target_") == config.get("dataset", {}).get("_target_"))
 
 
+# A process started again by its launcher: torchrun's elastic agent (--max-restarts) or Slurm (a requeue: a node
+# failed, the job was preempted, `scontrol requeue`) runs the same command, which continues the run it began.
+RESTART_COUNTS = {"TORCHELASTIC_RESTART_COUNT": "torchrun", "SLURM_RESTART_COUNT": "Slurm"}
+ELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"  # torchrun's rendezvous id: the same in every restart of one torchrun
+
+
+def restarted() -> str | None:
+    """Who started this process again, and how often ("torchrun restart 1"); None for a first start."""
+    for variable, launcher in RESTART_COUNTS.items():
+        count = os.environ.get(variable, "0")
+        if count.isdigit() and int(count) > 0:
+            return f"{launcher} restart {count}"
+    return None
+
+
+def continues_after_restart(run_dir: RunDir) -> bool:
+    """Whether this process, started again, continues the run in `run_dir`: one that can be continued (it wrote
+    checkpoints/last.pt) and has not completed."""
+    return (restarted() is not None and run_dir.last.is_file()
+            and read_summary(run_dir.path).get("status") != "completed")
+
+
+def elastic_run(root: Path) -> Path | None:
+    """The run under `root` that this torchrun began before it restarted (its summary names this rendezvous id):
+    a timestamped run folder has another name in every restart. None when torchrun's id names no single run
+    (`--rdzv-id` left at its default "none": give one, or use --standalone)."""
+    run_id = os.environ.get(ELASTIC_RUN_ID)
+    if not run_id or run_id == "none" or not root.is_dir():
+        return None
+    runs = [p for p in find_runs([str(root)]) if read_summary(p).get("elastic_run_id") == run_id]
+    return runs[-1] if len(runs) == 1 and continues_after_restart(RunDir(runs[-1])) else None
+
+
 # ------------------------------------------------------------------ reading
 
 

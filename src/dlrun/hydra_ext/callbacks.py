@@ -36,6 +36,7 @@ class DlrunCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            continue_restarted(config)
             if config.get("resume"):  # the run continues with its saved config
                 rundir.resume_checkpoint(config.resume)
                 folder = RunDir(Path(config.resume).expanduser().resolve())
@@ -77,6 +78,34 @@ class DlrunCallback(Callback):
             names = ", ".join(f"#{row['job']}{' not started' if row['status'] == 'not started' else ''} "
                               f"({' '.join(row['overrides'])})" for row in failed)
             raise SystemExit(f"dlrun: {len(failed)} of {len(ran)} jobs did not complete: {names}")
+
+
+def continue_restarted(config: DictConfig) -> None:
+    """A single run that torchrun (--max-restarts) or Slurm (a requeue) started again continues the run its earlier
+    start made, as `resume=<folder>` would: in the folder `hydra.run.dir` names, or, when that is timestamped (a
+    new name at every start), in the run under its root that this torchrun's rendezvous id began."""
+    if config.get("resume") or (who := rundir.restarted()) is None:
+        return
+    pattern = OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
+    if "${now:" in pattern:
+        found = rundir.elastic_run(timestamp_root(pattern))
+    else:
+        found = Path(config.hydra.run.dir) if rundir.continues_after_restart(RunDir(Path(config.hydra.run.dir))) else None
+    if found is None:
+        print(f"dlrun: {who}: no run of this command to continue (name its folder with hydra.run.dir=..., or "
+              "torchrun's rendezvous with --rdzv-id or --standalone): starting afresh", file=sys.stderr)
+        return
+    print(f"dlrun: {who}: continuing {found} from its last checkpoint", file=sys.stderr)
+    with read_write(config), open_dict(config):
+        config.resume = str(found)
+
+
+def timestamp_root(pattern: str) -> Path:
+    """The folder under which a timestamped `hydra.run.dir` pattern names its runs: what comes before its first
+    `${...}` (conf/config.yaml's default, `outputs/${now:...}/${now:...}` inside its resume choice: `outputs`)."""
+    default = re.fullmatch(r"\$\{dlrun\.if_resume:\$\{resume\},\$\{resume\},(.*)\}", pattern)
+    static = (default.group(1) if default else pattern).split("${")[0]
+    return Path(static if static.endswith("/") else os.path.dirname(static) or ".")
 
 
 # How to set a mandatory value (`???` in conf/) on the command line; any other key: `<key>=<value>`.
