@@ -23,13 +23,15 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/dlrun $(ARGS)
 
-## The whole test suite, slow end-to-end runs included, on every core (pytest-xdist).
+## The whole test suite, slow end-to-end runs included, on every core (pytest-xdist; the tests of one
+## xdist_group, such as those sharing one Slurm cluster, on one worker). Some start real servers from the
+## machine's packages (tests/servers.py: PostgreSQL, Slurm); .ci/run installs them.
 test: install
-	$(BIN)/python -m pytest -n auto $(ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadgroup $(ARGS)
 
 ## The quick part of the suite: no test that starts a process (they are marked slow).
 smoke: install
-	$(BIN)/python -m pytest -n auto -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow" $(ARGS)
 
 ## A small sweep: two optimizers, one run folder each under outputs/multirun/.
 sweep: install

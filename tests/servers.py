@@ -1,5 +1,8 @@
 """Real servers for the tests that need one, started from the machine's installed packages and stopped after.
 
+Slurm: Debian's `slurmctld`, `slurmd` and `munge`, as a one-node cluster with its own configuration file
+(`SLURM_CONF`) and ports; needs root, as a real node does.
+
 PostgreSQL: Debian's `postgresql` package (`apt-get install postgresql`; `.ci/run` installs it). A private
 cluster is made with `initdb` in a temporary folder and started on a free port of the loopback address, as
 the `postgres` user when the tests run as root (the server refuses root). Where the package is missing,
@@ -12,11 +15,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -64,3 +69,99 @@ def postgres() -> Iterator[str]:
             run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+SLURM_CONF = """\
+ClusterName=dlrun-tests
+SlurmctldHost={host}
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MpiDefault=none
+ReturnToService=2
+SchedulerParameters=sched_interval=1
+KillWait=5
+MinJobAge=300
+NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@contextmanager
+def slurm() -> Iterator[dict[str, str]]:
+    """A one-node Slurm cluster of its own (Debian's slurmctld, slurmd and munge; this machine is the node),
+    for as long as the context lasts: yields the environment its commands need (`SLURM_CONF`). Accounting is
+    off, as on many small clusters. Needs root (slurmd starts jobs as their user)."""
+    if not all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+        unavailable("Slurm is not installed (apt-get install slurmctld slurmd munge)")
+    if os.geteuid() != 0:
+        unavailable("a Slurm node (slurmd) needs root")
+    folder = Path(tempfile.mkdtemp(prefix="dlrun-slurm-"))
+    for sub in ("state", "spool"):
+        (folder / sub).mkdir()
+    memory_mb = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 - 512
+    conf = folder / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), ctld_port=free_port(), d_port=free_port(),
+                                      folder=folder, cpus=os.cpu_count(), memory_mb=memory_mb))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    munged = start_munge()
+    try:
+        subprocess.run(["slurmctld", "-f", str(conf), "-i"], check=True, env=env, timeout=60)
+        subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env, timeout=60)
+        deadline = time.monotonic() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                                           env=env).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Slurm node did not come up: {(folder / 'slurmd.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield {"SLURM_CONF": str(conf)}
+    finally:
+        subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=60)
+        for pid_file in ("slurmctld.pid", "slurmd.pid"):
+            stop_pid(folder / pid_file)
+        if munged is not None:
+            munged.terminate()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_munge() -> subprocess.Popen | None:
+    """munged, Slurm's authentication, unless it runs already (None then: it is not ours to stop)."""
+    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+        return None
+    Path("/run/munge").mkdir(exist_ok=True)
+    shutil.chown("/run/munge", "munge", "munge")
+    daemon = subprocess.Popen(["runuser", "-u", "munge", "--", "munged", "--foreground"])
+    deadline = time.monotonic() + 30
+    while subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("munged did not start")
+        time.sleep(0.1)
+    return daemon
+
+
+def stop_pid(pid_file: Path) -> None:
+    """Wait for the daemon named by `pid_file` to exit (scontrol shutdown asked it to), killing it after 20 s."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

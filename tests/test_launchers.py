@@ -118,8 +118,8 @@ def test_slurm_preset_generates_the_sbatch_script(cli, tmp_path, monkeypatch):
     ran = cli("dlrun", "-m", "launcher=slurm", "hydra.sweep.dir=sweep", "hydra.launcher.partition=gpu",
               "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=240", "hydra.launcher.mem_gb=64",
               "hydra.launcher.cpus_per_task=12", "optimizer=sgd,adam")
-    assert ran.returncode == 1
-    assert ran.stderr.strip().splitlines()[-1] == "dlrun: error: Slurm did not take the jobs: sbatch: test double"
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stderr.strip().splitlines()[-1] == "dlrun: error: Slurm did not take the jobs: sbatch: test double", ran.stderr
     script = record.read_text()
     for line in ("--partition=gpu", "--gpus-per-node=2", "--time=240", "--mem=64GB", "--cpus-per-task=12",
                  "--array=0-1%2", "--signal=USR2@120", "--job-name=dlrun"):

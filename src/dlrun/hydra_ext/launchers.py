@@ -18,7 +18,12 @@ by Hydra at every start, so nothing heavy at module level.
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,13 +68,87 @@ class LocalLauncher(ResumeOnRequeue, submitit_launcher.LocalLauncher):
 
 class SlurmLauncher(ResumeOnRequeue, submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        """Hydra's Slurm launch, with one-line errors where Slurm is missing or refuses the jobs."""
+        """Hydra's Slurm launch, with one-line errors where Slurm is missing or refuses the jobs, and job states
+        read from squeue where the cluster keeps no accounting (sacct refuses)."""
         from submitit.core.utils import FailedJobError
 
         if shutil.which("sbatch") is None:
             raise SystemExit("dlrun: error: launcher=slurm submits with Slurm's sbatch, which is not on PATH "
                              "here; launcher=submitit_local runs the same jobs on this machine")
+        from submitit.core.utils import UncompletedJobError
+
         try:
-            return super().launch(job_overrides, initial_job_idx)
-        except FailedJobError as err:
-            raise SystemExit(f"dlrun: error: Slurm did not take the jobs: {str(err).strip()}") from None
+            with job_states_without_accounting():
+                return super().launch(job_overrides, initial_job_idx)
+        except (FailedJobError, UncompletedJobError) as err:
+            if isinstance(err, FailedJobError):  # sbatch refused
+                said = "Slurm did not take the jobs: " + "; ".join(line.strip() for line in str(err).strip().splitlines())
+            else:  # the job ended without a result: timed out too often, cancelled, its node lost
+                said = uncompleted(str(err), self.config.hydra.sweep.dir, initial_job_idx)
+            # printed now: the sweep's end (callbacks.on_multirun_end) then writes the summary and sets the exit code
+            print(f"dlrun: error: {said}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+def uncompleted(message: str, sweep_dir: str, initial_job_idx: int) -> str:
+    """submitit's UncompletedJobError (the job's id, its state, then its whole log) as one line: which job, where
+    its run folder is, and what to change when it ran out of time."""
+    found = re.search(r"Job (\S+) \(task: \d+\).*?has not produced any output \(state: (\S+)\)", message, re.S)
+    if found is None:
+        return message.strip().splitlines()[0]
+    slurm_id, state = found.groups()
+    number = initial_job_idx + int(slurm_id.split("_")[1]) if "_" in slurm_id else initial_job_idx
+    advice = ("; it ran out of time more often than hydra.launcher.max_num_timeout allows: raise "
+              "hydra.launcher.timeout_min, and set trainer.checkpoint_every=N so each requeue keeps its progress"
+              if state == "TIMEOUT" else "")
+    return (f"Slurm job {slurm_id} (sweep job #{number}, its folder under {sweep_dir}) ended without a result "
+            f"(state {state}){advice}; its log: {sweep_dir}/.submitit/{slurm_id.split('_')[0]}/")
+
+
+@contextmanager
+def job_states_without_accounting() -> Iterator[None]:
+    """submitit reads job states with sacct, which fails on a cluster without accounting (common on small ones):
+    every poll then prints sacct's complaint and three warnings, and a job that dies without a result is never
+    seen to end. There, for this launch, submitit's Slurm jobs read their states from squeue instead (submitit
+    keeps its watcher on the job class)."""
+    from submitit.slurm.slurm import SlurmJob
+
+    if accounting_enabled():
+        yield
+        return
+    kept = SlurmJob.watcher
+    SlurmJob.watcher = squeue_watcher(kept._delay_s)
+    try:
+        yield
+    finally:
+        SlurmJob.watcher = kept
+
+
+def accounting_enabled() -> bool:
+    """Whether the cluster keeps job accounting (sacct answers); assumed so when scontrol cannot tell."""
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return "accounting_storage/none" not in config
+
+
+def squeue_watcher(delay_s: int) -> Any:
+    """A submitit watcher that asks squeue (defined here: submitit is imported only when a launch needs it)."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    class SqueueWatcher(SlurmInfoWatcher):
+        """Job states from `squeue --states=all` (finished jobs too, for MinJobAge), read as sacct's table."""
+
+        def _make_command(self) -> list[str] | None:
+            command = super()._make_command()
+            if command is None:
+                return None
+            ids = ",".join(command[command.index("-j") + 1::2])
+            return ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T|%N", f"--jobs={ids}"]
+
+        def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+            text = string.decode() if isinstance(string, bytes) else string
+            return super().read_info("JobID|State|NodeList\n" + text)
+
+    return SqueueWatcher(delay_s=delay_s)

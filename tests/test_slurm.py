@@ -1,0 +1,102 @@
+"""launcher=slurm against a real Slurm: a one-node cluster (Debian's slurmctld, slurmd, munge) that this module
+starts (tests/servers.py), without accounting, as on many small clusters. The README's commands, run as a user
+runs them: a sweep as a job array, a job Slurm requeues mid-training, a job that ends without a result.
+All on one xdist worker (one cluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CPU, DLRUN, read_metrics, read_summary
+from servers import slurm
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+
+SLURM = ("-m", "launcher=slurm", "hydra.sweep.dir=sweep", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.mem_gb=1", *CPU)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, str]:
+    with slurm() as env:
+        yield env
+
+
+def start(cluster: dict[str, str], cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([DLRUN, *SLURM, *args], cwd=cwd, env={**os.environ, **cluster, "COLUMNS": "200"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def scontrol(cluster: dict[str, str], *args: str) -> str:
+    return subprocess.run(["scontrol", *args], env={**os.environ, **cluster}, check=True, capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+def slurm_job_of(cluster: dict[str, str]) -> str:
+    """The id of the (one) array task Slurm runs now, e.g. 12_0."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "--states=RUNNING"], env={**os.environ, **cluster},
+                         capture_output=True, text=True, timeout=60).stdout.split()
+    assert len(out) == 1, out
+    return out[0]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+def test_a_sweep_runs_as_a_job_array_without_sacct_noise(cluster, tmp_path):
+    proc = start(cluster, tmp_path, "hydra.launcher.array_parallelism=1", "trainer.epochs=1", "optimizer=sgd,adam")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "sacct" not in out + err and "Bypassing" not in out + err  # accounting is off: squeue answers
+    (script,) = (tmp_path / "sweep" / ".submitit").rglob("*_submission.sh")
+    assert "#SBATCH --array=0-1%1\n" in script.read_text()  # one job at a time
+    for job, optimizer in (("0", "sgd"), ("1", "adam")):
+        summary = read_summary(tmp_path / "sweep" / job)
+        assert summary["status"] == "completed" and f"optimizer={optimizer}" in summary["overrides"]
+    rows = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())["jobs"]
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "completed")]
+
+
+def test_a_job_slurm_requeues_continues_from_its_checkpoint(cluster, tmp_path, trained):
+    """`scontrol requeue` (as after a node failure or a preemption): Slurm stops the job with SIGTERM (dlrun writes
+    a checkpoint), starts it again, and the job continues from last.pt (SLURM_RESTART_COUNT), with no USR2 and
+    no resume= from anyone; it ends where an uninterrupted run of the same seed does."""
+    args = ("trainer.epochs=20",)
+    proc = start(cluster, tmp_path, *args)
+    job = tmp_path / "sweep" / "0"
+    wait_for(job / "checkpoints" / "last.pt", proc)
+    slurm_id = slurm_job_of(cluster)
+    scontrol(cluster, "requeue", slurm_id)
+    deadline = time.monotonic() + 60  # Slurm holds a requeued job back for two minutes: start it once it waits
+    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = read_summary(job)
+    assert summary["status"] == "completed"
+    assert len(summary["resumed"]) == 1 and summary["resumed"][0]["epoch"] >= 1  # continued, not started over
+    assert [m["epoch"] for m in read_metrics(job)] == list(range(1, 21))
+    assert summary["final"] == pytest.approx(read_summary(trained(*args, *CPU))["final"])
+
+
+def test_a_job_that_ends_without_a_result_is_one_line(cluster, tmp_path):
+    proc = start(cluster, tmp_path, "trainer.epochs=200")
+    wait_for(tmp_path / "sweep" / "0" / "summary.json", proc)
+    slurm_id = slurm_job_of(cluster)
+    subprocess.run(["scancel", slurm_id], env={**os.environ, **cluster}, check=True, timeout=60)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out + err
+    assert f"dlrun: error: Slurm job {slurm_id} (sweep job #0, its folder under sweep) ended without a result " \
+           f"(state CANCELLED); its log: sweep/.submitit/{slurm_id.split('_')[0]}/" in err.splitlines()
+    assert "Traceback" not in err
