@@ -21,7 +21,7 @@ from conftest import CPU, DLRUN, read_metrics, read_summary
 from servers import free_port
 
 from dlrun.config.validate import check_data_parallel
-from dlrun.distributed import Ranks
+from dlrun.distributed import Ranks, first_host, slurm_env
 from dlrun.errors import ConfigError
 
 # No dropout and no batch norm: then 2 processes on halves of each batch compute the very
@@ -52,6 +52,18 @@ def test_data_parallel_rules(make_cfg, overrides, n_train, message):
     with pytest.raises(ConfigError, match=message):
         check_data_parallel(trainer, 2, n_train)
     check_data_parallel(make_cfg().trainer, 2, 128)
+
+
+def test_the_tasks_of_a_slurm_job_map_to_ranks():
+    """A multi-task Slurm job (hydra.launcher.nodes, tasks_per_node): ranks from Slurm's task variables, the
+    rendezvous on the first node (one slurmd cannot host two nodes: tests/test_slurm.py runs two tasks on one)."""
+    env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[03-06],cpu1",
+           "SLURM_JOB_ID": "123456"}
+    assert slurm_env(env) == Ranks(5, 8, 1, "tcp://gpu03:23456")
+    assert slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}).rendezvous == "tcp://10.0.0.1:29500"
+    assert slurm_env({**env, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None  # one task: not DDP by Slurm
+    assert slurm_env({}) is None
+    assert [first_host(n) for n in ("node[03-05,9],gpu1", "a1,b2", "solo", "n[7]")] == ["node03", "a1", "solo", "n7"]
 
 
 @pytest.fixture

@@ -528,6 +528,43 @@ def test_a_killed_parallel_sweep_worker_leaves_no_running_job(cli, tmp_path, dat
     assert "#3 not started (launcher=local_parallel trainer.seed=3 " in line
 
 
+def test_an_interrupted_sweep_started_again_keeps_continues_and_starts_its_jobs(cli, tmp_path, data_dir, trained):
+    """SIGTERM while job 1 of three trains: job 0 completed, job 1 interrupted with a checkpoint, job 2 never
+    started. The same command again keeps job 0 as it is, continues job 1 from its checkpoint (ending where an
+    uninterrupted run does) and runs job 2, and says so in one line. Another command into the same folder is
+    refused before anything runs."""
+    args = ["-m", "hydra.sweep.dir=sweep", "optimizer=sgd,adam,rmsprop", "trainer.epochs=8", *CPU]
+    sweep = tmp_path / "sweep"
+    proc = start(args, tmp_path, cli_env(data_dir))
+    try:
+        wait_for(lambda: (sweep / "1" / "checkpoints" / "last.pt").is_file(), proc, "job 1's first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        stop_all([proc])
+    assert read_summary(sweep / "0")["status"] == "completed" and read_summary(sweep / "1")["status"] == "interrupted"
+    assert not (sweep / "2").exists()
+    kept = {k: v for k, v in snapshot(sweep / "0").items() if not k.startswith(".hydra")}  # Hydra rewrites .hydra/
+
+    again = cli("dlrun", *args)
+    assert again.returncode == 0, again.stderr
+    assert {k: v for k, v in snapshot(sweep / "0").items() if not k.startswith(".hydra")} == kept  # not run again
+    continued = read_summary(sweep / "1")
+    assert continued["status"] == "completed" and len(continued["resumed"]) == 1
+    assert epochs_of(sweep / "1") == list(range(1, 9))
+    assert continued["final"] == pytest.approx(read_summary(trained("optimizer=adam", *args[3:]))["final"])
+    assert read_summary(sweep / "2")["status"] == "completed"
+    assert (f"dlrun: the sweep in sweep was started again: 1 job(s) completed earlier, kept (#0); 1 continued from "
+            "their checkpoint or started again (#1); 1 new (#2)") in again.stderr.splitlines()
+
+    other = cli("dlrun", "-m", "hydra.sweep.dir=sweep", "optimizer=sgd,adamw", "trainer.epochs=8", *CPU)
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines() == [
+        "dlrun: error: hydra.sweep.dir=sweep holds a sweep of other overrides (optimizer=sgd,adam,rmsprop "
+        "trainer.epochs=8 device=cpu device.threads=1); a sweep is started again in its folder only with the same "
+        "command (it keeps the jobs that completed and continues the others): give another hydra.sweep.dir"]
+
+
 def test_report_does_not_show_running_for_a_dead_owner(trained, cli, tmp_path):
     run = shutil.copytree(trained("trainer.epochs=1", *CPU), tmp_path / "run")
     gone = int(Path("/proc/sys/kernel/pid_max").read_text())  # no process ever has this pid (pids stay below it)

@@ -100,3 +100,18 @@ def test_a_job_that_ends_without_a_result_is_one_line(cluster, tmp_path):
     assert f"dlrun: error: Slurm job {slurm_id} (sweep job #0, its folder under sweep) ended without a result " \
            f"(state CANCELLED); its log: sweep/.submitit/{slurm_id.split('_')[0]}/" in err.splitlines()
     assert "Traceback" not in err
+
+
+def test_a_job_of_two_tasks_trains_one_model_like_one_process(cluster, tmp_path, trained):
+    """hydra.launcher.tasks_per_node=2: submitit starts the job in two Slurm tasks, which become ranks 0 and 1
+    (Slurm's SLURM_PROCID, SLURM_NTASKS, the first node of the job as rendezvous) and train one model into one
+    run folder, equal to one process without dropout and batch norm. (Two nodes need two machines.)"""
+    exact = ("trainer.epochs=3", "model.dropout=0", "model.batch_norm=false")
+    proc = start(cluster, tmp_path, "hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=4", *exact)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = read_summary(tmp_path / "sweep" / "0")
+    assert summary["status"] == "completed" and summary["processes"] == 2
+    single = read_summary(trained(*exact, *CPU))
+    assert summary["steps"] == single["steps"]
+    assert summary["final"] == pytest.approx(single["final"], rel=1e-5, abs=1e-6)

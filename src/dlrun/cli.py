@@ -46,7 +46,8 @@ def _app(cfg: DictConfig) -> float:
         from dlrun.run import run  # torch: seconds, during which Ctrl-C is an interrupt like any other
 
         # a single run's config was validated by the start callback, before Hydra made its folder
-        return run(cfg, checked=HydraConfig.get().mode == RunMode.RUN)["monitor_value"]
+        # (the other tasks of a multi-task Slurm job return nothing: task 0 reports)
+        return run(cfg, checked=HydraConfig.get().mode == RunMode.RUN).get("monitor_value", float("nan"))
     except Interrupted as err:
         then = f"; continue with: {resume_command(HydraConfig.get().runtime.output_dir)}" if err.checkpointed else ""
         print(f"dlrun: {err}{then}", file=sys.stderr)

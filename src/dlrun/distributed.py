@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, Mapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -101,6 +101,28 @@ def torchrun_env() -> Ranks | None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
         return None
     return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def slurm_env(env: Mapping[str, str] = os.environ) -> Ranks | None:
+    """The group a multi-task Slurm job is (`launcher=slurm hydra.launcher.nodes=M hydra.launcher.tasks_per_node=K`:
+    submitit runs the job in each of its M x K tasks): rank, world size and local rank from Slurm's task
+    variables, the rendezvous on the job's first node (MASTER_ADDR/MASTER_PORT where set, else the first host
+    of SLURM_JOB_NODELIST and a port derived from the job id, the same in every task). None outside such a job."""
+    if int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return None
+    host = env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"])
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
+                 f"tcp://{host}:{port}")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: `node[03-05,9],gpu1` -> `node03` (what `scontrol show hostnames`
+    prints first)."""
+    found = re.match(r"([^,\[]+)(?:\[([^\]\-,]+))?", nodelist)
+    if found is None:
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
+    return found.group(1) + (found.group(2) or "")
 
 
 def join(ranks: Ranks, timeout_min: float = 30.0) -> None:

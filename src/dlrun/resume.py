@@ -7,6 +7,7 @@ names only dlrun's builders or what the command line names, see config/targets.p
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +16,22 @@ from omegaconf import DictConfig
 from dlrun import checkpoint, rundir
 from dlrun.errors import ConfigError
 from dlrun.rundir import RunDir
+
+
+def earlier_start(folder: RunDir) -> tuple[bool, str | None]:
+    """A sweep job in a folder an earlier start of its sweep used (the sweep started again with hydra.sweep.dir=
+    <the same>, or the job requeued by Slurm): (whether that start completed the job, which is then kept as it
+    is; the folder to continue from, when it began and was cut off). Single runs: callbacks.continue_restarted."""
+    job = HydraConfig.get().job.num
+    earlier = rundir.earlier_sweep_job(folder, list(HydraConfig.get().overrides.task))
+    if earlier == "completed":
+        print(f"dlrun: job {job}: completed in an earlier start of this sweep, kept as it is ({folder.path})",
+              file=sys.stderr)
+        return True, None
+    if earlier == "cut off":
+        print(f"dlrun: job {job}: continuing its earlier start from {folder.last}", file=sys.stderr)
+        return False, str(folder.path)
+    return False, None
 
 
 def continue_run(resume: str, folder: RunDir, given: DictConfig) -> tuple[DictConfig, dict[str, Any]]:

@@ -50,10 +50,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, checked: bool = Fals
     this very config (the CLI's single runs, refused in the start callback before Hydra made
     the folder).
     """
+    slurm = distributed.slurm_env()
+    if slurm is not None and not slurm.is_main:  # another task of a multi-task Slurm job: the job comes from task 0
+        rank_main(slurm)
+        return {}
     given = cfg.get("resume")
     folder = RunDir(Path(given).expanduser().resolve() if given else Path(run_dir or HydraConfig.get().runtime.output_dir))
-    if not given and rundir.continues_after_restart(folder):  # a sweep job Slurm requeued (single runs: callbacks.py)
-        given = str(folder.path)
+    if not given and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        done, given = resume.earlier_start(folder)
+        if done:
+            return rundir.read_summary(folder.path)
     with rundir.own(folder):
         resumed = None
         if given:
@@ -62,9 +68,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, checked: bool = Fals
             rundir.check_fresh(folder)
         if resumed is not None or not checked:  # Python callers, sweep jobs, resumed configs: before any rank starts
             refused_unless_valid(cfg, folder, resumed)
-        ranks = distributed.torchrun_env()
+        ranks = distributed.torchrun_env() or slurm
         if ranks is not None:
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            if ranks is not slurm and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise ConfigError("under torchrun dlrun runs one job; sweep with trainer.devices=N instead")
             with distributed.process_group(ranks):
                 ranks.share({"config": to_plain(cfg), "run_dir": str(folder.path), "resumed": resumed is not None})

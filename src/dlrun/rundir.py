@@ -110,6 +110,7 @@ class RunRecord:
 
     STALE = ("error", "final", "best", "monitor_value", "train", "steps", "classes", "outputs", "baselines",
              "after_training_s")
+    LAUNCHER = ("sweep_id", "elastic_run_id")  # who started the run: a resumed run records its latest start's
 
     def __init__(self, run_dir: RunDir, entries: dict[str, Any], resumed_at: dict[str, Any] | None = None,
                  run_id: str | None = None, write: bool = True) -> None:
@@ -122,6 +123,7 @@ class RunRecord:
             for stale in self.STALE:
                 self.summary.pop(stale, None)
             self.summary.setdefault("resumed", []).append({"at": now(), **resumed_at})
+            self.summary.update({key: entries[key] for key in self.LAUNCHER if key in entries})
         else:
             self.summary = {"started_at": now(), **entries}
         self.update(status="running", run_id=run_id or self.summary.get("run_id") or uuid.uuid4().hex,
@@ -417,6 +419,22 @@ def continues_after_restart(run_dir: RunDir) -> bool:
     checkpoints/last.pt) and has not completed."""
     return (restarted() is not None and run_dir.last.is_file()
             and read_summary(run_dir.path).get("status") != "completed")
+
+
+def earlier_sweep_job(run_dir: RunDir, overrides: list[str]) -> str | None:
+    """What a sweep job finds in its folder from an earlier start of the same sweep (`hydra.sweep.dir` given
+    again, or the job requeued): "completed" (nothing to do), "cut off" (continue from its last.pt), or None
+    (nothing to go on from: start). A run of other overrides there is refused: the sweep is not the same."""
+    if not run_dir.holds_run():
+        return None
+    summary = read_summary(run_dir.path)
+    if summary.get("overrides") != overrides:
+        raise RunFolderError(f"{run_dir.path} holds a run of other overrides ({' '.join(summary.get('overrides') or [])})"
+                             "; a sweep continues in its folder only with the same command: give another "
+                             "hydra.sweep.dir")
+    if summary.get("status") == "completed":
+        return "completed"
+    return "cut off" if run_dir.last.is_file() else None
 
 
 def elastic_run(root: Path) -> Path | None:

@@ -30,7 +30,8 @@ class DlrunCallback(Callback):
     before Hydra writes anything into it; summarises a sweep at its end."""
 
     def __init__(self) -> None:
-        self.earlier_jobs: set[str] = set()  # job folders a continued sweep (hparams_search) had already
+        self.earlier_jobs: dict[str, str] = {}  # job folders (and their status) a continued sweep had already
+        self.started_at = 0.0
         self.sweep_id = ""  # written into this sweep's runs: other workers of a shared study write theirs
         self.sweep_started = False  # Hydra calls on_multirun_end even when on_multirun_start refused the sweep
 
@@ -55,9 +56,12 @@ class DlrunCallback(Callback):
         try:
             check_set(config, "sweep")
             claim_output_dir(config, "sweep")
+            check_same_sweep(config)
         except DlrunError as err:
             raise SystemExit(f"dlrun: error: {err}") from None
-        self.earlier_jobs = {job.name for job in rundir.find_runs([config.hydra.sweep.dir])}
+        self.earlier_jobs = {job.name: rundir.read_summary(job).get("status")
+                             for job in rundir.find_runs([config.hydra.sweep.dir])}
+        self.started_at = time.time()
         self.sweep_id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
         with read_write(config.hydra), open_dict(config.hydra):  # jobs compose their config from these overrides
             config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{rundir.SWEEP_ID}={override_value(self.sweep_id)}")
@@ -70,6 +74,7 @@ class DlrunCallback(Callback):
         rows = write_sweep_summary(Path(config.hydra.sweep.dir))
         ran = [row for row in rows if row["sweep_id"] == self.sweep_id
                or (row["sweep_id"] is None and row["job"] not in self.earlier_jobs)]
+        self.tell_what_continued(Path(config.hydra.sweep.dir), ran)
         stopped = [row for row in ran if row["status"] == "interrupted"]
         if stopped:  # a signal stopped the sweep (the job said so): exit as the signal says
             raise SystemExit(signal_exit_code(signal.Signals[stopped[-1]["signal"] or "SIGINT"]))
@@ -78,6 +83,36 @@ class DlrunCallback(Callback):
             names = ", ".join(f"#{row['job']}{' not started' if row['status'] == 'not started' else ''} "
                               f"({' '.join(row['overrides'])})" for row in failed)
             raise SystemExit(f"dlrun: {len(failed)} of {len(ran)} jobs did not complete: {names}")
+
+    def tell_what_continued(self, sweep_dir: Path, ran: list[dict[str, Any]]) -> None:
+        """One line for a sweep started again in its folder: which jobs it found completed (Hydra launched them
+        again, wrote their .hydra/ anew, and the job kept its run), which it continued, which it ran anew."""
+        kept = [job for job, status in self.earlier_jobs.items() if status == "completed"
+                and RunDir(sweep_dir / job).hydra_overrides.is_file()
+                and RunDir(sweep_dir / job).hydra_overrides.stat().st_mtime >= self.started_at]
+        continued = [row["job"] for row in ran if row["job"] in self.earlier_jobs]
+        if not kept and not continued:
+            return
+        fresh = [row["job"] for row in ran if row["job"] not in self.earlier_jobs]
+        print(f"dlrun: the sweep in {sweep_dir} was started again: {len(kept)} job(s) completed earlier, kept "
+              f"({' '.join('#' + j for j in kept) or '-'}); {len(continued)} continued from their checkpoint or "
+              f"started again ({' '.join('#' + j for j in continued) or '-'}); {len(fresh)} new "
+              f"({' '.join('#' + j for j in fresh) or '-'})", file=sys.stderr)
+
+
+def check_same_sweep(config: DictConfig) -> None:
+    """A sweep started again in its folder (`hydra.sweep.dir=<the same>`) keeps what it completed and continues
+    what it began, so it must be the same sweep: the same overrides as the start that wrote the folder's
+    multirun.yaml. (A search, hparams_search=..., continues its study with new trials instead.)"""
+    earlier = Path(config.hydra.sweep.dir) / "multirun.yaml"
+    if not earlier.is_file() or str(config.hydra.sweeper.get("_target_", "")).startswith("dlrun.hydra_ext.search"):
+        return
+    saved = rundir.read_yaml(earlier)
+    before = ((saved.get("hydra") or {}).get("overrides") or {}).get("task") if isinstance(saved, dict) else None
+    if before is not None and list(before) != list(config.hydra.overrides.task):
+        raise DlrunError(f"hydra.sweep.dir={config.hydra.sweep.dir} holds a sweep of other overrides "
+                         f"({' '.join(before)}); a sweep is started again in its folder only with the same command "
+                         "(it keeps the jobs that completed and continues the others): give another hydra.sweep.dir")
 
 
 def continue_restarted(config: DictConfig) -> None:

@@ -135,7 +135,7 @@ class OptunaSweeper(HydraOptunaSweeper):
             space.pop(name, None)
         if isinstance(impl.sampler, functools.partial) and impl.sampler.func == optuna.samplers.GridSampler:
             grid = {name: impl._to_grid_sampler_choices(d) for name, d in space.items()}
-            impl.sampler = impl.sampler(grid)
+            impl.sampler, self.sampler_config = impl.sampler(grid), None  # a grid is walked, not reseeded
             impl.n_trials = min(impl.n_trials, math.prod(len(v) for v in grid.values()))
         return space, fixed_params, fixed_args
 
