@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -115,3 +116,41 @@ def test_a_job_of_two_tasks_trains_one_model_like_one_process(cluster, tmp_path,
     single = read_summary(trained(*exact, *CPU))
     assert summary["steps"] == single["steps"]
     assert summary["final"] == pytest.approx(single["final"], rel=1e-5, abs=1e-6)
+
+
+def test_a_job_slurm_would_never_start_is_one_line(cluster, tmp_path):
+    """Two nodes from a one-node partition: Slurm takes the job and leaves it pending for ever
+    (PartitionNodeLimit, or first PartitionConfig); dlrun cancels it and says why, instead of waiting."""
+    proc = start(cluster, tmp_path, "hydra.launcher.nodes=2", "trainer.epochs=1")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    (line,) = [line for line in err.splitlines() if line.startswith("dlrun: error:")]
+    assert re.fullmatch(r"dlrun: error: Slurm cannot run job \d+: (PartitionNodeLimit|PartitionConfig) \(it asks "
+                        r"for more than the partition allows: hydra.launcher.nodes, tasks_per_node, timeout_min, "
+                        r"mem_gb or partition\); it was cancelled", line), line
+    assert "Traceback" not in err
+
+
+def test_a_job_out_of_time_is_requeued_by_usr2_then_told_what_to_raise(cluster, tmp_path):
+    """A one-minute limit with USR2 45 s before it: the first USR2 requeues the job (submitit), which continues
+    from its checkpoint; the second, with no requeue left (max_num_timeout=1), ends it: one line names the job,
+    its folder and what to change. (Slurm sends the signal up to a minute early: the first comes within it.)"""
+    proc = start(cluster, tmp_path, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=45",
+                 "hydra.launcher.max_num_timeout=1", "trainer.epochs=5000", "trainer.batch_size=8")
+    deadline = time.monotonic() + 240
+    while proc.poll() is None:  # a requeued job waits two minutes in Slurm: start it once it waits
+        assert time.monotonic() < deadline
+        for line in subprocess.run(["squeue", "-h", "-o", "%i %r"], env={**os.environ, **cluster},
+                                   capture_output=True, text=True, timeout=60).stdout.splitlines():
+            if line.endswith(" BeginTime"):
+                scontrol(cluster, "update", f"JobId={line.split()[0]}", "StartTime=now")
+        time.sleep(0.5)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    summary = read_summary(tmp_path / "sweep" / "0")
+    assert len(summary["resumed"]) == 1 and summary["resumed"][0]["epoch"] >= 1  # the requeue continued the run
+    assert err.strip().splitlines()[-1] == (
+        "dlrun: 1 of 1 jobs did not complete: #0 (launcher=slurm device=cpu device.threads=1 trainer.epochs=5000 "
+        "trainer.batch_size=8): out of time more often than hydra.launcher.max_num_timeout allows (its folder "
+        "sweep/0 keeps its last checkpoint): raise hydra.launcher.timeout_min, set trainer.checkpoint_every=N so "
+        "each requeue keeps its progress, and run the same command again to continue it")

@@ -81,7 +81,7 @@ class DlrunCallback(Callback):
         failed = [row for row in ran if row["status"] != "completed"]
         if failed:
             names = ", ".join(f"#{row['job']}{' not started' if row['status'] == 'not started' else ''} "
-                              f"({' '.join(row['overrides'])})" for row in failed)
+                              f"({' '.join(row['overrides'])}){why_failed(row, config)}" for row in failed)
             raise SystemExit(f"dlrun: {len(failed)} of {len(ran)} jobs did not complete: {names}")
 
     def tell_what_continued(self, sweep_dir: Path, ran: list[dict[str, Any]]) -> None:
@@ -98,6 +98,17 @@ class DlrunCallback(Callback):
               f"({' '.join('#' + j for j in kept) or '-'}); {len(continued)} continued from their checkpoint or "
               f"started again ({' '.join('#' + j for j in continued) or '-'}); {len(fresh)} new "
               f"({' '.join('#' + j for j in fresh) or '-'})", file=sys.stderr)
+
+
+def why_failed(row: dict[str, Any], config: DictConfig) -> str:
+    """What to do about a job that failed for a reason the user can act on (today: a Slurm job out of time more
+    often than it may be requeued, as submitit says it), else nothing."""
+    if "timed-out too many times" not in str(row.get("error")):
+        return ""
+    folder = Path(config.hydra.sweep.dir) / row["job"]
+    return (f": out of time more often than hydra.launcher.max_num_timeout allows (its folder {folder} keeps its "
+            "last checkpoint): raise hydra.launcher.timeout_min, set trainer.checkpoint_every=N so each requeue keeps "
+            "its progress, and run the same command again to continue it")
 
 
 def check_same_sweep(config: DictConfig) -> None:

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,26 +69,65 @@ class LocalLauncher(ResumeOnRequeue, submitit_launcher.LocalLauncher):
 
 class SlurmLauncher(ResumeOnRequeue, submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        """Hydra's Slurm launch, with one-line errors where Slurm is missing or refuses the jobs, and job states
-        read from squeue where the cluster keeps no accounting (sacct refuses)."""
-        from submitit.core.utils import FailedJobError
+        """Hydra's Slurm launch, with one-line errors where Slurm is missing, refuses the jobs, holds them back
+        for good or ends them without a result, and job states read from squeue where the cluster keeps no
+        accounting (sacct refuses)."""
+        from submitit.core.utils import FailedJobError, UncompletedJobError
 
         if shutil.which("sbatch") is None:
             raise SystemExit("dlrun: error: launcher=slurm submits with Slurm's sbatch, which is not on PATH "
                              "here; launcher=submitit_local runs the same jobs on this machine")
-        from submitit.core.utils import UncompletedJobError
-
+        sweep_dir = str(self.config.hydra.sweep.dir)
         try:
-            with job_states_without_accounting():
+            with job_states_without_accounting(), cancel_if_never_run(Path(sweep_dir) / ".submitit") as never:
                 return super().launch(job_overrides, initial_job_idx)
         except (FailedJobError, UncompletedJobError) as err:
-            if isinstance(err, FailedJobError):  # sbatch refused
+            if never:  # held back for good, and cancelled here
+                said = (f"Slurm cannot run job {never[0]}: {never[1]} (it asks for more than the partition allows: "
+                        "hydra.launcher.nodes, tasks_per_node, timeout_min, mem_gb or partition); it was cancelled")
+            elif isinstance(err, FailedJobError):  # sbatch refused
                 said = "Slurm did not take the jobs: " + "; ".join(line.strip() for line in str(err).strip().splitlines())
             else:  # the job ended without a result: timed out too often, cancelled, its node lost
-                said = uncompleted(str(err), self.config.hydra.sweep.dir, initial_job_idx)
+                said = uncompleted(str(err), sweep_dir, initial_job_idx)
             # printed now: the sweep's end (callbacks.on_multirun_end) then writes the summary and sets the exit code
             print(f"dlrun: error: {said}", file=sys.stderr)
             raise SystemExit(1) from None
+
+
+# Why Slurm keeps a job pending that it will never start (the cluster accepts such jobs unless
+# EnforcePartLimits is set, and leaves them waiting with this reason)
+NEVER_RUN = {"PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints",
+             "AssocMaxNodesPerJobLimit", "AssocMaxWallDurationPerJobLimit", "QOSMaxNodePerJobLimit",
+             "QOSMaxWallDurationPerJobLimit", "QOSMaxCpuPerJobLimit", "AssocMaxCpuPerJobLimit"}
+
+
+@contextmanager
+def cancel_if_never_run(submitit_dir: Path, every_s: float = 2.0) -> Iterator[list[str]]:
+    """While the block waits for the sweep's jobs, look at their pending reasons every `every_s`; a job Slurm will
+    never start is cancelled (so the wait ends), and the yielded list gets its id and the reason."""
+    found: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            ids = [p.name for p in submitit_dir.glob("*") if p.name.isdigit()] if submitit_dir.is_dir() else []
+            if not ids:
+                continue
+            out = subprocess.run(["squeue", "--noheader", "--format=%i|%r", f"--jobs={','.join(ids)}"],
+                                 capture_output=True, text=True, timeout=60).stdout
+            held = [line.split("|") for line in out.split() if line.split("|")[-1] in NEVER_RUN]
+            if held:
+                found.extend(held[0])
+                subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+                return
+
+    thread = threading.Thread(target=watch, name="dlrun-slurm-pending", daemon=True)
+    thread.start()
+    try:
+        yield found
+    finally:
+        stop.set()
+        thread.join()
 
 
 def uncompleted(message: str, sweep_dir: str, initial_job_idx: int) -> str:
