@@ -118,6 +118,28 @@ def test_a_job_of_two_tasks_trains_one_model_like_one_process(cluster, tmp_path,
     assert summary["final"] == pytest.approx(single["final"], rel=1e-5, abs=1e-6)
 
 
+def test_a_two_task_ddp_job_slurm_requeues_continues_like_one_process(cluster, tmp_path, trained):
+    """`scontrol requeue` of a job whose two tasks train one model: both ranks stop at the same step with a
+    checkpoint; restarted, task 0 continues the run and task 1 joins it; the end equals one process."""
+    exact = ("trainer.epochs=12", "model.dropout=0", "model.batch_norm=false")
+    proc = start(cluster, tmp_path, "hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=4", *exact)
+    job = tmp_path / "sweep" / "0"
+    wait_for(job / "checkpoints" / "last.pt", proc)
+    slurm_id = slurm_job_of(cluster)
+    scontrol(cluster, "requeue", slurm_id)
+    deadline = time.monotonic() + 60
+    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = read_summary(job)
+    assert summary["status"] == "completed" and summary["processes"] == 2 and len(summary["resumed"]) == 1
+    single = read_summary(trained(*exact, *CPU))
+    assert summary["final"] == pytest.approx(single["final"], rel=1e-5, abs=1e-6)
+
+
 def test_a_job_slurm_would_never_start_is_one_line(cluster, tmp_path):
     """Two nodes from a one-node partition: Slurm takes the job and leaves it pending for ever
     (PartitionNodeLimit, or first PartitionConfig); dlrun cancels it and says why, instead of waiting."""
