@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import CPU, DLRUN, read_summary
-from servers import postgres
+from servers import postgres, unavailable
 
 pytestmark = pytest.mark.slow  # every test starts worker processes
 
@@ -110,4 +110,23 @@ def test_a_journal_path_that_cannot_be_written_is_one_line(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"dlrun: error: hydra.sweeper.storage=journal:{tmp_path}/a_file/study.log cannot be "
                            f"opened: [Errno 17] File exists: '{tmp_path}/a_file'")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_journal_on_a_read_only_file_system_is_one_line(tmp_path):
+    """A read-only folder that even root cannot write: a read-only tmpfs mounted for the test."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        unavailable("mounting a read-only tmpfs needs root (and a machine that allows mounts)")
+    try:
+        proc = subprocess.run([DLRUN, *SEARCH, f"hydra.sweeper.storage=journal:{folder}/study.log"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+    assert proc.returncode != 0
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"dlrun: error: hydra.sweeper.storage=journal:{folder}/study.log cannot be opened: "
+                           "[Errno 30] Read-only file system"), line
     assert not (tmp_path / "outputs").exists()

@@ -175,4 +175,4 @@ def test_a_job_out_of_time_is_requeued_by_usr2_then_told_what_to_raise(cluster, 
         "dlrun: 1 of 1 jobs did not complete: #0 (launcher=slurm device=cpu device.threads=1 trainer.epochs=5000 "
         "trainer.batch_size=8): out of time more often than hydra.launcher.max_num_timeout allows (its folder "
         "sweep/0 keeps its last checkpoint): raise hydra.launcher.timeout_min, set trainer.checkpoint_every=N so "
-        "each requeue keeps its progress, and run the same command again to continue it")
+        "each requeue keeps its progress, and run the same command with hydra.sweep.dir=sweep to continue it")

@@ -108,7 +108,7 @@ def why_failed(row: dict[str, Any], config: DictConfig) -> str:
     folder = Path(config.hydra.sweep.dir) / row["job"]
     return (f": out of time more often than hydra.launcher.max_num_timeout allows (its folder {folder} keeps its "
             "last checkpoint): raise hydra.launcher.timeout_min, set trainer.checkpoint_every=N so each requeue keeps "
-            "its progress, and run the same command again to continue it")
+            f"its progress, and run the same command with hydra.sweep.dir={config.hydra.sweep.dir} to continue it")
 
 
 def check_same_sweep(config: DictConfig) -> None:

@@ -102,7 +102,7 @@ NEVER_RUN = {"PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "Bad
 
 
 @contextmanager
-def cancel_if_never_run(submitit_dir: Path, every_s: float = 2.0) -> Iterator[list[str]]:
+def cancel_if_never_run(submitit_dir: Path, every_s: float = 10.0) -> Iterator[list[str]]:
     """While the block waits for the sweep's jobs, look at their pending reasons every `every_s`; a job Slurm will
     never start is cancelled (so the wait ends), and the yielded list gets its id and the reason."""
     found: list[str] = []
@@ -157,7 +157,8 @@ def job_states_without_accounting() -> Iterator[None]:
         yield
         return
     kept = SlurmJob.watcher
-    SlurmJob.watcher = squeue_watcher(kept._delay_s)
+    # squeue forgets a finished job after MinJobAge (300 s by default): ask at least every two minutes
+    SlurmJob.watcher = squeue_watcher(min(kept._delay_s, 120))
     try:
         yield
     finally:
