@@ -53,6 +53,19 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def requeue_once_checkpointed(cluster: dict[str, str], job: Path, proc: subprocess.Popen) -> None:
+    """`scontrol requeue` of the running job once its run folder has a checkpoint; Slurm then holds the job back
+    for about two minutes (BeginTime): it is started as soon as it waits."""
+    wait_for(job / "checkpoints" / "last.pt", proc)
+    slurm_id = slurm_job_of(cluster)
+    scontrol(cluster, "requeue", slurm_id)
+    deadline = time.monotonic() + 60
+    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
+
+
 def test_a_sweep_runs_as_a_job_array_without_sacct_noise(cluster, tmp_path):
     proc = start(cluster, tmp_path, "hydra.launcher.array_parallelism=1", "trainer.epochs=1", "optimizer=sgd,adam")
     out, err = proc.communicate(timeout=300)
@@ -74,14 +87,7 @@ def test_a_job_slurm_requeues_continues_from_its_checkpoint(cluster, tmp_path, t
     args = ("trainer.epochs=20",)
     proc = start(cluster, tmp_path, *args)
     job = tmp_path / "sweep" / "0"
-    wait_for(job / "checkpoints" / "last.pt", proc)
-    slurm_id = slurm_job_of(cluster)
-    scontrol(cluster, "requeue", slurm_id)
-    deadline = time.monotonic() + 60  # Slurm holds a requeued job back for two minutes: start it once it waits
-    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
-    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
+    requeue_once_checkpointed(cluster, job, proc)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     summary = read_summary(job)
@@ -124,14 +130,7 @@ def test_a_two_task_ddp_job_slurm_requeues_continues_like_one_process(cluster, t
     exact = ("trainer.epochs=12", "model.dropout=0", "model.batch_norm=false")
     proc = start(cluster, tmp_path, "hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=4", *exact)
     job = tmp_path / "sweep" / "0"
-    wait_for(job / "checkpoints" / "last.pt", proc)
-    slurm_id = slurm_job_of(cluster)
-    scontrol(cluster, "requeue", slurm_id)
-    deadline = time.monotonic() + 60
-    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
-    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
+    requeue_once_checkpointed(cluster, job, proc)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     summary = read_summary(job)
@@ -153,26 +152,36 @@ def test_a_job_slurm_would_never_start_is_one_line(cluster, tmp_path):
     assert "Traceback" not in err
 
 
-def test_a_job_out_of_time_is_requeued_by_usr2_then_told_what_to_raise(cluster, tmp_path):
-    """A one-minute limit with USR2 45 s before it: the first USR2 requeues the job (submitit), which continues
-    from its checkpoint; the second, with no requeue left (max_num_timeout=1), ends it: one line names the job,
-    its folder and what to change. (Slurm sends the signal up to a minute early: the first comes within it.)"""
-    proc = start(cluster, tmp_path, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=45",
-                 "hydra.launcher.max_num_timeout=1", "trainer.epochs=5000", "trainer.batch_size=8")
-    deadline = time.monotonic() + 240
-    while proc.poll() is None:  # a requeued job waits two minutes in Slurm: start it once it waits
-        assert time.monotonic() < deadline
-        for line in subprocess.run(["squeue", "-h", "-o", "%i %r"], env={**os.environ, **cluster},
-                                   capture_output=True, text=True, timeout=60).stdout.splitlines():
-            if line.endswith(" BeginTime"):
-                scontrol(cluster, "update", f"JobId={line.split()[0]}", "StartTime=now")
-        time.sleep(0.5)
-    out, err = proc.communicate(timeout=60)
+def test_a_job_out_of_time_is_told_what_to_raise(cluster, tmp_path):
+    """A two-minute limit with USR2 30 s before it and no requeue allowed (max_num_timeout=0): at the USR2 submitit
+    ends the job; one line names the job, its folder and what to change. Slurm may send the signal up to a minute
+    early, so the limit leaves the run time to start and checkpoint first (a one-minute limit could kill the job
+    while Python was still importing). The requeue by USR2 is tested with launcher=submitit_local."""
+    proc = start(cluster, tmp_path, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30",
+                 "hydra.launcher.max_num_timeout=0", "trainer.epochs=5000", "trainer.batch_size=8")
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
     summary = read_summary(tmp_path / "sweep" / "0")
-    assert len(summary["resumed"]) == 1 and summary["resumed"][0]["epoch"] >= 1  # the requeue continued the run
+    assert summary["status"] == "failed" and "timed-out too many times" in summary["error"]
+    assert (tmp_path / "sweep" / "0" / "checkpoints" / "last.pt").is_file()
     assert err.strip().splitlines()[-1] == (
         "dlrun: 1 of 1 jobs did not complete: #0 (launcher=slurm device=cpu device.threads=1 trainer.epochs=5000 "
         "trainer.batch_size=8): out of time more often than hydra.launcher.max_num_timeout allows (its folder "
         "sweep/0 keeps its last checkpoint): raise hydra.launcher.timeout_min, set trainer.checkpoint_every=N so "
         "each requeue keeps its progress, and run the same command with hydra.sweep.dir=sweep to continue it")
+
+
+def test_a_controller_that_does_not_answer_is_one_line(cluster, tmp_path):
+    """The cluster's configuration names a controller port where nothing listens (slurmctld down)."""
+    from servers import free_port
+
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={free_port()}", Path(cluster["SLURM_CONF"]).read_text()))
+    proc = start({"SLURM_CONF": str(conf)}, tmp_path, "trainer.epochs=1")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    (line,) = [line for line in err.splitlines() if line.startswith("dlrun: error:")]
+    assert line.startswith("dlrun: error: Slurm did not take the jobs: ") and "Unable to contact slurm controller" in line
+    assert line.endswith("(is slurmctld up and reachable from here? sbatch reads the cluster from SLURM_CONF or "
+                         "/etc/slurm/slurm.conf)")
+    assert "Traceback" not in err

@@ -87,6 +87,9 @@ class SlurmLauncher(ResumeOnRequeue, submitit_launcher.SlurmLauncher):
                         "hydra.launcher.nodes, tasks_per_node, timeout_min, mem_gb or partition); it was cancelled")
             elif isinstance(err, FailedJobError):  # sbatch refused
                 said = "Slurm did not take the jobs: " + "; ".join(line.strip() for line in str(err).strip().splitlines())
+                if "Unable to contact slurm controller" in said:
+                    said += (" (is slurmctld up and reachable from here? sbatch reads the cluster from SLURM_CONF or "
+                             "/etc/slurm/slurm.conf)")
             else:  # the job ended without a result: timed out too often, cancelled, its node lost
                 said = uncompleted(str(err), sweep_dir, initial_job_idx)
             # printed now: the sweep's end (callbacks.on_multirun_end) then writes the summary and sets the exit code
