@@ -131,12 +131,30 @@ def slurm() -> Iterator[dict[str, str]]:
             time.sleep(0.2)
         yield {"SLURM_CONF": str(conf)}
     finally:
+        end_jobs(env, folder)
         subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=60)
         for pid_file in ("slurmctld.pid", "slurmd.pid"):
             stop_pid(folder / pid_file)
+        for pid in subprocess.run(["pgrep", "-x", "slurmstepd"], capture_output=True, text=True).stdout.split():
+            with suppress(OSError):  # a job step of this cluster whose slurmd is gone (its spool files are ours)
+                if any(os.readlink(fd).startswith(str(folder)) for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                    os.kill(int(pid), signal.SIGKILL)
         if munged is not None:
             munged.terminate()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def end_jobs(env: dict[str, str], folder: Path) -> None:
+    """Cancel every job of the cluster (all are the tests') and wait up to 20 s for them to end, so that no job
+    step outlives the cluster."""
+    subprocess.run(["scancel", "--full", *subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True,
+                                                         text=True, timeout=60).stdout.split()],
+                   env=env, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 20
+    while subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True, timeout=60).stdout.strip():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
 
 
 def start_munge() -> subprocess.Popen | None:
