@@ -79,6 +79,7 @@ SlurmdPort={d_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket={folder}/munge.socket
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool
 SlurmctldPidFile={folder}/slurmctld.pid
@@ -119,7 +120,7 @@ def slurm() -> Iterator[dict[str, str]]:
     conf.write_text(SLURM_CONF.format(host=socket.gethostname(), ctld_port=free_port(), d_port=free_port(),
                                       folder=folder, cpus=os.cpu_count(), memory_mb=memory_mb))
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    munged = start_munge()
+    munged = start_munge(folder)
     try:
         subprocess.run(["slurmctld", "-f", str(conf), "-i"], check=True, env=env, timeout=60)
         subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env, timeout=60)
@@ -139,8 +140,8 @@ def slurm() -> Iterator[dict[str, str]]:
             with suppress(OSError):  # a job step of this cluster whose slurmd is gone (its spool files are ours)
                 if any(os.readlink(fd).startswith(str(folder)) for fd in Path(f"/proc/{pid}/fd").iterdir()):
                     os.kill(int(pid), signal.SIGKILL)
-        if munged is not None:
-            munged.terminate()
+        munged.terminate()
+        munged.wait(timeout=30)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -157,17 +158,22 @@ def end_jobs(env: dict[str, str], folder: Path) -> None:
         time.sleep(0.2)
 
 
-def start_munge() -> subprocess.Popen | None:
-    """munged, Slurm's authentication, unless it runs already (None then: it is not ours to stop)."""
-    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
-        return None
-    Path("/run/munge").mkdir(exist_ok=True)
-    shutil.chown("/run/munge", "munge", "munge")
-    daemon = subprocess.Popen(["runuser", "-u", "munge", "--", "munged", "--foreground"])
+def start_munge(folder: Path) -> subprocess.Popen:
+    """A munged of the cluster's own (Slurm's authentication): its own key and socket in `folder`, whatever
+    munged the machine runs (the cluster's commands find the socket through AuthInfo in slurm.conf). Ten
+    threads, not two: the jobs, slurmd and dlrun's squeue polls all ask at once."""
+    folder.chmod(0o755)  # munged refuses a socket in a folder that not everybody may enter
+    key = folder / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    with open(folder / "munged.log", "w") as log:
+        daemon = subprocess.Popen(["munged", "--foreground", f"--socket={folder / 'munge.socket'}",
+                                   f"--key-file={key}", f"--pid-file={folder / 'munged.pid'}",
+                                   f"--seed-file={folder / 'munged.seed'}", "--num-threads=10"], stderr=log)
     deadline = time.monotonic() + 30
-    while subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError("munged did not start")
+    while subprocess.run(["munge", "-n", f"--socket={folder / 'munge.socket'}"], capture_output=True).returncode:
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            raise RuntimeError(f"munged did not start: {(folder / 'munged.log').read_text()[-2000:]}")
         time.sleep(0.1)
     return daemon
 
