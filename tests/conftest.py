@@ -149,6 +149,7 @@ COMMANDS = {  # console script -> its main (dlrun's reads sys.argv, as Hydra's a
     "dlrun-predict": "dlrun.tools.predict:main",
     "dlrun-compress": "dlrun.tools.compress:main",
     "dlrun-explain": "dlrun.tools.explain:main",
+    "dlrun-export": "dlrun.tools.export:main",
 }
 
 

@@ -18,7 +18,7 @@ FLOORS = [
     ("face", ["dlrun.__main__", "dlrun.cli"]),
     ("tools", ["dlrun.tools"]),
     ("wiring", ["dlrun.run", "dlrun.resume", "dlrun.evaluation"]),
-    ("loop", ["dlrun.train", "dlrun.checkpoint"]),
+    ("loop", ["dlrun.train", "dlrun.checkpoint", "dlrun.lr_find"]),
     ("parts", ["dlrun.models", "dlrun.data", "dlrun.optim", "dlrun.compress", "dlrun.sinks", "dlrun.plots",
                "dlrun.cost", "dlrun.metrics", "dlrun.baselines", "dlrun.device", "dlrun.distributed", "dlrun.losses"]),
     ("hydra_ext", ["dlrun.hydra_ext"]),

@@ -59,5 +59,6 @@ def test_a_run_says_what_it_trains_and_where_before_its_first_epoch(cli, tmp_pat
     start = "training CNN (53,098 parameters) on digits (1,259 train / 179 val / 359 test) for 2 epochs, 40 steps " \
             "(cpu, 1 thread)"
     assert lines[0] == start and lines[1] == f"run folder: {tmp_path / 'run'}", lines[:3]
-    assert lines[2].startswith("epoch 1/2")
+    table = (tmp_path / "run" / "model_summary.txt").read_text().splitlines()  # trainer.model_summary (default on)
+    assert lines[2:2 + len(table)] == table and lines[2 + len(table)].startswith("epoch 1/2")
 

@@ -26,6 +26,9 @@ CONDITIONAL = {
     ".hydra/resume-<time>/": "each `resume=` command",
     "compress.json": "what `dlrun-compress` made",
     "variants/<name>.pt": "what `dlrun-compress` made",
+    "plots/lr_find.png": "with trainer.lr_find=true",
+    "export/model.<format>": "`dlrun-export`",
+    "export/model.<format>.json": "`dlrun-export`",
 }
 
 

@@ -40,10 +40,15 @@ def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
 CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
-@torch.no_grad()
 def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch.device) -> int:
     """Forward FLOPs for one sample, counted by PyTorch's FlopCounterMode (matmuls and convolutions;
-    a multiply-add counts two; element-wise ops, norms and pooling are not counted).
+    a multiply-add counts two; element-wise ops, norms and pooling are not counted)."""
+    return count_flops(model, input_shape, device).get_total_flops()
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_shape: Sequence[int], device: torch.device) -> FlopCounterMode:
+    """FlopCounterMode after one forward pass of one sample in eval mode (its counts are per module too).
 
     The fused oneDNN/cuDNN recurrent kernels are switched off while counting, so that an RNN
     runs as the matmuls the counter sees."""
@@ -54,7 +59,42 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch
         with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), counter:
             model(torch.zeros(1, *input_shape, device=device))
     model.train(was_training)
-    return counter.get_total_flops()
+    return counter
+
+
+def layer_table(model: nn.Module, input_shape: Sequence[int], device: torch.device, depth: int) -> str:
+    """The model layer by layer down to `depth` (trainer.model_summary): name, type, output shape for one sample
+    (torchinfo runs the forward pass, in eval mode: no dropout draw, no batch-norm update), parameters and forward
+    FLOPs (FlopCounterMode's per module, as `flops_per_sample` counts them); a container's figures include its
+    layers'."""
+    import torchinfo
+
+    was_training = model.training
+    with quiet():
+        layers = torchinfo.summary(model, input_data=[torch.zeros(1, *input_shape, device=device)], depth=depth,
+                                   verbose=0, device=device, mode="eval").summary_list
+    model.train(was_training)
+    counter = count_flops(model, input_shape, device)
+    root = type(model).__name__
+    names = {id(m): name for name, m in model.named_modules()}
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    rows = [("layer", "type", "output shape", "parameters", "FLOPs")]
+    for layer in (layer for layer in layers if layer.depth <= depth):
+        name = names.get(id(layer.module), layer.var_name)
+        shape = "x".join(map(str, layer.output_size[1:])) if layer.output_size else "-"
+        params = sum(p.numel() for p in layer.module.parameters())
+        rows.append(("  " * layer.depth + (name or root), layer.class_name, shape, f"{params:,}",
+                     f"{flops.get(f'{root}.{name}' if name else root, 0):,}"))
+    total = count_parameters(model)
+    rows.append(("total", "", "", f"{total['total']:,}", f"{counter.get_total_flops():,}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(-1, "-" * len(lines[0]))
+    if total["trainable"] != total["total"]:
+        lines.append(f"trainable parameters: {total['trainable']:,}")
+    return "\n".join(lines) + "\n"
 
 
 # The batch a latency is measured at is capped: the figure is per call, and a run with

@@ -362,6 +362,24 @@ def run_pictures(folder: RunDir, summary: dict[str, Any], predictions: tuple[np.
     return written
 
 
+def lr_find_curve(found: dict[str, Any], title: str):
+    """trainer.lr_find's range test: the smoothed training loss against the lr (log axis), the suggestion marked."""
+    fig = figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    ax.plot(found["lrs"], found["losses"], color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    if found["suggestion"] is not None:
+        at = found["lrs"].index(found["suggestion"])
+        ax.plot([found["suggestion"]], [found["losses"][at]], "o", color="tab:red",
+                label=f"suggestion: {found['suggestion']:.3g} (steepest descent)")
+        ax.legend(loc="best")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
 def pareto_plot(rows: list[dict[str, Any]], cost: str, cost_label: str, score_metric: str, maximise: bool,
                 front: list[int]):
     """Test score against `cost`, one point per row (error bars: the std over seeds where a row has

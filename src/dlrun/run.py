@@ -26,11 +26,12 @@ from dlrun import checkpoint, distributed, evaluation, plots, resume, rundir
 from dlrun.checkpoint import Checkpointer
 from dlrun.config.schema import to_plain
 from dlrun.config.validate import check_data_parallel, check_search_direction, validate
-from dlrun.cost import count_parameters
+from dlrun.cost import count_parameters, layer_table
 from dlrun.data import Data, build_dataset, channels_last, quick_check_subsets
 from dlrun.device import deterministic_algorithms, resolve_device, seed_everything, set_threads, use_channels_last
 from dlrun.distributed import SINGLE, Ranks
 from dlrun.errors import ConfigError, DlrunError, Interrupted, NonFiniteLoss, WorkerFailed
+from dlrun.lr_find import lr_find
 from dlrun.metrics import TestAnalysis
 from dlrun.models import build_model
 from dlrun.optim import build_optimizer, build_scheduler
@@ -113,9 +114,11 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
             settings = LoopSettings.of(cfg.trainer, data.spec.task)
             check_sweep_direction(settings)
             parts, data = build_parts(cfg, settings, data, device, ranks)
+            if settings.lr_find and resumed is None:  # a resumed run goes on with the lr it found (in its config)
+                record.update(lr_find=find_lr(cfg, folder, parts, data, settings, ranks))
             record.update(**describe(parts, data, settings, device, ranks))
             if main:
-                console.begin(record.summary)
+                console.begin(record.summary, model_summary(folder, record, parts, data, settings, device))
             checkpointer = Checkpointer(folder, parts, {"config": to_plain(cfg), "data": data.describe(),
                                                         "dlrun_version": dlrun.__version__, "run_id": record.run_id},
                                         write=settings.save_checkpoints, main=main)
@@ -194,12 +197,9 @@ def build_parts(cfg: DictConfig, settings: LoopSettings, data: Data, device: tor
     model = build_model(cfg.model, data.spec.input_shape, data.spec.num_outputs).to(device)
     if use_channels_last(settings.channels_last, model, data.spec.input_shape, device, settings.amp_dtype):
         model, data = model.to(memory_format=torch.channels_last), channels_last(data)
-    optimizer = build_optimizer(cfg.optimizer, model, settings.decay_norm_and_bias)
-    steps = steps_per_epoch(len(data.splits["train"]), settings)
     parts = Parts(
         model,
-        optimizer,
-        build_scheduler(cfg.scheduler, optimizer, steps, settings.epochs * steps, settings.mode),
+        *optimizer_and_scheduler(cfg, settings, model, data),
         compiled=torch.compile(model) if settings.compile else None,
         scaler=torch.amp.GradScaler(device.type) if settings.amp_dtype is torch.float16 else None,
         ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
@@ -210,6 +210,29 @@ def build_parts(cfg: DictConfig, settings: LoopSettings, data: Data, device: tor
     if ranks.world > 1:
         parts.ddp = distributed.wrap(parts.eval_module, device)
     return parts, data
+
+
+def optimizer_and_scheduler(cfg: DictConfig, settings: LoopSettings, model: torch.nn.Module, data: Data) -> tuple:
+    optimizer = build_optimizer(cfg.optimizer, model, settings.decay_norm_and_bias)
+    steps = steps_per_epoch(len(data.splits["train"]), settings)
+    return optimizer, build_scheduler(cfg.scheduler, optimizer, steps, settings.epochs * steps, settings.mode)
+
+
+def find_lr(cfg: DictConfig, folder: RunDir, parts: Parts, data: Data, settings: LoopSettings,
+            ranks: Ranks) -> dict[str, Any]:
+    """trainer.lr_find: the range test (lr_find.py; the parts are left as they were), its curve in
+    plots/lr_find.png and, with lr_find_apply, `optimizer.lr` set to the suggestion in the run's config (which its
+    checkpoints keep) and the optimizer and scheduler built anew with it. Returns the summary's `lr_find`."""
+    if ranks.world > 1:
+        raise ConfigError("trainer.lr_find runs in one process: find the lr with trainer.devices=1, then train with "
+                          "optimizer.lr=<the suggestion> under torchrun")
+    found = lr_find(parts, data, settings)
+    plots.save(plots.lr_find_curve(found, f"{folder.path.name}: learning-rate range test"), folder.lr_find)
+    applied = settings.lr_find_apply and found["suggestion"] is not None
+    if applied:
+        cfg.optimizer.lr = found["suggestion"]
+        parts.optimizer, parts.scheduler = optimizer_and_scheduler(cfg, settings, parts.model, data)
+    return {k: found[k] for k in ("suggestion", "steps", "diverged", "min_lr", "max_lr")} | {"applied": applied}
 
 
 # what a distillation teacher's data description must share with the student's (mean/std follow from these)
@@ -233,6 +256,19 @@ def load_teacher(folder: str, described: dict[str, Any], device: torch.device) -
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.to(device)
+
+
+def model_summary(folder: RunDir, record: RunRecord, parts: Parts, data: Data, settings: LoopSettings,
+                  device: torch.device) -> str | None:
+    """trainer.model_summary: the model's layer table, written to the run folder (and returned for the console);
+    its time goes into the summary (`model_summary_s`: what it costs the run)."""
+    if not settings.model_summary:
+        return None
+    started = time.perf_counter()
+    table = layer_table(parts.model, data.spec.input_shape, device, settings.model_summary_depth)
+    rundir.write_bytes(folder.model_summary, table.encode())
+    record.update(model_summary_s=time.perf_counter() - started)
+    return table
 
 
 def describe(parts: Parts, data: Data, settings: LoopSettings, device: torch.device, ranks: Ranks) -> dict[str, Any]:

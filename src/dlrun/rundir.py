@@ -57,11 +57,13 @@ class RunDir:
     plots = property(lambda self: self.path / "plots")
     tensorboard = property(lambda self: self.path / "tensorboard")
     log = property(lambda self: self.path / "dlrun.log")
+    model_summary = property(lambda self: self.path / "model_summary.txt")  # trainer.model_summary
     hydra_config = property(lambda self: self.path / ".hydra" / "config.yaml")
     hydra_overrides = property(lambda self: self.path / ".hydra" / "overrides.yaml")
     variants = property(lambda self: self.path / "variants")
     compress_report = property(lambda self: self.path / "compress.json")
     learning_curves = property(lambda self: self.plots / LEARNING_CURVES)
+    lr_find = property(lambda self: self.plots / "lr_find.png")  # trainer.lr_find
     confusion_matrix = property(lambda self: self.plots / "confusion_matrix.png")  # classification runs
     predicted_vs_true = property(lambda self: self.plots / "predicted_vs_true.png")  # regression runs
     misclassified = property(lambda self: self.plots / "misclassified.png")  # dlrun-explain
@@ -71,6 +73,10 @@ class RunDir:
     def variant(self, name: str, suffix: str = ".pt") -> Path:
         """dlrun-compress's file of a variant: .pt (a dlrun checkpoint), .onnx, .pt2 (a torch.export archive)."""
         return self.variants / f"{name}{suffix}"
+
+    def exported(self, suffix: str) -> Path:
+        """dlrun-export's file in one format (its suffix: .onnx, .torchscript.pt, .pt2), beside its .json."""
+        return self.path / "export" / f"model{suffix}"
 
     def attributions(self, method: str) -> Path:
         """dlrun-explain's picture of one attribution method."""

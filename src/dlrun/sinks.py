@@ -113,6 +113,7 @@ class ConsoleSink:
         # In a sweep whose jobs share a console (launcher=local_parallel), every line names its job.
         self.prefix = "" if job is None else f"[job {job}] "
         self.run: dict[str, Any] = {}
+        self.model_table: str | None = None
 
     def say(self, what: Any) -> None:
         """A line (never cut to the console's width), or a table."""
@@ -127,12 +128,15 @@ class ConsoleSink:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
         log.warning("the console's reader has gone (a broken pipe): the run goes on, its epoch lines are in dlrun.log")
 
-    def begin(self, summary: dict[str, Any]) -> None:
-        """What the run is (the summary as it stands before training), said when training starts."""
-        self.run = summary
+    def begin(self, summary: dict[str, Any], model_table: str | None = None) -> None:
+        """What the run is (the summary as it stands before training, and the model's layer table if asked),
+        said when training starts."""
+        self.run, self.model_table = summary, model_table
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         for line in start_lines(self.run, epochs, total_steps, done_steps) if self.run else []:
+            self.say(f"{self.prefix}{line}")
+        for line in self.model_table.splitlines() if self.model_table else []:
             self.say(f"{self.prefix}{line}")
         self.progress.start()
         self.task = self.progress.add_task(  # no loss to show before the first log interval
@@ -172,9 +176,15 @@ def start_lines(run: dict[str, Any], epochs: int, total_steps: int, done_steps: 
     where = f"{run['device']}, {run['threads']} thread{'s' if run['threads'] != 1 else ''}"
     where += f", {run['processes']} processes" if run.get("processes", 1) > 1 else ""
     lines = [f"training {model['class']} ({model['parameters']['total']:,} parameters) on {data['name']} "
-             f"({sizes['train']:,} train / {sizes['val']:,} val / {sizes['test']:,} test) for {epochs} epochs, "
+             f"({sizes['train']:,} train / {sizes['val']:,} val / {sizes['test']:,} test) for {epochs} epoch{'s' if epochs != 1 else ''}, "
              f"{total_steps:,} steps" + (f", from step {done_steps:,}" if done_steps else "") + f" ({where})",
              f"run folder: {run['run_dir']}"]
+    if found := run.get("lr_find"):
+        what = "no suggestion: the loss diverged too soon; lower trainer.lr_find_min_lr" \
+            if found["suggestion"] is None else f"suggestion {found['suggestion']:.3g}, " + (
+                "the run's optimizer.lr" if found["applied"] else "not applied (trainer.lr_find_apply=false)")
+        lines.append(f"lr_find: {found['steps']} steps from {found['min_lr']:g} to {found['max_lr']:g}: {what} "
+                     f"(curve: plots/lr_find.png)")
     if teacher := run.get("teacher"):
         alpha = teacher["alpha"]
         lines.append(f"distilled from {teacher['run_dir']} ({teacher['parameters']:,} parameters, test/acc "

@@ -1,5 +1,7 @@
-"""ONNX export with torch.onnx.export (the torch.export-based exporter, onnxscript), checked by running
-the file with ONNX Runtime on the CPU against PyTorch's outputs, and timed like every variant."""
+"""A model as a file that runs without dlrun: ONNX (torch.onnx.export, the torch.export-based exporter with
+onnxscript; run by ONNX Runtime), TorchScript (torch.jit.trace) and a torch.export archive (.pt2). Each has a
+dynamic batch dimension and a way to run it back (`load_exported`), so that its outputs can be checked
+against PyTorch's; dlrun-compress also times the ONNX file like every variant."""
 
 from __future__ import annotations
 
@@ -23,6 +25,45 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: Path) -> Non
         program = torch.onnx.export(model.eval(), (example,), input_names=["x"], output_names=["y"],
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), dynamo=True)
     atomic_write(path, lambda f: f.write(program.model_proto.SerializeToString()))
+
+
+def export_torchscript(model: nn.Module, input_shape: Sequence[int], path: Path) -> None:
+    """`model` (eval mode) traced by torch.jit.trace on a batch of 2 (every dlrun model is one straight path
+    with no data-dependent branch, which tracing records exactly; sizes are taken from the input at run time)."""
+    example = torch.randn(2, *input_shape)
+    with quiet(), torch.no_grad():  # TorchScript's deprecation notices and the tracer's warnings
+        traced = torch.jit.trace(model.eval(), example, check_trace=False)
+        atomic_write(path, lambda f: torch.jit.save(traced, f))
+
+
+def export_pt2(model: nn.Module, input_shape: Sequence[int], path: Path) -> None:
+    """`model` (eval mode) as a torch.export archive with a dynamic batch dimension (torch.export.load reads it)."""
+    example = torch.randn(2, *input_shape)
+    with quiet():
+        program = torch.export.export(model.eval(), (example,),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    atomic_write(path, lambda f: torch.export.save(program, f))
+
+
+# format -> (the exporter, the file's suffix)
+FORMATS = {"onnx": (export_onnx, ".onnx"), "torchscript": (export_torchscript, ".torchscript.pt"),
+           "pt2": (export_pt2, ".pt2")}
+
+
+def load_exported(path: Path, fmt: str, threads: int = 1):
+    """A function from a float32 batch (a tensor) to the outputs (a numpy array), running the exported file
+    with its own runtime: ONNX Runtime, torch.jit.load or torch.export.load."""
+    if fmt == "onnx":
+        sess = session(path, threads)
+        return lambda x: sess.run(None, {"x": x.numpy()})[0]
+    with quiet():
+        module = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
+
+    def call(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return module(x).numpy()
+
+    return call
 
 
 def session(path: Path, threads: int):

@@ -289,6 +289,8 @@ class DigitsConfig:
     split_seed: int = MISSING
     crop_padding: int = MISSING
     hflip: bool = MISSING
+    folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
+    fold: int = MISSING
 
 
 @dataclass
@@ -302,6 +304,8 @@ class Mnist1DConfig:
     generator_seed: int = MISSING
     crop_padding: int = MISSING
     augment_noise: float = MISSING
+    folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
+    fold: int = MISSING
 
 
 MNIST1D_LENGTH = 40  # the generator's final_seq_length: the length of every MNIST-1D signal
@@ -320,6 +324,8 @@ class SequenceConfig:
     seed: int = MISSING
     augment_noise: float = MISSING
     crop_padding: int = MISSING
+    folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
+    fold: int = MISSING
 
 
 @dataclass
@@ -331,6 +337,8 @@ class MNISTConfig:
     split_seed: int = MISSING
     crop_padding: int = MISSING
     hflip: bool = MISSING
+    folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
+    fold: int = MISSING
 
 
 @dataclass
@@ -348,6 +356,8 @@ class CIFAR10Config:
     verify: bool = MISSING
     crop_padding: int = MISSING
     hflip: bool = MISSING
+    folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
+    fold: int = MISSING
 
 
 @dataclass
@@ -369,6 +379,8 @@ class ImageFolderConfig:
     cache_dir: str = MISSING
     crop_padding: int = MISSING
     hflip: bool = MISSING
+    folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
+    fold: int = MISSING
 
 
 # -------------------------------------------------------------------- logger
@@ -441,6 +453,13 @@ class TrainerConfig:
     limit_train_batches: int = MISSING
     limit_eval_batches: int = MISSING
     overfit_batches: int = MISSING
+    model_summary: bool = MISSING
+    model_summary_depth: int = MISSING
+    lr_find: bool = MISSING
+    lr_find_steps: int = MISSING
+    lr_find_min_lr: float = MISSING
+    lr_find_max_lr: float = MISSING
+    lr_find_apply: bool = MISSING
 
 
 # -------------------------------------------------------------------- config

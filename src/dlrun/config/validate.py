@@ -141,6 +141,15 @@ def validate_trainer(t: DictConfig) -> None:
                 "warmup_epochs"):
         _require(t[key] >= 0, f"trainer.{key}", "must be >= 0 (0 = off)", t[key])
     _require(t.accumulate >= 1, "trainer.accumulate", "must be >= 1", t.accumulate)
+    _require(t.lr_find_steps >= 20, "trainer.lr_find_steps", "must be >= 20 (the suggestion needs a curve)",
+             t.lr_find_steps)
+    _require(0 < t.lr_find_min_lr < t.lr_find_max_lr, "trainer.lr_find_min_lr",
+             f"must be > 0 and below trainer.lr_find_max_lr={t.lr_find_max_lr}", t.lr_find_min_lr)
+    _require(not (t.lr_find and t.devices > 1), "trainer.lr_find", "runs in one process: find the lr with "
+             "trainer.devices=1, then train with optimizer.lr=<the suggestion> and trainer.devices=N", t.lr_find)
+    _require(t.model_summary_depth >= 1, "trainer.model_summary_depth",
+             "must be >= 1 (levels of nested modules; trainer.model_summary=false turns the summary off)",
+             t.model_summary_depth)
     _require(0 <= t.seed <= SEED_MAX, "trainer.seed", f"must be in 0 .. {SEED_MAX} (what numpy's seed accepts)",
              t.seed)
     _require(t.devices >= 1, "trainer.devices", "must be >= 1 (processes training one model together)", t.devices)
@@ -267,6 +276,12 @@ def validate_dataset(ds: DictConfig) -> None:
             _require(problem is None, f"dataset.{key}", f"cannot be used as a data directory: {problem}", ds[key])
     if "root" in ds:
         _require(Path(ds.root).expanduser().is_dir(), "dataset.root", "no such directory", ds.root)
+    if ds.get("folds", 0):
+        _require(ds.folds >= 2, "dataset.folds", "must be >= 2 (k-fold cross-validation), or 0 for none", ds.folds)
+        _require(0 <= ds.fold < ds.folds, "dataset.fold", f"must be in [0, {ds.folds}) with dataset.folds={ds.folds}",
+                 ds.fold)
+    elif ds.get("fold", 0):
+        _require(False, "dataset.fold", "is used with dataset.folds=K (k-fold cross-validation; 0 = off)", ds.fold)
     if "crop_padding" in ds:
         _require(ds.crop_padding >= 0, "dataset.crop_padding", "must be >= 0 (0 = off)", ds.crop_padding)
         validate_shift(ds)

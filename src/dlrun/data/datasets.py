@@ -16,7 +16,7 @@ import random
 import zipfile
 import zlib
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -73,6 +73,34 @@ def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, stratify: b
     for members in groups:
         held[rng.permutation(members)[: round(fraction * len(members))]] = True
     return (x[~held], y[~held]), (x[held], y[held])
+
+
+def fold_of(y: np.ndarray, folds: int, seed: int, stratify: bool) -> np.ndarray:
+    """Each sample's fold (0..folds-1): per class (for classification) the samples in an order drawn from `seed`,
+    dealt to the folds in turn, so every fold gets each class's share and the folds are disjoint and cover all."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    offset = 0
+    for members in ([np.flatnonzero(y == c) for c in np.unique(y)] if stratify else [np.arange(len(y))]):
+        fold[rng.permutation(members)] = (offset + np.arange(len(members))) % folds
+        offset += len(members)  # the next class starts where this one stopped: fold sizes differ by one at most
+    return fold
+
+
+def k_fold(raw: RawSplits, folds: int, fold: int, seed: int) -> RawSplits:
+    """`dataset.folds=K dataset.fold=k`: the training and validation data pooled (train first, then val, each in
+    its loader's order), cut into K folds by `fold_of`; fold k validates, the others train. The test split
+    stays as it is."""
+    if isinstance(raw.train, ImageFiles):
+        files, labels = raw.train.files + raw.val.files, np.asarray(raw.train.labels + raw.val.labels)
+        which = fold_of(labels, folds, seed, raw.task == "classification")
+        part = lambda keep: replace(raw.train, files=[f for f, k in zip(files, keep) if k],  # noqa: E731
+                                    labels=labels[keep].tolist())
+    else:
+        x, y = np.concatenate([raw.train[0], raw.val[0]]), np.concatenate([raw.train[1], raw.val[1]])
+        which = fold_of(y, folds, seed, raw.task == "classification")
+        part = lambda keep: (x[keep], y[keep])  # noqa: E731
+    return replace(raw, train=part(which != fold), val=part(which == fold))
 
 
 def _cached(path: Path, make: Callable[[], dict[str, np.ndarray]], key: str, value: str) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dlrun.data.augment import Augment, Augment1D, build_augment
-from dlrun.data.datasets import ImageFiles, RawSplits, check_sizes, decoded
+from dlrun.data.datasets import ImageFiles, RawSplits, check_sizes, decoded, k_fold
 from dlrun.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -164,9 +164,15 @@ def build_dataset(cfg: Any, device: torch.device) -> Data:
     """The configured dataset on `device`: `cfg._target_` (one of the loaders above, or the user's own,
     which a config read back from a checkpoint may name only with the user's consent: see
     config/targets.py) called with the config's keys."""
+    from omegaconf import open_dict
+
     from dlrun.config.targets import instantiate_trusted
 
-    return build_data(instantiate_trusted(cfg, cfg._target_), device)
+    loader = cfg.copy()
+    with open_dict(loader):  # k-fold is applied here, to any loader's splits (configs saved before it lack the keys)
+        folds, fold = loader.pop("folds", 0), loader.pop("fold", 0)
+    raw = instantiate_trusted(loader, cfg._target_)
+    return build_data(k_fold(raw, folds, fold, cfg.get("split_seed", cfg.get("seed", 0))) if folds else raw, device)
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dlrun.tools import positive_int
+from dlrun.tools import positive_int, run_checkpoint
 
 METHODS = ("integrated_gradients", "saliency", "occlusion", "gradient_shap")
 TARGETS = ("predicted", "true")
@@ -100,7 +100,7 @@ def explain(args: argparse.Namespace) -> dict[str, Any]:
 
     check_choices(args)  # the options, the extra and the folder are checked before torch is imported
     require_extra("explain", ("captum",), "dlrun-explain")
-    folder, checkpoint = run_checkpoint(args.run, args.checkpoint)
+    folder, checkpoint = run_checkpoint(args.run, args.checkpoint, "explain")
     import torch
 
     from dlrun.config.targets import import_user_code
@@ -129,22 +129,6 @@ def explain(args: argparse.Namespace) -> dict[str, Any]:
     report["written"] = [str(p.relative_to(folder.path)) for p in pictures] + [folder.explain_report.name]
     write_report(folder, report)
     return report
-
-
-def run_checkpoint(run: Path, which: str):
-    """The run folder and its best or last checkpoint; one-line errors when either is missing."""
-    from dlrun.errors import ConfigError
-    from dlrun.rundir import RunDir, check_links
-
-    if not run.is_dir():
-        raise ConfigError(f"{run}: not a run folder (give the folder a dlrun run wrote)")
-    folder = RunDir(run)
-    check_links(folder)  # plots/ and explain.json are written into it
-    path = folder.best if which == "best" else folder.last
-    if not path.is_file():
-        raise ConfigError(f"{run}: no checkpoint to explain ({path.relative_to(folder.path)} does not exist; "
-                          "runs with trainer.save_checkpoints=false have none)")
-    return folder, path
 
 
 def pick_device(name: str):

@@ -1,6 +1,6 @@
 """`dlrun-report <run or sweep folders>`: a table of runs, accuracy next to what it costs, with its
-CSV/Markdown exports and plots. Runs that differ only in `trainer.seed` are one configuration:
-its row gives the mean, the standard deviation and n of every figure.
+CSV/Markdown exports and plots. Runs that differ only in `trainer.seed` or in `dataset.fold` (k-fold
+cross-validation) are one configuration: its row gives the mean, the standard deviation and n of every figure.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def displayed(rows: list[dict]) -> list[dict]:
 
 
 def is_seed(override: str) -> bool:
-    return override.lstrip("+~").split("=", 1)[0] == "trainer.seed"
+    """An override that repeats a configuration (another seed, another fold), which merged rows average over."""
+    return override.lstrip("+~").split("=", 1)[0] in ("trainer.seed", "dataset.fold")
 
 
 def rows_of(runs: list[Path]) -> list[dict]:
@@ -129,8 +130,8 @@ def variant_rows(rows: list[dict]) -> list[dict]:
 
 
 def by_configuration(rows: list[dict], merge_seeds: bool = True) -> list[dict]:
-    """One row per configuration: runs whose overrides differ only in `trainer.seed` are merged (each run
-    is its own row if not `merge_seeds`). A row has n, the mean of each AVERAGED figure over the runs that
+    """One row per configuration: runs whose overrides differ only in `trainer.seed` or `dataset.fold` are merged
+    (each run is its own row if not `merge_seeds`). A row has n, the mean of each AVERAGED figure over the runs that
     have it and its sample standard deviation (`<figure>_std`, None for one value), and the runs' names and
     paths (`runs`, `paths`)."""
     groups: dict[str, list[dict]] = {}
@@ -266,7 +267,8 @@ def report(argv: list[str] | None) -> None:
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown")
     parser.add_argument("--plots", type=Path, help="folder for the PNGs (default: <first folder>/plots)")
     parser.add_argument("--per-run", action="store_true",
-                        help="one row per run (default: runs that differ only in trainer.seed are one row, mean ± std)")
+                        help="one row per run (default: runs that differ only in trainer.seed or dataset.fold are one row, "
+                             "mean ± std)")
     parser.add_argument("--cost", default="params", choices=tuple(COST_LABELS),
                         help="the cost axis of the Pareto plot (variants made by dlrun-compress are points too)")
     args = parser.parse_args(argv)
