@@ -89,3 +89,34 @@ def test_the_command(folder_run, cli):
     assert bad.returncode != 0 and "missing.png: no such file" in bad.stderr and "Traceback" not in bad.stderr
     folder = cli("dlrun-predict", run_dir, root / "class1")  # a folder of images is not taken for a missing file
     assert folder.returncode == 1 and f"{root / 'class1'}: a folder; give the image or tensor files" in folder.stderr
+
+
+def test_flip_tta_averages_the_prediction_with_the_mirror_images(trained, cli, tmp_path):
+    """--tta flip: each input's class probabilities are the mean of the model's on it and on its mirror image;
+    --evaluate scores that mean on the test split."""
+    run_dir = trained("trainer.epochs=1", *CPU)
+    x, y = load_digits(0.2, 0.1, 0).test
+    torch.save(torch.from_numpy(x[:5]), tmp_path / "inputs.pt")
+    ran = cli("dlrun-predict", run_dir, "inputs.pt", "--topk", "1", "--tta", "flip", check=True)
+    model, _, data = load_model(run_dir)
+    inputs, _ = read_inputs([tmp_path / "inputs.pt"], data)
+    with torch.no_grad():
+        mean = (torch.softmax(model(inputs), 1) + torch.softmax(model(inputs.flip(-1)), 1)) / 2
+    top = mean.max(1)
+    for i, (p, k) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        assert f"│ inputs.pt [{i}] │ 1    │ {k}     │      {p:.4f} │" in ran.stdout, ran.stdout
+    ran = cli("dlrun-predict", run_dir, "--evaluate", "--tta", "flip", check=True)
+    all_inputs = (torch.from_numpy(x) - torch.tensor(data["mean"]).view(1, -1, 1, 1)) / torch.tensor(data["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        mean = (torch.softmax(model(all_inputs), 1) + torch.softmax(model(all_inputs.flip(-1)), 1)) / 2
+    acc = (mean.argmax(1).numpy() == y).mean()
+    loss = torch.nn.functional.nll_loss(mean.log(), torch.from_numpy(y)).item()
+    assert f"test split of digits (test-time augmentation: flip): loss {loss:.4f}  acc {acc:.4f}" in ran.stdout
+
+
+def test_flip_tta_is_refused_for_signals(trained, cli):
+    run_dir = trained("dataset=mnist1d", "dataset.num_samples=600", "model=cnn", "trainer.epochs=2", *CPU)
+    ran = cli("dlrun-predict", run_dir, "--evaluate", "--tta", "flip")
+    assert ran.returncode == 1 and ran.stderr.strip() == (
+        "dlrun-predict: error: --tta flip mirrors images left to right; this model takes (1, 40) inputs (signals or "
+        "sequences), which a mirror image would change in meaning")

@@ -3,6 +3,7 @@
     dlrun-predict <run folder | checkpoint.pt> image.png more.jpg      top-k classes with probabilities
     dlrun-predict <run folder | checkpoint.pt> inputs.pt                 a tensor (N, *input shape) or one sample
     dlrun-predict <run folder | checkpoint.pt> --evaluate                loss and accuracy on the test split
+    dlrun-predict <run folder | checkpoint.pt> ... --tta flip            averaged with the mirrored images
 
 Inputs are taken in the dataset's raw scale (image files as 0..255 pixels, tensor files as the
 dataset's own values) and normalised with the training split's statistics saved in the checkpoint.
@@ -187,6 +188,23 @@ def predict(model: torch.nn.Module, x: torch.Tensor, topk: int) -> tuple[torch.T
     return probs.topk(min(topk, probs.shape[1]), dim=1)
 
 
+TTA = ("none", "flip")
+
+
+def with_tta(model: torch.nn.Module, tta: str, data: dict[str, Any]) -> torch.nn.Module:
+    """The model, or (`--tta flip`) the model averaged over each image and its mirror image; a model that does not
+    take images is refused."""
+    from dlrun.errors import ConfigError
+    from dlrun.models.tta import FlipTTA
+
+    if tta == "none":
+        return model
+    if len(data["input_shape"]) != 3:
+        raise ConfigError(f"--tta flip mirrors images left to right; this model takes {tuple(data['input_shape'])} "
+                          "inputs (signals or sequences), which a mirror image would change in meaning")
+    return FlipTTA(model, data["task"] == "classification").eval()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dlrun-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +212,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="*", type=Path, help="image files, or .pt/.npy tensor files")
     parser.add_argument("--topk", type=positive_int, default=3, help="classes to show per input (default 3)")
     parser.add_argument("--evaluate", action="store_true", help="evaluate on the dataset's test split")
+    parser.add_argument("--tta", default="none", choices=TTA,
+                        help="test-time augmentation: flip averages each image's prediction with its mirror image's "
+                             "(left to right); default none")
     parser.add_argument("--trust", action="append", default=[], metavar="TARGET",
                         help="a class or function outside dlrun that the checkpoint names (e.g. a model=custom "
                              "model) and that you trust to run; repeat for several")
@@ -213,15 +234,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.trust:
             import_user_code()
         model, cfg, data = load_model(args.model, args.trust)
+        model = with_tta(model, args.tta, data)
         if args.evaluate:
-            print_evaluation(model, cfg, data)
+            print_evaluation(model, cfg, data, args.tta)
         if args.inputs:
             print_predictions(model, *read_inputs(args.inputs, data), data, args.topk)
     except DlrunError as err:
         raise SystemExit(f"dlrun-predict: error: {err}") from None
 
 
-def print_evaluation(model: torch.nn.Module, cfg: Any, data: dict[str, Any]) -> None:
+def print_evaluation(model: torch.nn.Module, cfg: Any, data: dict[str, Any], tta: str = "none") -> None:
     """Loss and score of the model on its dataset's test split, rebuilt from the checkpoint's config."""
     import torch
     from rich.console import Console
@@ -231,7 +253,8 @@ def print_evaluation(model: torch.nn.Module, cfg: Any, data: dict[str, Any]) -> 
 
     split = build_dataset(cfg.dataset, torch.device("cpu")).splits["test"]
     scores = evaluate(model, split, cfg.trainer.eval_batch_size, task=data["task"])
-    Console().print(f"test split of {data['name']}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    with_what = "" if tta == "none" else f" (test-time augmentation: {tta})"
+    Console().print(f"test split of {data['name']}{with_what}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
 
 def print_predictions(model: torch.nn.Module, x: torch.Tensor, sources: list[str], data: dict[str, Any],
