@@ -114,6 +114,7 @@ def training_checkpoint(parts: Parts, state: TrainState, **extra: Any) -> dict[s
         "scheduler": None if parts.scheduler is None else parts.scheduler.state_dict(),
         "scaler": None if parts.scaler is None else parts.scaler.state_dict(),
         "ema": None if parts.ema is None else parts.ema.state_dict(),
+        "swa": None if parts.swa is None else parts.swa.state_dict(),
         "state": dataclasses.asdict(state),
         "rng": rng_state(),
         **extra,
@@ -124,7 +125,7 @@ def restore_training(ckpt: dict[str, Any], parts: Parts, path: Path = Path("the 
     """Load a `training_checkpoint` into freshly built parts; the RNGs continue where they were."""
     load_weights(parts.model, ckpt["model"], path)
     parts.optimizer.load_state_dict(ckpt["optimizer"])
-    for name in ("scheduler", "scaler", "ema"):
+    for name in ("scheduler", "scaler", "ema", "swa"):
         obj = getattr(parts, name)
         if obj is not None:
             obj.load_state_dict(ckpt[name])
@@ -139,7 +140,8 @@ class Checkpointer:
     from the previous last.pt, which does not know of the new best yet, and replaying the epoch
     rewrites best.pt with the same weights: every kill point resumes to the uninterrupted result.
     (Written the other way round, last.pt would name an epoch as best whose weights never
-    reached best.pt.)
+    reached best.pt.) The top-k files (trainer.save_top_k) follow the same rule: an epoch's file
+    is written before last.pt names it, and a file is removed only after last.pt no longer does.
     """
 
     def __init__(self, run_dir: RunDir, parts: Parts, extra: dict[str, Any], write: bool = True,
@@ -169,10 +171,19 @@ class Checkpointer:
             self.best_weights = self.weights()
         if not self.write:
             return
+        kept = {int(epoch) for _, epoch in state.top_k}  # trainer.save_top_k > 1
+        if state.batch == 0 and state.epoch in kept:  # at an epoch's end (or a stop before its first step)
+            self.save_weights(self.weights(), state.epoch, state.last_metrics, self.run_dir.top_epoch(state.epoch))
         if is_best:
-            save({**self.best_weights, "epoch": state.best_epoch, "metrics": state.best_metrics, **self.extra},
-                 self.run_dir.best)
+            self.save_weights(self.best_weights, state.best_epoch, state.best_metrics, self.run_dir.best)
         save(training_checkpoint(self.parts, state, **self.extra), self.run_dir.last)
+        for epoch, path in self.run_dir.top_files().items() if kept else ():  # after last.pt, which no longer names them
+            if epoch not in kept:
+                path.unlink()
+
+    def save_weights(self, weights: dict[str, Any], epoch: int | None, metrics: dict[str, float], path: Path) -> None:
+        """A checkpoint of weights alone, as best.pt is (load_model reads any of them)."""
+        save({**weights, "epoch": epoch, "metrics": metrics, **self.extra}, path)
 
     def has_last(self) -> bool:
         """Whether the run folder holds a last checkpoint to continue from."""

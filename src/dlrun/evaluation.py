@@ -4,10 +4,12 @@ distilled run, its teacher's score."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import update_bn
 
 from dlrun import baselines
 from dlrun.checkpoint import Checkpointer
@@ -34,6 +36,8 @@ def final_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings
         best_test = evaluate_split(parts, "test", test, settings, analyses["best"].update)
     best = {"epoch": state.best_epoch, **state.best_metrics, **best_test}
     analysed = analyse_test(analyses, {"final": final, "best": best}, data.spec.task)
+    averaged = swa_results(parts, checkpointer, data, settings, state) if parts.swa is not None else {}
+    top_k = {"top_k": [{"epoch": int(e), settings.monitor: v} for v, e in state.top_k]} if state.top_k else {}
     cost = model_cost(parts.model, data.spec.input_shape, settings.batch_size, device, seconds)
     samples = steps / steps_per_epoch(len(data.splits["train"]), settings) * data.sizes()["train"]
     peak, memory_kind = peak_memory_mb(device)
@@ -48,7 +52,28 @@ def final_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings
         "cost": {**cost, "peak_memory_mb": peak, "memory": memory_kind},
         **regression_baselines(data, best, final),
         **analysed,
+        **averaged,
+        **top_k,
     }, analyses["best"]
+
+
+def swa_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings: LoopSettings,
+                state: TrainState) -> dict[str, Any]:
+    """trainer.swa_start: the averaged weights with their batch-norm statistics recomputed over the training split
+    (torch.optim.swa_utils.update_bn, unaugmented batches), scored on the validation and test splits and kept in
+    checkpoints/swa.pt (a weights checkpoint, as best.pt: dlrun-predict and dlrun-export read it)."""
+    swa = parts.swa
+    averaged = int(swa.n_averaged)
+    if averaged == 0:  # early stopping ended the run before swa_start
+        return {"swa": {"start": settings.swa_start, "averaged_epochs": 0}}
+    update_bn(data.splits["train"].batches(settings.eval_batch_size), swa.module)
+    averaged_parts = replace(parts, model=swa.module, compiled=None, ema=None, swa=None, ddp=None)
+    metrics = {**evaluate_split(averaged_parts, "val", data.splits["val"], settings),
+               **evaluate_split(averaged_parts, "test", data.splits["test"], settings)}
+    if checkpointer.write:
+        checkpointer.save_weights({"model": swa.module.state_dict(), "ema": None}, state.epoch, metrics,
+                                  checkpointer.run_dir.swa)
+    return {"swa": {"start": settings.swa_start, "averaged_epochs": averaged, **metrics}}
 
 
 def analyse_test(analyses: dict[str, TestAnalysis], results: dict[str, dict[str, Any]], task: str) -> dict[str, Any]:

@@ -204,6 +204,7 @@ def build_parts(cfg: DictConfig, settings: LoopSettings, data: Data, device: tor
         scaler=torch.amp.GradScaler(device.type) if settings.amp_dtype is torch.float16 else None,
         ema=AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
         if settings.ema_decay > 0 else None,
+        swa=AveragedModel(model) if settings.swa_start > 0 else None,  # equal average; batch norm: update_bn at the end
     )
     if settings.distill.teacher is not None:  # reloaded on resume too: it is part of the loss
         parts.teacher = load_teacher(settings.distill.teacher, data.describe(), device)

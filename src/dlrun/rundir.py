@@ -54,6 +54,15 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     last = property(lambda self: self.checkpoints / "last.pt")
     best = property(lambda self: self.checkpoints / "best.pt")
+    swa = property(lambda self: self.checkpoints / "swa.pt")  # trainer.swa_start
+    top = property(lambda self: self.checkpoints / "top")  # trainer.save_top_k: epoch-NNNN.pt
+
+    def top_epoch(self, epoch: int) -> Path:
+        return self.top / f"epoch-{epoch:04d}.pt"
+
+    def top_files(self) -> dict[int, Path]:
+        """trainer.save_top_k's checkpoints in the folder, by epoch."""
+        return {int(p.stem.removeprefix("epoch-")): p for p in self.top.glob("epoch-*.pt")}
     plots = property(lambda self: self.path / "plots")
     tensorboard = property(lambda self: self.path / "tensorboard")
     log = property(lambda self: self.path / "dlrun.log")

@@ -165,6 +165,10 @@ class ConsoleSink:
         if summary.get("stopped_early"):
             self.say(f"{self.prefix}{stopped_early(summary)}")
         self.say(summary_table(summary))
+        if (swa := summary.get("swa")) and swa["averaged_epochs"]:
+            scores = "  ".join(f"{k} {v:.4f}" for k, v in swa.items() if "/" in k)
+            self.say(f"{self.prefix}stochastic weight averaging of epochs {swa['start']}..{summary['epochs']}: {scores} "
+                     "(checkpoints/swa.pt)")
         # Whole, never cut to the terminal's width: users copy it to resume, report and predict.
         self.say(f"{self.prefix}run folder: {summary['run_dir']}")
 

@@ -92,6 +92,7 @@ class Parts:
     compiled: nn.Module | None = None  # torch.compile(model) when trainer.compile
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     ema: AveragedModel | None = None  # when trainer.ema_decay > 0
+    swa: AveragedModel | None = None  # when trainer.swa_start > 0: updated at epoch ends from that epoch
     ddp: nn.Module | None = None  # DistributedDataParallel around `eval_module` when trainer.devices > 1
     teacher: nn.Module | None = None  # frozen, when trainer.distill.teacher is set
 
@@ -129,6 +130,7 @@ class TrainState:
     patience_best: float | None = None  # early stopping: best value by at least min_delta
     patience_used: int = 0  # evaluations since it improved
     stopped_early: int | None = None  # the epoch early stopping ended the run
+    top_k: list[list[float]] = field(default_factory=list)  # trainer.save_top_k: [monitored value, epoch], best first
 
     def start_epoch(self) -> None:
         self.batch, self.loss_sum, self.score_sum, self.seen, self.skipped, self.seconds = 0, 0.0, 0.0, 0, 0, 0.0
@@ -389,6 +391,8 @@ def fit(
         lr = train_epoch(parts, data, settings, state, sums, sinks, save, stop, ranks)
         sums.read_into(state)
         record, is_best = end_epoch(parts, data, settings, state, lr, ranks)
+        if parts.swa is not None and state.epoch >= settings.swa_start:
+            parts.swa.update_parameters(parts.model)
         for sink in sinks:
             sink.epoch(record)
         save(state, is_best)
@@ -463,12 +467,20 @@ def end_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainStat
         if at_least_as_good(value, state.best_value, settings.mode):
             state.best_value, state.best_epoch, is_best = value, epoch, True
             state.best_metrics = metrics_of(record)
+        if settings.save_top_k > 1:
+            state.top_k = ranked([*state.top_k, [value, epoch]], settings.mode)[:settings.save_top_k]
         if early_stop(state, value, settings.early_stopping.patience, settings.early_stopping.min_delta, settings.mode):
             state.stopped_early = epoch
     state.epoch = epoch
     state.last_metrics = metrics_of(record)
     state.start_epoch()
     return record, is_best
+
+
+def ranked(entries: list[list[float]], mode: str) -> list[list[float]]:
+    """[value, epoch] entries, best value first; of equal values the later epoch first (as the best epoch is chosen)."""
+    sign = -1 if mode == "max" else 1
+    return sorted(entries, key=lambda e: (sign * e[0], -e[1]))
 
 
 def metrics_of(record: dict[str, Any]) -> dict[str, float]:

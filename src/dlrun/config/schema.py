@@ -443,6 +443,8 @@ class TrainerConfig:
     label_smoothing: float = MISSING
     decay_norm_and_bias: bool = MISSING
     ema_decay: float = MISSING
+    swa_start: int = MISSING
+    save_top_k: int = MISSING
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     warmup_epochs: float = MISSING

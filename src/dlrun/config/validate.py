@@ -157,6 +157,11 @@ def validate_trainer(t: DictConfig) -> None:
         check_data_parallel(t, t.devices)
     _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", "must be in [0, 1)", t.label_smoothing)
     _require(0 <= t.ema_decay < 1, "trainer.ema_decay", "must be in [0, 1) (0 = off)", t.ema_decay)
+    _require(0 <= t.swa_start <= t.epochs, "trainer.swa_start",
+             f"must be in 0 .. trainer.epochs={t.epochs} (the first epoch averaged; 0 = off)", t.swa_start)
+    _require(t.save_top_k >= 1, "trainer.save_top_k", "must be >= 1 (1 = best.pt only)", t.save_top_k)
+    _require(t.save_top_k == 1 or t.save_checkpoints, "trainer.save_top_k",
+             "keeps checkpoints: it needs trainer.save_checkpoints=true", t.save_top_k)
     _require(t.early_stopping.patience >= 0, "trainer.early_stopping.patience", "must be >= 0 (0 = off)",
              t.early_stopping.patience)
     _require(t.early_stopping.min_delta >= 0, "trainer.early_stopping.min_delta", "must be >= 0",
