@@ -20,7 +20,8 @@ def loss_and_score(output: torch.Tensor, y: torch.Tensor, task: str, label_smoot
         loss = errors.pow(2).mean() if reduction == "mean" else errors.pow(2).mean(dim=1).sum()
         return loss, errors.detach().abs().mean(dim=1).sum()
     loss = F.cross_entropy(output, y, label_smoothing=label_smoothing, reduction=reduction)
-    return loss, (output.detach().argmax(dim=1) == y).sum()
+    labels = y.argmax(dim=1) if y.dim() == 2 else y  # mixed labels (trainer.mixup/cutmix): the larger share counts
+    return loss, (output.detach().argmax(dim=1) == labels).sum()
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, hard_loss: torch.Tensor, temperature: float,

@@ -35,7 +35,7 @@ from dlrun.config.schema import (
     trainer_config,
 )
 from dlrun.config.validate import resolve_monitor
-from dlrun.data import Batch, Data, Split, batch_generator, epoch_generator, num_batches
+from dlrun.data import Batch, Data, Mix, Split, batch_generator, build_mix, epoch_generator, num_batches
 from dlrun.device import amp_dtype
 from dlrun.distributed import SINGLE, Ranks
 from dlrun.errors import Interrupted, NonFiniteLoss, StopNow
@@ -407,6 +407,7 @@ def train_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainSt
     epoch, train = state.epoch + 1, data.splits["train"]
     micro_per_epoch = micro_batches_per_epoch(len(train), settings)
     warmup_steps = round(settings.warmup_epochs * steps_per_epoch(len(train), settings))
+    mix = build_mix(data.spec.input_shape, data.spec.num_outputs, settings.task, settings.mixup, settings.cutmix)
     parts.model.train()
     order = train.batches(settings.batch_size, epoch_generator(settings.seed, epoch), start=state.batch)
     lr = None
@@ -415,8 +416,8 @@ def train_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainSt
             sums.read_into(state)  # the previous step is complete: checkpoint and leave
             save(state, False)
             raise Interrupted(signum, state.step)
-        if data.augment is not None:
-            micro = [(data.augment(x, batch_generator(settings.seed, epoch, state.batch + i)), y)
+        if data.augment is not None or mix is not None:
+            micro = [augmented(x, y, data, mix, batch_generator(settings.seed, epoch, state.batch + i))
                      for i, (x, y) in enumerate(micro)]
         samples = sum(len(y) for _, y in micro)
         scale = warmup_factor(state.step, warmup_steps)
@@ -437,6 +438,13 @@ def train_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainSt
             sums.read_into(state)
             save(state, False)
     return lr
+
+
+def augmented(x: torch.Tensor, y: torch.Tensor, data: Data, mix: Mix | None, generator: torch.Generator) -> Batch:
+    """A training batch through the dataset's augmentation and then MixUp/CutMix, all drawn from `generator`."""
+    if data.augment is not None:
+        x = data.augment(x, generator)
+    return mix(x, y, generator) if mix is not None else (x, y)
 
 
 def end_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainState, lr: float | None,

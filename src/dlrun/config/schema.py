@@ -444,6 +444,8 @@ class TrainerConfig:
     decay_norm_and_bias: bool = MISSING
     ema_decay: float = MISSING
     swa_start: int = MISSING
+    mixup: float = MISSING
+    cutmix: float = MISSING
     save_top_k: int = MISSING
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

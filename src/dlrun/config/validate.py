@@ -22,6 +22,7 @@ from dlrun.rundir import RunDir, read_yaml
 SEED_MAX = 2**32 - 1  # numpy.random.seed's largest seed
 MAX_THREADS = 1024  # more CPU threads than any machine has cores; 100,000 made the process run out of memory
 SEQUENCE = "dlrun.data.load_sequence"  # the regression dataset (a forecast)
+MNIST1D = "dlrun.data.load_mnist1d"  # signals (1, 40)
 
 
 def resolve_monitor(trainer: DictConfig | TrainerConfig, task: str) -> tuple[str, str]:
@@ -76,6 +77,13 @@ def validate(cfg: DictConfig) -> None:
     for group in ("model", "optimizer", "scheduler", "dataset", "device", "trainer", "logger"):
         validate_keys(cfg.get(group), group)
     validate_trainer(cfg.trainer)
+    for key in ("mixup", "cutmix"):
+        _require(not cfg.trainer[key] or cfg.dataset.get("_target_") != SEQUENCE, f"trainer.{key}",
+                 "mixes class labels: it needs a classification dataset (dataset=sequence is regression)",
+                 cfg.trainer[key])
+    _require(not cfg.trainer.cutmix or cfg.dataset.get("_target_") != MNIST1D, "trainer.cutmix",
+             "CutMix pastes boxes between images; MNIST-1D's inputs are signals (trainer.mixup works on them)",
+             cfg.trainer.cutmix)
     if cfg.trainer.get("distill") is not None:
         validate_distill(cfg.trainer.distill, cfg.dataset)
     validate_numbers(cfg.optimizer, "optimizer", OPTIMIZER_RULES)
@@ -159,6 +167,8 @@ def validate_trainer(t: DictConfig) -> None:
     _require(0 <= t.ema_decay < 1, "trainer.ema_decay", "must be in [0, 1) (0 = off)", t.ema_decay)
     _require(0 <= t.swa_start <= t.epochs, "trainer.swa_start",
              f"must be in 0 .. trainer.epochs={t.epochs} (the first epoch averaged; 0 = off)", t.swa_start)
+    for key in ("mixup", "cutmix"):
+        _require(t[key] >= 0, f"trainer.{key}", "must be >= 0 (the Beta distribution's alpha; 0 = off)", t[key])
     _require(t.save_top_k >= 1, "trainer.save_top_k", "must be >= 1 (1 = best.pt only)", t.save_top_k)
     _require(t.save_top_k == 1 or t.save_checkpoints, "trainer.save_top_k",
              "keeps checkpoints: it needs trainer.save_checkpoints=true", t.save_top_k)

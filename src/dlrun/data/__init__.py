@@ -5,7 +5,7 @@ batches in an order that is a pure function of (seed, epoch) (`pipeline.py`).
 The builders are exported here under the names configs and checkpoints use (`dlrun.data.load_digits`, ...).
 """
 
-from dlrun.data.augment import Augment, Augment1D, batch_generator, build_augment
+from dlrun.data.augment import Augment, Augment1D, Mix, batch_generator, build_augment, build_mix
 from dlrun.data.datasets import (
     IMAGE_SUFFIXES,
     ImageFiles,
@@ -40,7 +40,8 @@ from dlrun.data.pipeline import (
 
 __all__ = [
     "IMAGE_SUFFIXES", "Augment", "Augment1D", "Batch", "Data", "DataSpec", "ImageFiles", "RawSplits", "Split",
-    "StreamSplit", "TensorSplit", "batch_generator", "batches", "build_augment", "build_data", "build_dataset",
+    "StreamSplit", "TensorSplit", "Mix", "batch_generator", "batches", "build_augment", "build_data", "build_dataset",
+    "build_mix",
     "channels_last", "decode_image", "epoch_generator", "fold_of", "k_fold", "load_cifar10", "load_cifar100",
     "load_digits", "load_fashion_mnist", "load_imagefolder", "load_mnist", "load_mnist1d", "load_sequence",
     "num_batches", "quick_check_subsets",

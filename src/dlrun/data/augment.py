@@ -66,6 +66,45 @@ class Augment1D:
         return x
 
 
+@dataclass(frozen=True)
+class Mix:
+    """MixUp (Zhang et al. 2018) and CutMix (Yun et al. 2019) on a training batch, by torchvision.transforms.v2:
+    each sample mixed with the next one in the batch (whose order is random), by a share drawn from
+    Beta(alpha, alpha); labels become the mixed one-hot vectors (N, classes). With both on, one of them per batch.
+    torchvision draws from torch's global RNG: here it is forked and seeded from `generator`, so the result is a
+    pure function of (batch, generator) and the global RNG (dropout's) is left as it was."""
+
+    mixup: float
+    cutmix: float
+    classes: int
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.transforms import v2
+
+        mixes = [v2.MixUp(alpha=self.mixup, num_classes=self.classes)] if self.mixup else []
+        mixes += [v2.CutMix(alpha=self.cutmix, num_classes=self.classes)] if self.cutmix else []
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+            if x.dim() == 3:  # (B, C, L) signals: MixUp as on (B, C, 1, L) images
+                mixed, y = mix(x.unsqueeze(2), y)
+                return mixed.squeeze(2), y
+            return mix(x, y)
+
+
+def build_mix(input_shape: tuple[int, ...], classes: int, task: str, mixup: float, cutmix: float) -> Mix | None:
+    """trainer.mixup / trainer.cutmix for this data; None when both are off. Both mix class labels; CutMix cuts
+    boxes out of images."""
+    if (mixup or cutmix) and task != "classification":
+        raise ConfigError(f"trainer.{'mixup' if mixup else 'cutmix'}={mixup or cutmix} is invalid: it mixes class "
+                          f"labels, and this dataset is {task}")
+    if cutmix and len(input_shape) != 3:
+        raise ConfigError(f"trainer.cutmix={cutmix} is invalid: CutMix pastes boxes between images; these inputs are "
+                          f"{tuple(input_shape)} signals or sequences (trainer.mixup works on them)")
+    return Mix(mixup, cutmix, classes) if (mixup or cutmix) else None
+
+
 def build_augment(input_shape: tuple[int, ...], data_name: str, crop_padding: int = 0, hflip: bool = False,
                   noise: float = 0.0) -> Augment | Augment1D | None:
     """Crops and flips for images; shifts and noise for signals and sequences (C, L); None when all are off."""
