@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import CPU, read_metrics, read_summary
 from dlrun.run import run
@@ -27,6 +28,38 @@ def test_tensorboard_event_files(trained):
         (event,) = events.Scalars(key)
         prefix, metric = key.split("/", 1)
         assert (event.step, event.value) == (60, pytest.approx(summary[prefix][metric], rel=1e-6))
+
+
+def test_tensorboard_histograms_hparams_and_the_confusion_matrix(cli, tmp_path):
+    """logger.histograms: each epoch's weights and last gradients per parameter; the config and results as hparams;
+    with logger.plots, the confusion matrix as an image."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    cli("dlrun", "hydra.run.dir=run", "trainer.epochs=2", "logger.histograms=true", "logger.plots=true",
+        "trainer.model_summary=false", *CPU, check=True)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"histograms": 0, "images": 0})
+    events.Reload()
+    steps = [m["step"] for m in read_metrics(tmp_path / "run")]
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, weight in last.items():
+        if "running" in name or "num_batches" in name:  # buffers, not parameters
+            continue
+        logged = events.Histograms(f"weights/{name}")
+        assert [h.step for h in logged] == steps and [h.step for h in events.Histograms(f"gradients/{name}")] == steps
+        h = logged[-1].histogram_value  # the last epoch's: the weights the run ended with
+        assert (h.num, h.min, h.max) == (weight.numel(), pytest.approx(weight.min().item()),
+                                         pytest.approx(weight.max().item()))
+        assert h.sum == pytest.approx(weight.sum().item(), abs=1e-3)
+    (image,) = events.Images("test/confusion_matrix")
+    assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and image.step == steps[-1]
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optimizer.lr"].number_value == 1e-3 and start.hparams["model._target_"].string_value == \
+        "dlrun.models.CNN" and start.hparams["model.channels"].string_value == "[32, 64]"
+    summary = read_summary(tmp_path / "run")
+    (best,) = events.Scalars("best/test/acc")  # an hparams metric
+    assert best.value == pytest.approx(summary["best"]["test/acc"], rel=1e-6)
 
 
 def test_tensorboard_can_be_switched_off(trained):

@@ -114,6 +114,9 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
             settings = LoopSettings.of(cfg.trainer, data.spec.task)
             check_sweep_direction(settings)
             parts, data = build_parts(cfg, settings, data, device, ranks)
+            for sink in sinks:
+                if hasattr(sink, "watch"):  # TensorBoard's histograms
+                    sink.watch(parts.model)
             if settings.lr_find and resumed is None:  # a resumed run goes on with the lr it found (in its config)
                 record.update(lr_find=find_lr(cfg, folder, parts, data, settings, ranks))
             record.update(**describe(parts, data, settings, device, ranks))
@@ -292,7 +295,8 @@ def describe(parts: Parts, data: Data, settings: LoopSettings, device: torch.dev
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:
-    """The config as flat `group.key` params (for MLflow), without the logger's own keys and `resume`."""
+    """The config as flat `group.key` params (MLflow's params, TensorBoard's hparams), without the logger's own keys
+    and `resume`."""
     return {k: v for k, v in flatten(to_plain(cfg)).items() if not k.startswith(("logger", "resume"))}
 
 

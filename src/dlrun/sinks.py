@@ -268,12 +268,21 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
 class TensorBoardSink:
     """Event files in <run>/tensorboard. One x-axis for every scalar, the global step: the training loss
     every log interval, each epoch's metrics (and `epoch` itself) at the epoch's last step, and at the
-    end the test metrics of the final and of the best weights (`final/test/...`, `best/test/...`)."""
+    end the test metrics of the final and of the best weights (`final/test/...`, `best/test/...`), which are
+    also the metrics of the run's hparams entry (the flattened config, `params`: TensorBoard's HPARAMS tab).
+    With `histograms`, each epoch's weights and last gradients per parameter (`weights/<name>`,
+    `gradients/<name>`) of the model given to `watch`; with `images`, the best weights' test confusion matrix."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, params: dict[str, Any], histograms: bool = False, images: bool = False) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(log_dir))
+        self.params, self.histograms, self.images = params, histograms, images
+        self.model: Any = None
+
+    def watch(self, model: Any) -> None:
+        """The model whose weights and gradients the histograms show."""
+        self.model = model
 
     def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
         pass
@@ -285,11 +294,24 @@ class TensorBoardSink:
         self.writer.add_scalar("epoch", record["epoch"], record["step"])
         for key, value in _numbers(record).items():
             self.writer.add_scalar(key, value, record["step"])
+        if self.histograms and self.model is not None:
+            for name, p in self.model.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", p.detach(), record["step"])
+                if p.grad is not None:  # the epoch's last step's (the optimizer clears them at the next step)
+                    self.writer.add_histogram(f"gradients/{name}", p.grad, record["step"])
 
     def close(self, summary: dict[str, Any] | None) -> None:
         if summary is not None:
-            for key, value in final_and_best(summary).items():
-                self.writer.add_scalar(key, value, summary["steps"])
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.params.items()}
+            # run_name ".": the hparams entry in this run's own folder (torch's default makes a new one)
+            self.writer.add_hparams(hparams, final_and_best(summary), run_name=".", global_step=summary["steps"])
+            if self.images and summary.get("classes"):
+                from dlrun import plots
+
+                classes = summary["classes"]
+                figure = plots.confusion_matrix(classes["best"]["confusion_matrix"], classes["names"],
+                                                "best weights, test split")
+                self.writer.add_figure("test/confusion_matrix", figure, summary["steps"])
         self.writer.close()
 
 
@@ -369,7 +391,7 @@ def optional_sinks(logger: Any, folder: RunDir, record: RunRecord, params: dict[
     run's id goes into the summary (`mlflow_run_id`), so that a resume continues that run."""
     sinks: list[Sink] = []
     if logger.tensorboard:
-        sinks.append(TensorBoardSink(folder.tensorboard))
+        sinks.append(TensorBoardSink(folder.tensorboard, params, logger.histograms, logger.plots))
     if logger.mlflow:
         mlflow = MLflowSink(logger.mlflow_tracking_uri, logger.mlflow_experiment, folder.path.name, params,
                             folder.path, record.summary.get("mlflow_run_id"))

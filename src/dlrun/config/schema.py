@@ -389,6 +389,7 @@ class ImageFolderConfig:
 @dataclass
 class LoggerConfig:
     tensorboard: bool = MISSING
+    histograms: bool = MISSING
     plots: bool = MISSING
     mlflow: bool = MISSING
     mlflow_tracking_uri: str = MISSING
