@@ -27,6 +27,7 @@ CONDITIONAL = {
     "compress.json": "what `dlrun-compress` made",
     "variants/<name>.pt": "what `dlrun-compress` made",
     "plots/lr_find.png": "with trainer.lr_find=true",
+    "wandb/": "with logger=wandb",
     "checkpoints/swa.pt": "with trainer.swa_start",
     "checkpoints/top/epoch-NNNN.pt": "with trainer.save_top_k > 1",
     "export/model.<format>": "`dlrun-export`",

@@ -107,3 +107,57 @@ def test_a_resumed_run_continues_its_mlflow_run(cli, tmp_path):
     assert [(h.step, h.value) for h in history] == [(m["step"], m["val/acc"]) for m in read_metrics(folder)]
     # params cannot change: the one the resume changed is a tag
     assert found.data.params["trainer.epochs"] == "1" and found.data.tags["dlrun.resumed.trainer.epochs"] == "2"
+
+
+def wandb_records(path):
+    """The records of a W&B offline run file (run-<id>.wandb): LevelDB's log format (32 KiB blocks of chunks, each
+    with a 7-byte header: checksum, length, type; 1 whole, 2-4 first/middle/last), after W&B's 7-byte header,
+    each record a protobuf `Record` (wandb.proto). W&B ships no reader of its own any more."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B"
+    pos, chunks = 7, []
+    while pos + header <= len(data):
+        if block - pos % block < header:  # the rest of a block too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        if (length, kind) == (0, 0):
+            break
+        chunks.append(data[pos + header:pos + header + length])
+        pos += header + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            yield record
+
+
+def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_it(cli, tmp_path):
+    import json
+
+    cli("dlrun", "hydra.run.dir=run", "logger=wandb", "trainer.epochs=2", "trainer.model_summary=false", *CPU,
+        check=True)
+    cli("dlrun", f"resume={tmp_path / 'run'}", "trainer.epochs=3", check=True)
+    summary = read_summary(tmp_path / "run")
+    first, second = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert first.name.endswith(summary["run_id"]) and second.name.endswith(summary["run_id"])  # one W&B run
+    key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731  (W&B nests "val/acc" as val, acc)
+    history, config, final = [], {}, {}
+    for folder in (first, second):
+        for record in wandb_records(folder / f"run-{summary['run_id']}.wandb"):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                history.append({key(i): json.loads(i.value_json) for i in record.history.item})
+            elif kind == "run":
+                config.update({key(i): json.loads(i.value_json) for i in record.run.config.update})
+            elif kind == "summary":
+                final.update({key(i): json.loads(i.value_json) for i in record.summary.update})
+    metrics = read_metrics(tmp_path / "run")
+    assert [(h["_step"], h["epoch"], h["val/acc"], h["train/loss"]) for h in history] == \
+        [(m["step"], m["epoch"], m["val/acc"], pytest.approx(m["train/loss"])) for m in metrics]
+    assert config["optimizer.lr"] == 1e-3 and config["model._target_"] == "dlrun.models.CNN"
+    assert final["best/test/acc"] == pytest.approx(summary["best"]["test/acc"])

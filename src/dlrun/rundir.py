@@ -67,6 +67,7 @@ class RunDir:
     tensorboard = property(lambda self: self.path / "tensorboard")
     log = property(lambda self: self.path / "dlrun.log")
     model_summary = property(lambda self: self.path / "model_summary.txt")  # trainer.model_summary
+    wandb = property(lambda self: self.path / "wandb")  # logger=wandb: W&B's own files (wandb.init(dir=run folder))
     hydra_config = property(lambda self: self.path / ".hydra" / "config.yaml")
     hydra_overrides = property(lambda self: self.path / ".hydra" / "overrides.yaml")
     variants = property(lambda self: self.path / "variants")
@@ -295,11 +296,14 @@ def check_not_in_use(run_dir: RunDir) -> None:
 def check_links(run_dir: RunDir) -> None:
     """Refuse a run folder holding a symbolic link that leads out of it: dlrun appends to, and writes into,
     the files and folders of a run folder (metrics.jsonl, dlrun.log, plots/, checkpoints/, .hydra/, ...), and
-    writing through such a link would change files elsewhere. (The folder itself may be a link.)"""
+    writing through such a link would change files elsewhere. (The folder itself may be a link. W&B's folder,
+    `wandb/`, is W&B's own: it links its logs to ~/.cache/wandb, and dlrun writes nothing into it.)"""
     if not run_dir.path.is_dir():
         return
     inside = run_dir.path.resolve()
     for entry in sorted(run_dir.path.rglob("*")):
+        if entry.is_relative_to(run_dir.wandb):
+            continue
         if entry.is_symlink() and not entry.resolve().is_relative_to(inside):
             raise RunFolderError(f"{entry} is a symbolic link to {entry.resolve()}, outside the run folder; dlrun "
                                  "writes only inside a run folder: replace the link with the file or folder itself")

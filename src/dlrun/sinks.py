@@ -195,6 +195,10 @@ def start_lines(run: dict[str, Any], epochs: int, total_steps: int, done_steps: 
                      f"{teacher['test/acc']:.4f}): train loss = {alpha:g}·T²·KL(teacher ‖ student) + "
                      f"{1 - alpha:g}·cross-entropy, T = {teacher['temperature']:g}; val and test losses are plain "
                      "cross-entropy")
+    if run.get("wandb_run_dir"):
+        where = run["wandb_run_dir"]
+        lines.append(f"W&B run {run['run_id']} ({run['wandb_mode']}) in {where}" + (
+            f" (to upload: wandb sync {where})" if run["wandb_mode"] == "offline" else ""))
     if run.get("mlflow_run_id"):
         uri = run["mlflow_tracking_uri"]
         lines.append(f"MLflow run {run['mlflow_run_id']} in {uri} (to browse: mlflow ui --backend-store-uri {uri})")
@@ -386,9 +390,37 @@ class MLflowSink:
         self.client.set_terminated(self.run_id, "FINISHED" if summary is not None else "FAILED")
 
 
+class WandbSink:
+    """One Weights & Biases run per dlrun run (logger=wandb): the config, every epoch's metrics at its step, the
+    final and best metrics in the W&B summary. Offline by default: the run's files go to <run>/wandb/ and
+    `wandb sync` uploads them later. Its id is the dlrun run's (`run_id`), so a resume continues the same W&B run.
+    The W&B run is an object of its own (reinit="create_new": no global active run), quiet on the console."""
+
+    def __init__(self, project: str, mode: str, run_name: str, run_id: str, params: dict[str, Any], run_dir: Path):
+        import wandb
+
+        self.run = wandb.init(project=project, mode=mode, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
+                              config=params, reinit="create_new",
+                              settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+
+    def start(self, epochs: int, total_steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None:
+        pass
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        self.run.log({**_numbers(record), "epoch": record["epoch"]}, step=record["step"])
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        if summary is not None:
+            self.run.summary.update(final_and_best(summary))
+        self.run.finish(exit_code=0 if summary is not None else 1)
+
+
 def optional_sinks(logger: Any, folder: RunDir, record: RunRecord, params: dict[str, Any]) -> list[Sink]:
-    """TensorBoard and MLflow, as `cfg.logger` asks; MLflow gets `params` (the flattened config), and its
-    run's id goes into the summary (`mlflow_run_id`), so that a resume continues that run."""
+    """TensorBoard, MLflow and W&B, as `cfg.logger` asks, each given `params` (the flattened config); MLflow's
+    run id goes into the summary (`mlflow_run_id`), W&B's is the run's own, so that a resume continues them."""
     sinks: list[Sink] = []
     if logger.tensorboard:
         sinks.append(TensorBoardSink(folder.tensorboard, params, logger.histograms, logger.plots))
@@ -397,6 +429,11 @@ def optional_sinks(logger: Any, folder: RunDir, record: RunRecord, params: dict[
                             folder.path, record.summary.get("mlflow_run_id"))
         record.update(mlflow_run_id=mlflow.run_id, mlflow_tracking_uri=absolute(logger.mlflow_tracking_uri))
         sinks.append(mlflow)
+    if logger.wandb:
+        # W&B makes its folder, wandb/ (RunDir.wandb), in the directory it is given
+        wandb = WandbSink(logger.wandb_project, logger.wandb_mode, folder.path.name, record.run_id, params, folder.path)
+        record.update(wandb_mode=logger.wandb_mode, wandb_run_dir=str(Path(wandb.run.dir).parent))
+        sinks.append(wandb)
     return sinks
 
 

@@ -394,6 +394,9 @@ class LoggerConfig:
     mlflow: bool = MISSING
     mlflow_tracking_uri: str = MISSING
     mlflow_experiment: str = MISSING
+    wandb: bool = MISSING
+    wandb_project: str = MISSING
+    wandb_mode: str = MISSING
 
 
 # -------------------------------------------------------------------- device

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from dlrun.config.schema import MNIST1D_LENGTH, MonitorMode, OnNonFinite, TrainerConfig, score_name
-from dlrun.errors import ConfigError
+from dlrun.errors import ConfigError, require_extra
 from dlrun.rundir import RunDir, read_yaml
 
 SEED_MAX = 2**32 - 1  # numpy.random.seed's largest seed
@@ -94,6 +94,17 @@ def validate(cfg: DictConfig) -> None:
              f"must be in 0 .. {MAX_THREADS} (0 keeps torch's default)", cfg.device.threads)
     validate_device(cfg.device)
     validate_files(cfg.dataset)
+    validate_logger(cfg.logger)
+
+
+def validate_logger(logger: DictConfig) -> None:
+    """The trackers' extras are installed (a missing one is one line naming it), W&B's mode is known."""
+    if logger.get("mlflow"):
+        require_extra("mlflow", ("mlflow",), "logger=mlflow")
+    if logger.get("wandb"):
+        _require(logger.wandb_mode in ("offline", "online"), "logger.wandb_mode",
+                 "allowed: offline (files in the run folder, `wandb sync` later), online", logger.wandb_mode)
+        require_extra("wandb", ("wandb",), "logger=wandb")
 
 
 # The optimizer's and scheduler's numbers (the keys each option has, in conf/), so that torch's own refusal,
