@@ -79,7 +79,7 @@ def load_model(path: Path, trust: Iterable[str] = (), consent: str = "--trust {t
     if not isinstance(data, dict) or not set(DESCRIBED) <= set(data):
         raise ConfigError(f"{path}: the checkpoint has no data description (written by an older dlrun)")
     with torch.random.fork_rng(devices=[]):
-        model = build_model(config.model, data["input_shape"], data["num_outputs"])
+        model = build_model(config.model, data["input_shape"], data["num_outputs"], pretrained=False)
     model = prepare(model, ckpt) if prepare is not None else model
     load_weights(model, ckpt["model"], path)
     return model.eval(), config, data

@@ -85,7 +85,7 @@ def refused_unless_valid(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any
     """`validate(cfg)`; a refusal is recorded in the run folder as the run's failure (a sweep's summary lists
     the job with its error)."""
     try:
-        validate(cfg)
+        validate(cfg, resumed=resumed is not None)
     except DlrunError as err:
         RunRecord(folder, run_entries(), resume.resume_point(resumed)).fail(err)
         raise
@@ -113,7 +113,7 @@ def run_here(cfg: DictConfig, folder: RunDir, resumed: dict[str, Any] | None, ra
             data = load_data(cfg, device, ranks)
             settings = LoopSettings.of(cfg.trainer, data.spec.task)
             check_sweep_direction(settings)
-            parts, data = build_parts(cfg, settings, data, device, ranks)
+            parts, data = build_parts(cfg, settings, data, device, ranks, resumed is not None)
             for sink in sinks:
                 if hasattr(sink, "watch"):  # TensorBoard's histograms
                     sink.watch(parts.model)
@@ -194,10 +194,10 @@ def check_sweep_direction(settings: LoopSettings) -> None:
 
 
 def build_parts(cfg: DictConfig, settings: LoopSettings, data: Data, device: torch.device,
-                ranks: Ranks) -> tuple[Parts, Data]:
+                ranks: Ranks, resumed: bool = False) -> tuple[Parts, Data]:
     """Model, optimizer, scheduler and the optional compiled module, GradScaler, EMA, teacher and DDP
     wrapper; with `channels_last`, the data is converted to match."""
-    model = build_model(cfg.model, data.spec.input_shape, data.spec.num_outputs).to(device)
+    model = build_model(cfg.model, data.spec.input_shape, data.spec.num_outputs, pretrained=not resumed).to(device)
     if use_channels_last(settings.channels_last, model, data.spec.input_shape, device, settings.amp_dtype):
         model, data = model.to(memory_format=torch.channels_last), channels_last(data)
     parts = Parts(

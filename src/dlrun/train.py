@@ -408,6 +408,8 @@ def train_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainSt
     micro_per_epoch = micro_batches_per_epoch(len(train), settings)
     warmup_steps = round(settings.warmup_epochs * steps_per_epoch(len(train), settings))
     mix = build_mix(data.spec.input_shape, data.spec.num_outputs, settings.task, settings.mixup, settings.cutmix)
+    if settings.freeze_epochs:
+        freeze_backbone(parts.model, frozen=epoch <= settings.freeze_epochs)
     parts.model.train()
     order = train.batches(settings.batch_size, epoch_generator(settings.seed, epoch), start=state.batch)
     lr = None
@@ -438,6 +440,14 @@ def train_epoch(parts: Parts, data: Data, settings: LoopSettings, state: TrainSt
             sums.read_into(state)
             save(state, False)
     return lr
+
+
+def freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """trainer.freeze_epochs: only the classifier (`model.head_parameters()`) trains while `frozen`; the optimizer
+    skips parameters without gradients. A function of the epoch alone, so a resumed run sets it alike."""
+    head = {id(p) for p in model.head_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(not frozen or id(p) in head)
 
 
 def augmented(x: torch.Tensor, y: torch.Tensor, data: Data, mix: Mix | None, generator: torch.Generator) -> Batch:

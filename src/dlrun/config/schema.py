@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -178,6 +178,14 @@ class TransformerConfig:
     positional: Positional = MISSING
     readout: TokenReadout = MISSING
     patch_size: int = MISSING
+
+
+@dataclass
+class TimmConfig:
+    _target_: str = "dlrun.models.TimmModel"
+    name: str = MISSING
+    pretrained: Union[bool, str] = MISSING  # false, true (timm's own weights) or a weights file
+    drop_rate: float = MISSING
 
 
 # ----------------------------------------------------------------- optimizer
@@ -447,6 +455,7 @@ class TrainerConfig:
     label_smoothing: float = MISSING
     decay_norm_and_bias: bool = MISSING
     ema_decay: float = MISSING
+    freeze_epochs: int = MISSING
     swa_start: int = MISSING
     mixup: float = MISSING
     cutmix: float = MISSING
@@ -474,7 +483,7 @@ class TrainerConfig:
 
 GROUPS = {
     "model": {"cnn": CNNConfig, "cnn_blocks": CNNBlocksConfig, "rnn": RNNConfig, "mlp": MLPConfig,
-              "resnet": ResNetConfig, "transformer": TransformerConfig},
+              "resnet": ResNetConfig, "transformer": TransformerConfig, "timm": TimmConfig},
     "optimizer": {
         "sgd": SGDConfig,
         "momentum": MomentumConfig,

@@ -72,8 +72,9 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {rule}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Range and cross-field rules, checked before any tensor exists."""
+def validate(cfg: DictConfig, resumed: bool = False) -> None:
+    """Range and cross-field rules, checked before any tensor exists. `resumed`: the config of a run that continues
+    from its checkpoint (the model's pretrained weights are in it: their file is not needed again)."""
     for group in ("model", "optimizer", "scheduler", "dataset", "device", "trainer", "logger"):
         validate_keys(cfg.get(group), group)
     validate_trainer(cfg.trainer)
@@ -88,7 +89,11 @@ def validate(cfg: DictConfig) -> None:
         validate_distill(cfg.trainer.distill, cfg.dataset)
     validate_numbers(cfg.optimizer, "optimizer", OPTIMIZER_RULES)
     validate_numbers(cfg.scheduler, "scheduler", SCHEDULER_RULES)
-    validate_model(cfg.model)
+    validate_model(cfg.model, resumed)
+    _require(cfg.model.get("_target_") != TIMM or cfg.dataset.get("_target_") not in (SEQUENCE, MNIST1D), "model",
+             "timm's architectures take images (C, H, W); this dataset's inputs are signals or sequences", "timm")
+    _require(not cfg.trainer.freeze_epochs or cfg.model.get("_target_") == TIMM, "trainer.freeze_epochs",
+             "trains a pretrained model's classifier alone first: it needs model=timm", cfg.trainer.freeze_epochs)
     validate_dataset(cfg.dataset)
     _require(0 <= cfg.device.threads <= MAX_THREADS, "device.threads",
              f"must be in 0 .. {MAX_THREADS} (0 keeps torch's default)", cfg.device.threads)
@@ -176,6 +181,9 @@ def validate_trainer(t: DictConfig) -> None:
         check_data_parallel(t, t.devices)
     _require(0 <= t.label_smoothing < 1, "trainer.label_smoothing", "must be in [0, 1)", t.label_smoothing)
     _require(0 <= t.ema_decay < 1, "trainer.ema_decay", "must be in [0, 1) (0 = off)", t.ema_decay)
+    _require(t.freeze_epochs >= 0, "trainer.freeze_epochs", "must be >= 0 (0 = off)", t.freeze_epochs)
+    _require(not (t.freeze_epochs and t.devices > 1), "trainer.freeze_epochs",
+             "changes which weights train mid-run, which DDP cannot follow: use trainer.devices=1", t.freeze_epochs)
     _require(0 <= t.swa_start <= t.epochs, "trainer.swa_start",
              f"must be in 0 .. trainer.epochs={t.epochs} (the first epoch averaged; 0 = off)", t.swa_start)
     for key in ("mixup", "cutmix"):
@@ -217,7 +225,34 @@ def validate_distill(d: DictConfig, dataset: DictConfig) -> None:
              d.teacher)
 
 
-def validate_model(model: DictConfig) -> None:
+TIMM = "dlrun.models.TimmModel"
+
+
+def check_timm_name(name: str) -> None:
+    """An architecture timm knows (with or without a pretrained tag, `resnet18.a1_in1k`); otherwise one line with
+    the closest names."""
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise ConfigError(f"model.name={name!r} is not an architecture timm knows{hint} (all: timm.list_models())")
+
+
+def validate_timm(model: DictConfig, resumed: bool) -> None:
+    """model=timm: timm installed, an architecture it knows (close names otherwise), a weights file that exists
+    (unless `resumed`)."""
+    require_extra("timm", ("timm",), "model=timm")
+    check_timm_name(model.name)
+    _require(0 <= model.drop_rate < 1, "model.drop_rate", "must be in [0, 1)", model.drop_rate)
+    if isinstance(model.pretrained, str) and not resumed:
+        _require(Path(model.pretrained).expanduser().is_file(), "model.pretrained",
+                 "must be false, true (timm's own weights) or a weights file that exists", model.pretrained)
+
+
+def validate_model(model: DictConfig, resumed: bool = False) -> None:
+    if model.get("_target_") == TIMM:
+        validate_timm(model, resumed)
     if "dropout" in model:
         _require(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)", model.dropout)
     for key in ("hidden_size", "num_layers", "kernel_size"):

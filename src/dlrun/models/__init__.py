@@ -22,16 +22,20 @@ from dlrun.models.cnn import CNN
 from dlrun.models.mlp import MLP
 from dlrun.models.resnet import ResNet
 from dlrun.models.rnn import RNN
+from dlrun.models.timm_model import TimmModel
 from dlrun.models.transformer import Transformer
 
-__all__ = ["CNN", "MLP", "RNN", "ResNet", "Transformer", "build_model", "check_keys"]
+__all__ = ["CNN", "MLP", "RNN", "ResNet", "TimmModel", "Transformer", "build_model", "check_keys"]
 
 
-def build_model(cfg: DictConfig, in_shape: Sequence[int], num_outputs: int) -> nn.Module:
-    """`cfg._target_(in_shape=..., num_outputs=..., **keys)`; every key must be a constructor parameter."""
+def build_model(cfg: DictConfig, in_shape: Sequence[int], num_outputs: int, pretrained: bool = True) -> nn.Module:
+    """`cfg._target_(in_shape=..., num_outputs=..., **keys)`; every key must be a constructor parameter.
+    `pretrained=False`: a `model.pretrained` key is set to false (the weights come from a checkpoint: a resumed
+    run, a loaded model), so that the pretrained file or download is not needed again."""
     factory = instantiate_trusted(cfg, cfg._target_, _partial_=True, _convert_="all")  # its own: see targets.py
     check_keys(factory.func, [k for k in cfg if k != "_target_"], "model")
-    return factory(in_shape=tuple(in_shape), num_outputs=num_outputs)
+    no_download = {} if pretrained or "pretrained" not in cfg else {"pretrained": False}
+    return factory(in_shape=tuple(in_shape), num_outputs=num_outputs, **no_download)
 
 
 def check_keys(constructor: Callable[..., Any], keys: list[str], group: str) -> None:
