@@ -1,6 +1,7 @@
-"""trainer.mixup / trainer.cutmix (torchvision.transforms.v2's MixUp and CutMix on training batches): mixed targets
-sum to 1 and match the mixed inputs, the draws are a pure function of the batch's generator (the global RNG is left
-alone), runs resume bit-exactly; regression and CutMix on signals are refused."""
+"""trainer.mixup / trainer.cutmix (torchvision.transforms.v2's MixUp and CutMix on training batches) and
+dataset.augment=randaugment: mixed targets sum to 1 and match the mixed inputs, the draws are a pure function of
+the batch's generator (the global RNG is left alone), runs resume bit-exactly; regression and CutMix on signals
+are refused."""
 
 from __future__ import annotations
 
@@ -73,3 +74,36 @@ def test_bad_settings_are_one_line(cli, tmp_path, overrides, said):
     ran = cli("dlrun", *overrides, *CPU)
     assert ran.returncode != 0 and said in ran.stderr, ran.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_randaugment_changes_images_per_image_from_the_generator_alone():
+    """dataset.augment=randaugment: each image its own operations, drawn from the batch's generator (the global RNG
+    is left alone); the result stays on the data's scale (0..top in raw units, normalised back)."""
+    from dlrun.data import Augment
+
+    mean, std = (0.3,), (0.2,)
+    raw = torch.randint(0, 256, (32, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float()
+    x = (raw - mean[0] * 255) / (std[0] * 255)  # normalised, as the training split is, with top = 255
+    augment = Augment(randaugment=True, mean=(mean[0] * 255,), std=(std[0] * 255,), top=255.0)
+    before = torch.get_rng_state()
+    out, again = augment(x, batch_generator(0, 1, 0)), augment(x, batch_generator(0, 1, 0))
+    assert torch.equal(torch.get_rng_state(), before) and torch.equal(out, again)
+    assert not torch.equal(out, augment(x, batch_generator(0, 1, 1)))
+    pixels = out * std[0] * 255 + mean[0] * 255
+    assert torch.allclose(pixels, pixels.round(), atol=1e-3) and pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
+    changed = [(o - i).abs().max().item() > 1e-4 for o, i in zip(out, x)]
+    assert 0 < sum(changed) and not all(torch.equal(out[0], o) for o in out[1:])  # image by image
+
+
+def test_a_randaugmented_run_resumes_bit_exactly(cli, tmp_path):
+    augmented_run = ("dataset.augment=randaugment", *QUIET)
+    cli("dlrun", "hydra.run.dir=whole", "trainer.epochs=2", *augmented_run, check=True)
+    cli("dlrun", "hydra.run.dir=cut", "trainer.epochs=1", *augmented_run, check=True)
+    cli("dlrun", f"resume={tmp_path / 'cut'}", "trainer.epochs=2", check=True)
+    whole, cut = (torch.load(tmp_path / f"{r}/checkpoints/last.pt", weights_only=True)["model"] for r in ("whole", "cut"))
+    assert all(torch.equal(v, cut[k]) for k, v in whole.items())
+
+
+def test_an_unknown_augmentation_is_one_line(cli, tmp_path):
+    ran = cli("dlrun", "dataset.augment=autoaugment", *CPU)
+    assert ran.returncode != 0 and "dataset.augment='autoaugment' is invalid: allowed: none, randaugment" in ran.stderr

@@ -297,6 +297,7 @@ class DigitsConfig:
     split_seed: int = MISSING
     crop_padding: int = MISSING
     hflip: bool = MISSING
+    augment: str = MISSING  # none | randaugment
     folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
     fold: int = MISSING
 
@@ -345,6 +346,7 @@ class MNISTConfig:
     split_seed: int = MISSING
     crop_padding: int = MISSING
     hflip: bool = MISSING
+    augment: str = MISSING  # none | randaugment
     folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
     fold: int = MISSING
 
@@ -364,6 +366,7 @@ class CIFAR10Config:
     verify: bool = MISSING
     crop_padding: int = MISSING
     hflip: bool = MISSING
+    augment: str = MISSING  # none | randaugment
     folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
     fold: int = MISSING
 
@@ -387,6 +390,7 @@ class ImageFolderConfig:
     cache_dir: str = MISSING
     crop_padding: int = MISSING
     hflip: bool = MISSING
+    augment: str = MISSING  # none | randaugment
     folds: int = MISSING  # k-fold cross-validation (dlrun.data.k_fold)
     fold: int = MISSING
 

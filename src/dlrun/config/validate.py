@@ -337,6 +337,8 @@ def validate_dataset(ds: DictConfig) -> None:
             _require(problem is None, f"dataset.{key}", f"cannot be used as a data directory: {problem}", ds[key])
     if "root" in ds:
         _require(Path(ds.root).expanduser().is_dir(), "dataset.root", "no such directory", ds.root)
+    if "augment" in ds:
+        _require(ds.augment in ("none", "randaugment"), "dataset.augment", "allowed: none, randaugment", ds.augment)
     if ds.get("folds", 0):
         _require(ds.folds >= 2, "dataset.folds", "must be >= 2 (k-fold cross-validation), or 0 for none", ds.folds)
         _require(0 <= ds.fold < ds.folds, "dataset.fold", f"must be in [0, {ds.folds}) with dataset.folds={ds.folds}",

@@ -13,10 +13,16 @@ from dlrun.errors import ConfigError
 
 @dataclass(frozen=True)
 class Augment:
-    """Random crop with zero padding and horizontal flips, applied to a whole batch on its device."""
+    """Random crop with zero padding and horizontal flips, applied to a whole batch on its device; then, with
+    `randaugment`, RandAugment (torchvision.transforms.v2, its defaults: 2 operations of magnitude 9) image by
+    image, on the pixels (the normalised inputs back to 0..255 with `mean`, `std` and the raw scale's `top`)."""
 
     crop_padding: int = 0
     hflip: bool = False
+    randaugment: bool = False
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    top: float = 255.0  # the raw data's largest value (255 for pixels, 16 for scikit-learn's digits)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = x.shape  # (B, C, H, W)
@@ -33,7 +39,25 @@ class Augment:
         if self.hflip:
             flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.randaugment:
+            x = self.rand_augment(x, generator)
         return x
+
+    def rand_augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """RandAugment of each image, drawn from torch's global RNG forked and seeded from `generator` (a pure
+        function of the batch's generator; dropout's RNG is left as it was)."""
+        from torchvision.transforms import v2
+
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        pixels = ((x * std + mean) * (255 / self.top)).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
+        augment = v2.RandAugment()
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            pixels = torch.stack([augment(image) for image in pixels])
+        return ((pixels.float() * (self.top / 255) - mean) / std).contiguous(memory_format=fmt)
 
 
 @dataclass(frozen=True)
@@ -106,15 +130,22 @@ def build_mix(input_shape: tuple[int, ...], classes: int, task: str, mixup: floa
 
 
 def build_augment(input_shape: tuple[int, ...], data_name: str, crop_padding: int = 0, hflip: bool = False,
-                  noise: float = 0.0) -> Augment | Augment1D | None:
-    """Crops and flips for images; shifts and noise for signals and sequences (C, L); None when all are off."""
+                  noise: float = 0.0, randaugment: bool = False, stats: tuple = ((), (), 255.0)) -> Augment | Augment1D | None:
+    """Crops, flips and RandAugment for images (`stats`: the mean, std and top value RandAugment converts to pixels
+    with); shifts and noise for signals and sequences (C, L); None when all are off."""
     if len(input_shape) == 2:
+        if randaugment:
+            raise ConfigError(f"dataset.augment=randaugment is invalid: RandAugment's operations are for images; the "
+                              f"{data_name} inputs are signals or sequences (dataset.crop_padding and "
+                              "augment_noise work on them)")
         length = input_shape[1]
         if crop_padding >= length:
             raise ConfigError(f"dataset.crop_padding={crop_padding} is invalid: must be < {length}, "
                               f"the length of the {data_name} signals")
         return Augment1D(crop_padding, noise) if (crop_padding or noise) else None
-    return Augment(crop_padding, hflip) if (crop_padding or hflip) else None
+    mean, std, top = stats
+    return Augment(crop_padding, hflip, randaugment, tuple(mean), tuple(std), top) \
+        if (crop_padding or hflip or randaugment) else None
 
 
 def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:

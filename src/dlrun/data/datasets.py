@@ -57,6 +57,7 @@ class RawSplits:
     hflip: bool = False
     augment_noise: float = 0.0  # Gaussian noise on 1-D training inputs (in normalised units)
     workers: int = 0  # DataLoader workers for streamed splits
+    randaugment: bool = False  # dataset.augment=randaugment (set by build_dataset for any loader)
     classes: list[str] | None = None  # class names, where the data has them
 
 

@@ -143,7 +143,9 @@ def build_data(raw: RawSplits, device: torch.device) -> Data:
             x = torch.from_numpy(part[0]).to(device, torch.float32, copy=True).sub_(mean).div_(std)
             splits[name] = TensorSplit(x, torch.from_numpy(part[1]).to(device))
     spec = DataSpec(input_shape=input_shape, num_outputs=raw.num_outputs, task=raw.task, name=raw.name)
-    augment = build_augment(input_shape, raw.name, raw.crop_padding, raw.hflip, raw.augment_noise)
+    top = 255.0 if isinstance(train, ImageFiles) else float(np.max(train[0]))  # the raw scale, for RandAugment
+    augment = build_augment(input_shape, raw.name, raw.crop_padding, raw.hflip, raw.augment_noise, raw.randaugment,
+                            (mean.flatten().tolist(), std.flatten().tolist(), top))
     return Data(spec, splits, mean=mean.flatten().tolist(), std=std.flatten().tolist(), augment=augment,
                 classes=raw.classes)
 
@@ -169,9 +171,9 @@ def build_dataset(cfg: Any, device: torch.device) -> Data:
     from dlrun.config.targets import instantiate_trusted
 
     loader = cfg.copy()
-    with open_dict(loader):  # k-fold is applied here, to any loader's splits (configs saved before it lack the keys)
-        folds, fold = loader.pop("folds", 0), loader.pop("fold", 0)
-    raw = instantiate_trusted(loader, cfg._target_)
+    with open_dict(loader):  # k-fold and RandAugment apply to any loader's splits (older saved configs lack the keys)
+        folds, fold, augment = loader.pop("folds", 0), loader.pop("fold", 0), loader.pop("augment", "none")
+    raw = replace(instantiate_trusted(loader, cfg._target_), randaugment=augment == "randaugment")
     return build_data(k_fold(raw, folds, fold, cfg.get("split_seed", cfg.get("seed", 0))) if folds else raw, device)
 
 
