@@ -126,11 +126,11 @@ def test_help_cfg_and_completion_do_not_import_torch(tmp_path):
 
 def test_help_lists_the_groups(cli):
     out = cli("dlrun", "--help", check=True).stdout
-    for line in ("model: cnn, cnn_blocks, custom, mlp, resnet, rnn, transformer",
+    for line in ("model: cnn, cnn_blocks, custom, mlp, resnet, rnn, timm, transformer",
                  "debug: fast_dev_run, limit, overfit",
                  "optimizer: adadelta, adam, adamw, momentum, rmsprop, sgd",
                  "scheduler: cosine, none, onecycle, plateau, step",
-                 "logger: default, mlflow",
+                 "logger: default, mlflow, wandb",
                  "dataset: cifar10, cifar100, digits, fashion_mnist, imagefolder, mnist, mnist1d, sequence",
                  "device: auto, cpu, cuda"):
         assert line in out

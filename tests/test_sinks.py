@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -125,7 +127,7 @@ def wandb_records(path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
-        if (length, kind) == (0, 0):
+        if (length, kind) == (0, 0) or pos + header + length > len(data):  # the end, or a record being written
             break
         chunks.append(data[pos + header:pos + header + length])
         pos += header + length
@@ -148,7 +150,12 @@ def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_it(cli, tmp_
     key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731  (W&B nests "val/acc" as val, acc)
     history, config, final = [], {}, {}
     for folder in (first, second):
-        for record in wandb_records(folder / f"run-{summary['run_id']}.wandb"):
+        path = folder / f"run-{summary['run_id']}.wandb"
+        deadline = time.monotonic() + 60  # W&B's service (a process of its own) may still be writing the file
+        while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)):
+            assert time.monotonic() < deadline, f"{path} has no exit record"
+            time.sleep(0.2)
+        for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "history":
                 history.append({key(i): json.loads(i.value_json) for i in record.history.item})

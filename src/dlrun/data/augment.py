@@ -143,9 +143,10 @@ def build_augment(input_shape: tuple[int, ...], data_name: str, crop_padding: in
             raise ConfigError(f"dataset.crop_padding={crop_padding} is invalid: must be < {length}, "
                               f"the length of the {data_name} signals")
         return Augment1D(crop_padding, noise) if (crop_padding or noise) else None
-    mean, std, top = stats
-    return Augment(crop_padding, hflip, randaugment, tuple(mean), tuple(std), top) \
-        if (crop_padding or hflip or randaugment) else None
+    if not (crop_padding or hflip or randaugment):
+        return None
+    mean, std, top = stats if randaugment else ((), (), 255.0)  # what RandAugment alone needs
+    return Augment(crop_padding, hflip, randaugment, tuple(mean), tuple(std), top)
 
 
 def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
