@@ -212,6 +212,21 @@ def test_gradient_accumulation_under_ddp_matches_one_process(cli, tmp_path, trai
 
 
 @pytest.mark.slow
+def test_mixup_swa_and_top_k_under_ddp_match_one_process(cli, tmp_path, trained):
+    """The batch is augmented and mixed whole before it is cut into the ranks' shards; the averaged weights and the
+    k best epochs follow the ranks' common weights."""
+    args = [*EXACT, "trainer.mixup=0.4", "trainer.cutmix=1.0", "trainer.swa_start=2", "trainer.save_top_k=2",
+            "trainer.model_summary=false"]
+    cli("dlrun", "hydra.run.dir=ddp", "trainer.devices=2", *args, check=True)
+    ddp, one = read_summary(tmp_path / "ddp"), read_summary(trained(*args))
+    assert ddp["final"] == pytest.approx(one["final"], rel=1e-5, abs=1e-6)
+    assert ddp["swa"] == pytest.approx(one["swa"], rel=1e-5, abs=1e-6)
+    assert [e["epoch"] for e in ddp["top_k"]] == [e["epoch"] for e in one["top_k"]]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints" / "top").iterdir()) == \
+        [f"epoch-{e['epoch']:04d}.pt" for e in sorted(one["top_k"], key=lambda e: e["epoch"])]
+
+
+@pytest.mark.slow
 def test_errors_in_the_ranks_reach_the_command(cli, tmp_path):
     """A named error is one line, as with one process; anything else keeps the rank's traceback."""
     named = cli("dlrun", "hydra.run.dir=named", "trainer.devices=2", "trainer.batch_size=34", *CPU)
