@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run test smoke sweep bench results clean
+.PHONY: install run test smoke sweep bench results ablation clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ bench: install
 ## Rerun every preset the README quotes on three seeds and regenerate its results tables (about 12 minutes here).
 results: install
 	$(BIN)/python scripts/results.py $(ARGS)
+
+## What each ingredient of the recipe preset buys (scripts/ablation.py, about 9 minutes): the README's ablation table.
+ablation: install
+	$(BIN)/python scripts/ablation.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist src/*.egg-info

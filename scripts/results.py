@@ -40,6 +40,7 @@ TABLES: dict[str, list[tuple[str, list[str], str | None]]] = {
         ("mnist1d_gru", ["experiment=mnist1d_gru"], "91%"),
         ("mnist1d_cnn + shifts", ["experiment=mnist1d_cnn", "dataset.crop_padding=2"], None),
         ("mnist1d_cnn_tuned", ["experiment=mnist1d_cnn_tuned"], None),
+        ("mnist1d_cnn_swa", ["experiment=mnist1d_cnn_swa"], "94%"),
         ("resnet", ["model=resnet", "dataset=mnist1d"], None),
         ("transformer", ["model=transformer", "model.patch_size=4", "dataset=mnist1d"], None),
     ],
@@ -89,7 +90,10 @@ def run_row(overrides: list[str], workdir: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     best = summary["best"]
     metric = "test/acc" if "test/acc" in best else "test/mae"
-    row = {"overrides": overrides, "metric": metric, "test": best[metric], "best_epoch": best["epoch"],
+    # a preset that averages its weights (trainer.swa_start) is scored with them: they are its recipe's model
+    scored = summary["swa"] if summary.get("swa", {}).get("averaged_epochs") else best
+    row = {"overrides": overrides, "metric": metric, "test": scored[metric], "best_epoch": best["epoch"],
+           "weights": "swa" if scored is not best else "best",
            "epochs": summary["epochs"], "parameters": summary["model"]["parameters"]["total"],
            "flops_per_sample": summary["cost"]["flops_per_sample"], "train_s": summary["train"]["seconds"],
            "wall_s": command_s, "run_s": summary["wall_time_s"]}
@@ -131,7 +135,9 @@ def command(overrides: list[str]) -> str:
 
 def _pct(row: dict) -> str:
     if row["metric"] == "test/acc":
-        return f"{100 * row['test']:.1f} ± {100 * row['test_std']:.1f}%"
+        swa = " (SWA)" if row.get("weights") == "swa" else ""
+        return f"{100 * row['test']:.2f} ± {100 * row['test_std']:.2f}%{swa}" if swa else \
+            f"{100 * row['test']:.1f} ± {100 * row['test_std']:.1f}%"
     return f"MAE {row['test']:.4f} ± {row['test_std']:.4f}"
 
 
@@ -163,7 +169,8 @@ def render(results: dict) -> dict[str, str]:
     """Markdown for each marked block of the README, from results.json (the Performance table is
     bench/run_all.py's)."""
     where = (f"Made by `make results` ({machine_line(results['machine'])}), one thread per run. Test score of the "
-             f"best validation epoch, mean ± std over trainer.seed={','.join(map(str, SEEDS))}; wall time is seed "
+             f"best validation epoch (of the averaged weights for a preset that sets trainer.swa_start: marked SWA), "
+             f"mean ± std over trainer.seed={','.join(map(str, SEEDS))}; wall time is seed "
              f"{SEEDS[0]}'s whole `dlrun` command on that machine.")
     rows, blocks = results["rows"], {}
     for table, (header, cells) in COLUMNS.items():

@@ -12,6 +12,7 @@ from conftest import CPU, read_summary
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "bench"))
+import ablation  # noqa: E402  (scripts/ablation.py)
 import results  # noqa: E402  (scripts/results.py)
 import run_all  # noqa: E402  (bench/run_all.py)
 
@@ -31,6 +32,18 @@ def test_the_readme_tables_are_results_json():
     assert set(benches["benches"]) == set(run_all.BENCHES)
     named = {name for table in results.TABLES.values() for name, _, _ in table} | set(results.NEEDS_DOWNLOAD)
     assert set(recorded["rows"]) == named  # every row the script knows was measured
+    measured = json.loads(ablation.ABLATION.read_text())
+    assert results.write_readme({"ablation": ablation.render(measured)}, readme) == readme, \
+        "README edited by hand: run scripts/ablation.py"
+    assert [r["overrides"] for r in measured["rows"]] == [o for _, o in ablation.VARIANTS]  # every variant measured
+
+
+def test_the_recipe_presets_meet_their_targets_in_the_recorded_results():
+    """The targets the README states for the recipes, as `make results` recorded them: 3-seed mean and seed 0's
+    whole command's time on that machine (one thread)."""
+    row = json.loads(results.RESULTS.read_text())["rows"]["mnist1d_cnn_swa"]
+    assert row["weights"] == "swa" and row["seeds"] == [0, 1, 2]
+    assert row["test"] >= 0.99 and row["wall_s"] <= 60
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def swa_results(parts: Parts, checkpointer: Checkpointer, data: Data, settings: 
     checkpoints/swa.pt (a weights checkpoint, as best.pt: dlrun-predict and dlrun-export read it)."""
     swa = parts.swa
     averaged = int(swa.n_averaged)
-    if averaged == 0:  # early stopping ended the run before swa_start
+    if averaged == 0:  # the run ended before swa_start (trainer.epochs, early stopping)
         return {"swa": {"start": settings.swa_start, "averaged_epochs": 0}}
     update_bn(data.splits["train"].batches(settings.eval_batch_size), swa.module)
     averaged_parts = replace(parts, model=swa.module, compiled=None, ema=None, swa=None, ddp=None)
