@@ -177,8 +177,8 @@ class Checkpointer:
         if is_best:
             self.save_weights(self.best_weights, state.best_epoch, state.best_metrics, self.run_dir.best)
         save(training_checkpoint(self.parts, state, **self.extra), self.run_dir.last)
-        for epoch, path in self.run_dir.top_files().items() if kept else ():  # after last.pt, which no longer names them
-            if epoch not in kept:
+        for epoch, path in self.run_dir.top_files().items() if kept else ():
+            if epoch not in kept:  # removed after last.pt, which no longer names it
                 path.unlink()
 
     def save_weights(self, weights: dict[str, Any], epoch: int | None, metrics: dict[str, float], path: Path) -> None:

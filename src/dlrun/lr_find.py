@@ -79,10 +79,11 @@ def suggest(lrs: list[float], losses: list[float]) -> float | None:
 
 
 def snapshot(parts: Parts) -> dict[str, Any]:
-    """Copies of everything the test changes: weights and buffers, optimizer and GradScaler state, the lrs, the RNGs."""
+    """Copies of what the test changes: weights and buffers, optimizer (with its lrs) and GradScaler state, RNGs."""
     return {"model": copy.deepcopy(parts.model.state_dict()), "optimizer": copy.deepcopy(parts.optimizer.state_dict()),
             "scaler": copy.deepcopy(parts.scaler.state_dict()) if parts.scaler is not None else None,
-            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore(parts: Parts, saved: dict[str, Any]) -> None:

@@ -56,13 +56,6 @@ class RunDir:
     best = property(lambda self: self.checkpoints / "best.pt")
     swa = property(lambda self: self.checkpoints / "swa.pt")  # trainer.swa_start
     top = property(lambda self: self.checkpoints / "top")  # trainer.save_top_k: epoch-NNNN.pt
-
-    def top_epoch(self, epoch: int) -> Path:
-        return self.top / f"epoch-{epoch:04d}.pt"
-
-    def top_files(self) -> dict[int, Path]:
-        """trainer.save_top_k's checkpoints in the folder, by epoch."""
-        return {int(p.stem.removeprefix("epoch-")): p for p in self.top.glob("epoch-*.pt")}
     plots = property(lambda self: self.path / "plots")
     tensorboard = property(lambda self: self.path / "tensorboard")
     log = property(lambda self: self.path / "dlrun.log")
@@ -83,6 +76,14 @@ class RunDir:
     def variant(self, name: str, suffix: str = ".pt") -> Path:
         """dlrun-compress's file of a variant: .pt (a dlrun checkpoint), .onnx, .pt2 (a torch.export archive)."""
         return self.variants / f"{name}{suffix}"
+
+    def top_epoch(self, epoch: int) -> Path:
+        """trainer.save_top_k's checkpoint of one epoch."""
+        return self.top / f"epoch-{epoch:04d}.pt"
+
+    def top_files(self) -> dict[int, Path]:
+        """trainer.save_top_k's checkpoints in the folder, by epoch."""
+        return {int(p.stem.removeprefix("epoch-")): p for p in self.top.glob("epoch-*.pt")}
 
     def exported(self, suffix: str) -> Path:
         """dlrun-export's file in one format (its suffix: .onnx, .torchscript.pt, .pt2), beside its .json."""

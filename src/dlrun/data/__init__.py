@@ -39,10 +39,10 @@ from dlrun.data.pipeline import (
 )
 
 __all__ = [
-    "IMAGE_SUFFIXES", "Augment", "Augment1D", "Batch", "Data", "DataSpec", "ImageFiles", "RawSplits", "Split",
-    "StreamSplit", "TensorSplit", "Mix", "batch_generator", "batches", "build_augment", "build_data", "build_dataset",
-    "build_mix",
-    "channels_last", "decode_image", "epoch_generator", "fold_of", "k_fold", "load_cifar10", "load_cifar100",
+    "IMAGE_SUFFIXES", "Augment", "Augment1D", "Batch", "Data", "DataSpec", "ImageFiles", "Mix", "RawSplits", "Split",
+    "StreamSplit", "TensorSplit", "batch_generator", "batches", "build_augment", "build_data", "build_dataset",
+    "build_mix", "channels_last", "decode_image", "epoch_generator", "fold_of", "k_fold", "load_cifar10",
+    "load_cifar100",
     "load_digits", "load_fashion_mnist", "load_imagefolder", "load_mnist", "load_mnist1d", "load_sequence",
     "num_batches", "quick_check_subsets",
 ]
