@@ -38,6 +38,7 @@ TABLES: dict[str, list[tuple[str, list[str], str | None]]] = {
         ("mnist1d_mlp", ["experiment=mnist1d_mlp"], "68%"),
         ("mnist1d_cnn", ["experiment=mnist1d_cnn"], "94%"),
         ("mnist1d_gru", ["experiment=mnist1d_gru"], "91%"),
+        ("mnist1d_gru_swa", ["experiment=mnist1d_gru_swa"], "91%"),
         ("mnist1d_cnn + shifts", ["experiment=mnist1d_cnn", "dataset.crop_padding=2"], None),
         ("mnist1d_cnn_tuned", ["experiment=mnist1d_cnn_tuned"], None),
         ("mnist1d_cnn_swa", ["experiment=mnist1d_cnn_swa"], "94%"),
