@@ -4,11 +4,24 @@ function of (seed, epoch, batch) (`batch_generator`), so a resumed run replays i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from dlrun.errors import ConfigError
+
+
+@contextmanager
+def global_rng_from(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Within the block, torch's global RNG (where torchvision's transforms draw) forked and seeded from
+    `generator`: what is drawn there is a pure function of `generator`, and the RNG is as it was after the block
+    (dropout's draws do not move)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)
@@ -44,8 +57,7 @@ class Augment:
         return x
 
     def rand_augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """RandAugment of each image, drawn from torch's global RNG forked and seeded from `generator` (a pure
-        function of the batch's generator; dropout's RNG is left as it was)."""
+        """RandAugment of each image, drawn under `global_rng_from(generator)`."""
         from torchvision.transforms import v2
 
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -53,9 +65,7 @@ class Augment:
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         pixels = ((x * std + mean) * (255 / self.top)).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
         augment = v2.RandAugment()
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with global_rng_from(generator, x.device):
             pixels = torch.stack([augment(image) for image in pixels])
         return ((pixels.float() * (self.top / 255) - mean) / std).contiguous(memory_format=fmt)
 
@@ -95,8 +105,8 @@ class Mix:
     """MixUp (Zhang et al. 2018) and CutMix (Yun et al. 2019) on a training batch, by torchvision.transforms.v2:
     each sample mixed with the next one in the batch (whose order is random), by a share drawn from
     Beta(alpha, alpha); labels become the mixed one-hot vectors (N, classes). With both on, one of them per batch.
-    torchvision draws from torch's global RNG: here it is forked and seeded from `generator`, so the result is a
-    pure function of (batch, generator) and the global RNG (dropout's) is left as it was."""
+    torchvision draws from torch's global RNG: here under `global_rng_from(generator)`, so the result is a pure
+    function of (batch, generator) and the global RNG (dropout's) is left as it was."""
 
     mixup: float
     cutmix: float
@@ -107,9 +117,7 @@ class Mix:
 
         mixes = [v2.MixUp(alpha=self.mixup, num_classes=self.classes)] if self.mixup else []
         mixes += [v2.CutMix(alpha=self.cutmix, num_classes=self.classes)] if self.cutmix else []
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with global_rng_from(generator, x.device):
             mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
             if x.dim() == 3:  # (B, C, L) signals: MixUp as on (B, C, 1, L) images
                 mixed, y = mix(x.unsqueeze(2), y)
