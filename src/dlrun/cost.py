@@ -46,35 +46,39 @@ def flops_per_sample(model: nn.Module, input_shape: Sequence[int], device: torch
     return count_flops(model, input_shape, device).get_total_flops()
 
 
-@torch.no_grad()
 def count_flops(model: nn.Module, input_shape: Sequence[int], device: torch.device) -> FlopCounterMode:
-    """FlopCounterMode after one forward pass of one sample in eval mode (its counts are per module too).
+    """FlopCounterMode after one forward pass of one sample in eval mode (its counts are per module too)."""
+    with flop_counting(model) as counter:
+        model(torch.zeros(1, *input_shape, device=device))
+    return counter
 
-    The fused oneDNN/cuDNN recurrent kernels are switched off while counting, so that an RNN
-    runs as the matmuls the counter sees."""
+
+@contextmanager
+def flop_counting(model: nn.Module) -> Iterator[FlopCounterMode]:
+    """Within the block, `model` in eval mode without gradients and the FLOPs of what runs counted by the yielded
+    FlopCounterMode (its mode restored after). The fused oneDNN/cuDNN recurrent kernels are switched off while
+    counting, so that an RNN runs as the matmuls the counter sees."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
-    with quiet():  # oneDNN's note about Intel GPUs when its flags change
-        with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), counter:
-            model(torch.zeros(1, *input_shape, device=device))
-    model.train(was_training)
-    return counter
+    try:
+        with quiet(), torch.no_grad():  # quiet: oneDNN's note about Intel GPUs when its flags change
+            with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), counter:
+                yield counter
+    finally:
+        model.train(was_training)
 
 
 def layer_table(model: nn.Module, input_shape: Sequence[int], device: torch.device, depth: int) -> str:
     """The model layer by layer down to `depth` (trainer.model_summary): name, type, output shape for one sample
     (torchinfo runs the forward pass, in eval mode: no dropout draw, no batch-norm update), parameters and forward
-    FLOPs (FlopCounterMode's per module, as `flops_per_sample` counts them); a container's figures include its
-    layers'."""
+    FLOPs (counted in that same pass per module, as `flops_per_sample` counts them); a container's figures include
+    its layers'."""
     import torchinfo
 
-    was_training = model.training
-    with quiet():
+    with flop_counting(model) as counter:
         layers = torchinfo.summary(model, input_data=[torch.zeros(1, *input_shape, device=device)], depth=depth,
                                    verbose=0, device=device, mode="eval").summary_list
-    model.train(was_training)
-    counter = count_flops(model, input_shape, device)
     root = type(model).__name__
     names = {id(m): name for name, m in model.named_modules()}
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
