@@ -136,9 +136,8 @@ def command(overrides: list[str]) -> str:
 
 def _pct(row: dict) -> str:
     if row["metric"] == "test/acc":
-        swa = " (SWA)" if row.get("weights") == "swa" else ""
-        return f"{100 * row['test']:.2f} ± {100 * row['test_std']:.2f}%{swa}" if swa else \
-            f"{100 * row['test']:.1f} ± {100 * row['test_std']:.1f}%"
+        digits, mark = (2, " (SWA)") if row.get("weights") == "swa" else (1, "")
+        return f"{100 * row['test']:.{digits}f} ± {100 * row['test_std']:.{digits}f}%{mark}"
     return f"MAE {row['test']:.4f} ± {row['test_std']:.4f}"
 
 
