@@ -180,7 +180,8 @@ def start_lines(run: dict[str, Any], epochs: int, total_steps: int, done_steps: 
     where = f"{run['device']}, {run['threads']} thread{'s' if run['threads'] != 1 else ''}"
     where += f", {run['processes']} processes" if run.get("processes", 1) > 1 else ""
     lines = [f"training {model['class']} ({model['parameters']['total']:,} parameters) on {data['name']} "
-             f"({sizes['train']:,} train / {sizes['val']:,} val / {sizes['test']:,} test) for {epochs} epoch{'s' if epochs != 1 else ''}, "
+             f"({sizes['train']:,} train / {sizes['val']:,} val / {sizes['test']:,} test) for {epochs} "
+             f"epoch{'s' if epochs != 1 else ''}, "
              f"{total_steps:,} steps" + (f", from step {done_steps:,}" if done_steps else "") + f" ({where})",
              f"run folder: {run['run_dir']}"]
     if found := run.get("lr_find"):
@@ -195,10 +196,9 @@ def start_lines(run: dict[str, Any], epochs: int, total_steps: int, done_steps: 
                      f"{teacher['test/acc']:.4f}): train loss = {alpha:g}·T²·KL(teacher ‖ student) + "
                      f"{1 - alpha:g}·cross-entropy, T = {teacher['temperature']:g}; val and test losses are plain "
                      "cross-entropy")
-    if run.get("wandb_run_dir"):
-        where = run["wandb_run_dir"]
-        lines.append(f"W&B run {run['run_id']} ({run['wandb_mode']}) in {where}" + (
-            f" (to upload: wandb sync {where})" if run["wandb_mode"] == "offline" else ""))
+    if wandb_dir := run.get("wandb_run_dir"):
+        lines.append(f"W&B run {run['run_id']} ({run['wandb_mode']}) in {wandb_dir}" + (
+            f" (to upload: wandb sync {wandb_dir})" if run["wandb_mode"] == "offline" else ""))
     if run.get("mlflow_run_id"):
         uri = run["mlflow_tracking_uri"]
         lines.append(f"MLflow run {run['mlflow_run_id']} in {uri} (to browse: mlflow ui --backend-store-uri {uri})")
