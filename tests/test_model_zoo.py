@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import CPU as CPU_ARGS
@@ -145,6 +146,7 @@ MODELS = [
     ["model=resnet"],
     ["model=transformer", "model.d_model=16", "model.heads=2", "model.ff_dim=32"],
     ["model=transformer", "model.readout=cls", "model.positional=sinusoidal", "model.layers=1"],
+    ["model=transformer", "model.stem=[8,16]", "model.stem_kernel=3", "model.d_model=16", "model.heads=2"],
 ]
 
 
@@ -236,6 +238,31 @@ def test_transformer_dense_flops_are_counted():
     assert flops_per_sample(model, (1, 40), CPU) in (dense, dense + attention)
 
 
+def test_a_stem_keeps_the_sizes_and_its_convolutions_are_counted():
+    """model.stem: "same" convolutions before the tokens (batch norm, ReLU): the token count is the data's, the
+    parameters and FLOPs grow by the convolutions' by hand (the embedding now reads the last width's channels)."""
+    d, ff, layers, tokens, k = 16, 32, 2, 40, 5
+    plain = transformer((1, tokens), d_model=d, heads=2, layers=layers, ff_dim=ff)
+    model = transformer((1, tokens), d_model=d, heads=2, layers=layers, ff_dim=ff, stem=[4, 8], stem_kernel=k)
+    assert model.pos.shape == plain.pos.shape == (1, tokens, d)
+    convs = 1 * 4 * k + 4 * 8 * k  # no biases: batch norm follows
+    embedding = (8 - 1) * d  # 8 channels instead of 1 per token
+    assert count_parameters(model)["total"] == count_parameters(plain)["total"] + convs + 2 * (4 + 8) + embedding
+    assert flops_per_sample(model, (1, tokens), CPU) == flops_per_sample(plain, (1, tokens), CPU) + \
+        2 * tokens * convs + 2 * tokens * embedding
+    image = transformer((3, 8, 8), d_model=d, heads=2, ff_dim=ff, stem=[4], stem_kernel=3, patch_size=2)
+    assert image.stem[0].weight.shape == (4, 3, 3, 3) and image.pos.shape == (1, 16, d)
+
+
+def test_a_transformer_saved_before_the_stem_existed_builds_as_it_was(make_cfg):
+    """A checkpoint's config from before model.stem has no stem keys: it builds the model it holds (no stem)."""
+    saved = OmegaConf.to_container(make_cfg("model=transformer").model)
+    del saved["stem"], saved["stem_kernel"]
+    model = build_model(OmegaConf.create(saved), (1, 40), 10)
+    assert len(model.stem) == 0
+    assert model.state_dict().keys() == transformer((1, 40)).state_dict().keys()
+
+
 def test_transformer_attention_flops_are_counted():
     model = transformer((1, 40), d_model=16, heads=2, layers=2, ff_dim=32)
     assert flops_per_sample(model, (1, 40), CPU) == sum(transformer_flops(40, 1, 16, 2, 32, 10))
@@ -278,6 +305,8 @@ def test_a_patch_that_does_not_divide_the_input_is_named():
     (["model=resnet", "model.depth=18"], r"model.depth=18 is invalid: must be 6n \+ 2"),
     (["model=transformer", "model.heads=3"], "model.d_model=64 is invalid: must be a multiple of model.heads=3"),
     (["model=transformer", "model.patch_size=-1"], "model.patch_size=-1 is invalid"),
+    (["model=transformer", "model.stem=[8,0]"], r"model.stem=\[8, 0\] is invalid: must be a list of positive widths"),
+    (["model=transformer", "model.stem_kernel=0"], "model.stem_kernel=0 is invalid: must be a positive integer"),
 ])
 def test_bad_model_keys_are_refused_before_training(make_cfg, overrides, message):
     from dlrun.config.validate import validate

@@ -178,6 +178,8 @@ class TransformerConfig:
     positional: Positional = MISSING
     readout: TokenReadout = MISSING
     patch_size: int = MISSING
+    stem: List[int] = field(default_factory=list)  # widths of the convolutions before the tokens (none: [])
+    stem_kernel: int = 5
 
 
 @dataclass

@@ -295,7 +295,7 @@ def validate_blocks(model: DictConfig) -> None:
 
 
 def validate_residual_model(model: DictConfig) -> None:
-    """model=resnet: depth 6n + 2; model=transformer: positive sizes, heads dividing d_model."""
+    """model=resnet: depth 6n + 2; model=transformer: positive sizes, heads dividing d_model, a list of stem widths."""
     for key in ("depth", "width", "d_model", "heads", "layers", "ff_dim"):
         if key in model:
             _require(model[key] > 0, f"model.{key}", "must be a positive integer", model[key])
@@ -308,6 +308,11 @@ def validate_residual_model(model: DictConfig) -> None:
     if "patch_size" in model:
         _require(model.patch_size >= 0, "model.patch_size", "must be >= 0 (0 = a token per step or per row)",
                  model.patch_size)
+    if "stem" in model:
+        _require(all(w > 0 for w in model.stem), "model.stem",
+                 "must be a list of positive widths ([] = no convolutions before the tokens)", list(model.stem))
+    if "stem_kernel" in model:
+        _require(model.stem_kernel > 0, "model.stem_kernel", "must be a positive integer", model.stem_kernel)
 
 
 # The generated datasets' sizes and the data options that count something: at least 1.

@@ -68,12 +68,23 @@ class Patches(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, tokens...) -> (B, T, D)
 
 
+def conv_stem(in_shape: Sequence[int], widths: Sequence[int], kernel: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """Convolutions before the tokens (a convolutional tokenizer, as in Hassani et al. 2021's Compact Convolutional
+    Transformer): each a "same" conv of `kernel` -> batch norm -> ReLU, 1-D or 2-D as the input; the sizes are kept,
+    the channels become the last width. No widths: the identity."""
+    conv, norm = (nn.Conv1d, nn.BatchNorm1d) if len(in_shape) == 2 else (nn.Conv2d, nn.BatchNorm2d)
+    layers: list[nn.Module] = []
+    channels = in_shape[0]
+    for width in widths:
+        layers += [conv(channels, width, kernel, padding="same", bias=False), norm(width), nn.ReLU()]
+        channels = width
+    return nn.Sequential(*layers), (channels, *in_shape[1:])
+
+
 def tokenizer(in_shape: Sequence[int], d_model: int, patch_size: int) -> tuple[nn.Module, int]:
     """The embedding of the input as tokens, and their number: a (C, L) signal gives L / p tokens of
     p steps (p = 1 with patch_size 0); a (C, H, W) image one token per row (patch_size 0) or
     (H / p) x (W / p) patches of p x p."""
-    if len(in_shape) not in (2, 3):
-        raise ConfigError(f"model=transformer needs (C, L) or (C, H, W) inputs, the dataset gives {tuple(in_shape)}")
     sizes = list(in_shape[1:])
     if patch_size and any(s % patch_size for s in sizes):
         raise ConfigError(f"model.patch_size={patch_size} does not divide the input size {tuple(sizes)} "
@@ -88,7 +99,7 @@ def tokenizer(in_shape: Sequence[int], d_model: int, patch_size: int) -> tuple[n
 
 
 class Transformer(nn.Module):
-    """Tokens (steps, rows or patches) -> linear embedding + positional encoding (learned or
+    """(Convolutions of `stem` widths ->) tokens (steps, rows or patches) -> linear embedding + positional encoding (learned or
     sinusoidal) -> `layers` pre-norm encoder layers -> LayerNorm -> readout (the mean over tokens,
     or a learned [CLS] token) -> linear."""
 
@@ -105,11 +116,16 @@ class Transformer(nn.Module):
         positional: str,
         readout: str,
         patch_size: int,
+        stem: Sequence[int] = (),  # keys added since checkpoints of this class were saved: their defaults (the
+        stem_kernel: int = 5,  # schema's) build the model those checkpoints hold (tests/test_models.py)
     ) -> None:
         super().__init__()
         if d_model % heads:
             raise ConfigError(f"model.d_model={d_model} is invalid: must be a multiple of model.heads={heads}")
-        self.embed, tokens = tokenizer(in_shape, d_model, patch_size)
+        if len(in_shape) not in (2, 3):
+            raise ConfigError(f"model=transformer needs (C, L) or (C, H, W) inputs, the dataset gives {tuple(in_shape)}")
+        self.stem, stem_shape = conv_stem(in_shape, stem, stem_kernel)
+        self.embed, tokens = tokenizer(stem_shape, d_model, patch_size)
         readout, positional = getattr(readout, "value", readout), getattr(positional, "value", positional)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model)) if readout == "cls" else None
         tokens += self.cls is not None
@@ -123,7 +139,7 @@ class Transformer(nn.Module):
         self.fc = nn.Linear(d_model, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)  # (B, T, D)
+        x = self.embed(self.stem(x))  # (B, T, D)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + T, D)
         x = self.norm(self.layers(self.drop(x + self.pos)))
