@@ -114,6 +114,14 @@ def main() -> None:
         except BrokenPipeError:  # `dlrun --help | head`
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
+    from dlrun.config.validate import validate_override_keys
+    from dlrun.errors import ConfigError
+
+    try:
+        validate_override_keys(args)
+    except ConfigError as err:
+        print(f"dlrun: error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     # Hydra 1.4 instantiates the callbacks in conf/config.yaml under the caller's whitelist.
     with execution_whitelist(["dlrun.hydra_ext.callbacks.DlrunCallback"]):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's rank 0 (see distributed.end_process)

@@ -10,12 +10,13 @@ import dataclasses
 import difflib
 import os
 import secrets
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun.config.schema import MNIST1D_LENGTH, MonitorMode, OnNonFinite, TrainerConfig, score_name
+from dlrun.config.schema import GROUPS, MNIST1D_LENGTH, SETTINGS, MonitorMode, OnNonFinite, TrainerConfig, score_name
 from dlrun.errors import ConfigError, require_extra
 from dlrun.rundir import RunDir, read_yaml
 
@@ -151,11 +152,34 @@ def validate_keys(node: Any, where: str) -> None:
     known = [f.name for f in dataclasses.fields(schema)]
     for key, value in node.items_ex(resolve=False):  # unresolved: a value may follow Hydra's job config
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {where}.{close[0]}? " if close else ""
-            raise ConfigError(f"{where}.{key} is not a key of {where} ({hint}its keys: "
-                              f"{', '.join(k for k in known if k != '_target_')})")
+            raise unknown_key(where, str(key), known)
         validate_keys(value, f"{where}.{key}")
+
+
+def unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {where}.{close[0]}? " if close else ""
+    return ConfigError(f"{where}.{key} is not a key of {where} ({hint}its keys: "
+                       f"{', '.join(k for k in known if k != '_target_')})")
+
+
+def validate_override_keys(overrides: list[str]) -> None:
+    """A command line's `trainer.epoch=3` (a key its schema lacks) as the one line `+trainer.epoch=3` gets, before
+    Hydra composes: Hydra's own error would suggest adding the key with `+`. Only the settings groups (trainer,
+    device, logger), whose schema is the same for every option; Hydra refuses the others' unknown keys itself."""
+    for arg in overrides:
+        key = arg.split("=", 1)[0]
+        group, _, path = key.partition(".")
+        if "=" not in arg or arg.startswith(("-", "+", "~")) or "@" in key or not path or group not in SETTINGS:
+            continue
+        schema, where = GROUPS[group][SETTINGS[group]], group
+        for name in path.split("."):
+            types = typing.get_type_hints(schema)
+            if name not in types:
+                raise unknown_key(where, name, [f.name for f in dataclasses.fields(schema)])
+            schema, where = types[name], f"{where}.{name}"
+            if not dataclasses.is_dataclass(schema):
+                break
 
 
 def validate_trainer(t: DictConfig) -> None:
