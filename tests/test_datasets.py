@@ -181,19 +181,58 @@ def test_missing_dataset_files_from_the_cli(cli, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
-def test_a_failed_download_names_its_cause_and_leaves_nothing_behind(tmp_path, monkeypatch):
-    """Offline, torchvision's download fails for every mirror: the one line names the network error, and the
-    folders made for the download are removed again."""
-    import urllib.request
+def test_a_download_without_a_network_fails_at_once_naming_why_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """No host answers (here: the mirrors on a local port where nothing listens): before torchvision tries each
+    mirror for each file, one connection per mirror says why, in the one line; the folders made for the download
+    are removed again."""
+    import torchvision.datasets
+    from servers import free_port
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)  # the network, not dlrun: this machine may be online
+    port = free_port()
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{port}/mnist/"])
     with pytest.raises(ConfigError) as err:  # into a data dir that does not exist yet
         load_mnist(str(tmp_path / "data"), download=True, val_fraction=0.1, split_seed=0)
     message = str(err.value)
-    assert message.startswith(f"dataset=mnist: the download into {tmp_path / 'data'} failed (")
-    assert "Temporary failure in name resolution" in message and "MNIST/raw/train-images-idx3-ubyte" in message
-    assert "\n" not in message
+    assert message.startswith(f"dataset=mnist: the download into {tmp_path / 'data'} failed (ConnectionError: "
+                              f"127.0.0.1:{port}: [Errno 111] Connection refused); without a network, put the files ")
+    assert "MNIST/raw/train-images-idx3-ubyte" in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mirror_that_answers_without_the_files_is_named_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A server that answers but has no such files (404): torchvision's own download fails, and its cause is named."""
+    import http.server
+    import threading
+
+    import torchvision.datasets
+
+    (tmp_path / "served").mkdir()
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "served"))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+        with pytest.raises(ConfigError) as err:
+            load_mnist(str(tmp_path / "data"), download=True, val_fraction=0.1, split_seed=0)
+    finally:
+        server.shutdown()
+    message = str(err.value)
+    assert message.startswith(f"dataset=mnist: the download into {tmp_path / 'data'} failed (HTTP Error 404: File "
+                              "not found); ") and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+
+
+def test_a_host_that_does_not_answer_in_time_is_given_up_after_the_limit():
+    """A connection that hangs (as to a host that drops it, or a name lookup that waits): here a local server whose
+    queue of unaccepted connections is full, so the kernel leaves a new one unanswered."""
+    import socket
+
+    from dlrun.data.datasets import unreachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # fills the queue, never accepted
+            err = unreachable([f"http://127.0.0.1:{port}/"], timeout=0.5)
+    assert str(err) == f"127.0.0.1:{port}: no answer within 0.5 s"

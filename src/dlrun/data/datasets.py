@@ -281,6 +281,10 @@ def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files
                   key=lambda q: len(q.parts), reverse=True)  # the folders (the data dir too) a failed download
     # would leave, deepest first
     try:
+        if download and any(not f.is_file() for f in files):
+            offline = unreachable(getattr(cls, "mirrors", None) or [cls.url])
+            if offline:
+                raise offline
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=False)
     except Exception as err:  # torchvision raises RuntimeError when files are missing or fail md5, URLError offline
@@ -300,6 +304,37 @@ def _read_torchvision(name: str, root: Path, download: bool, verify: bool, files
             raise ConfigError(f"dataset={name}: the {split} files under {root} hold {len(arrays[f'{split}_x']):,} "
                               f"images but {len(arrays[f'{split}_y']):,} labels; replace them with a matching pair")
     return arrays
+
+
+def unreachable(urls: Sequence[str], timeout: float = 5.0) -> ConnectionError | None:
+    """None when a host serving `urls` takes a connection within `timeout` seconds, else why none does (each host's
+    error). The name lookup counts towards the limit (a socket's own timeout leaves it out): without a network, a
+    download fails within seconds instead of after each mirror's lookups and connection attempts."""
+    import socket
+    import threading
+    import urllib.parse
+
+    errors = []
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        outcome: list[OSError | None] = []
+
+        def connect() -> None:
+            try:
+                socket.create_connection(address, timeout=timeout).close()
+                outcome.append(None)
+            except OSError as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=connect, daemon=True)  # a lookup that hangs is left behind, not waited for
+        thread.start()
+        thread.join(timeout)
+        if outcome == [None]:
+            return None
+        hung = not outcome or isinstance(outcome[0], TimeoutError)  # the lookup, or the connection itself
+        errors.append(f"{address[0]}:{address[1]}: {f'no answer within {timeout:g} s' if hung else outcome[0]}")
+    return ConnectionError("; ".join(errors))
 
 
 def unreadable(name: str, root: Path, files: list[Path], download: bool, verify: bool, err: Exception) -> str:
