@@ -99,9 +99,9 @@ def tokenizer(in_shape: Sequence[int], d_model: int, patch_size: int) -> tuple[n
 
 
 class Transformer(nn.Module):
-    """(Convolutions of `stem` widths ->) tokens (steps, rows or patches) -> linear embedding + positional encoding (learned or
-    sinusoidal) -> `layers` pre-norm encoder layers -> LayerNorm -> readout (the mean over tokens,
-    or a learned [CLS] token) -> linear."""
+    """(Convolutions of the `stem` widths ->) tokens (steps, rows or patches) -> linear embedding + positional
+    encoding (learned or sinusoidal) -> `layers` pre-norm encoder layers -> LayerNorm -> readout (the mean over
+    tokens, or a learned [CLS] token) -> linear."""
 
     def __init__(
         self,
@@ -123,7 +123,8 @@ class Transformer(nn.Module):
         if d_model % heads:
             raise ConfigError(f"model.d_model={d_model} is invalid: must be a multiple of model.heads={heads}")
         if len(in_shape) not in (2, 3):
-            raise ConfigError(f"model=transformer needs (C, L) or (C, H, W) inputs, the dataset gives {tuple(in_shape)}")
+            raise ConfigError(f"model=transformer needs (C, L) or (C, H, W) inputs, the dataset gives "
+                              f"{tuple(in_shape)}")
         self.stem, stem_shape = conv_stem(in_shape, stem, stem_kernel)
         self.embed, tokens = tokenizer(stem_shape, d_model, patch_size)
         readout, positional = getattr(readout, "value", readout), getattr(positional, "value", positional)
