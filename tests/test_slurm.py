@@ -1,6 +1,7 @@
 """launcher=slurm against a real Slurm: a one-node cluster (Debian's slurmctld, slurmd, munge) that this module
 starts (tests/servers.py), without accounting, as on many small clusters. The README's commands, run as a user
-runs them: a sweep as a job array, a job Slurm requeues mid-training, a job that ends without a result.
+runs them: a sweep as a job array, a job Slurm requeues mid-training, a job out of time requeued by submitit at
+Slurm's USR2, a job that ends without a result.
 All on one xdist worker (one cluster)."""
 
 from __future__ import annotations
@@ -152,18 +153,32 @@ def test_a_job_slurm_would_never_start_is_one_line(cluster, tmp_path):
     assert "Traceback" not in err
 
 
-def test_a_job_out_of_time_is_told_what_to_raise(cluster, tmp_path):
-    """A two-minute limit with USR2 30 s before it and no requeue allowed (max_num_timeout=0): at the USR2 submitit
-    ends the job; one line names the job, its folder and what to change. Slurm may send the signal up to a minute
-    early, so the limit leaves the run time to start and checkpoint first (a one-minute limit could kill the job
-    while Python was still importing). The requeue by USR2 is tested with launcher=submitit_local."""
+def test_a_job_out_of_time_is_requeued_once_then_told_what_to_raise(cluster, tmp_path):
+    """A two-minute limit with USR2 30 s before it and one requeue allowed (max_num_timeout=1). At the first USR2
+    submitit requeues the job (Slurm then holds it back about two minutes: started here at once) and the job
+    continues from its last.pt; at the second, submitit ends it, and one line names the job, its folder and what
+    to change. Slurm may send the signal up to a minute early, so the limit leaves the run time to start and
+    checkpoint first (a one-minute limit could kill the job while Python was still importing). That a job
+    requeued by USR2 ends equal to an uninterrupted run is tested with launcher=submitit_local, where the signal
+    comes when the test wants."""
     proc = start(cluster, tmp_path, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30",
-                 "hydra.launcher.max_num_timeout=0", "trainer.epochs=5000", "trainer.batch_size=8")
+                 "hydra.launcher.max_num_timeout=1", "trainer.epochs=5000", "trainer.batch_size=8")
+    job = tmp_path / "sweep" / "0"
+    wait_for(job / "checkpoints" / "last.pt", proc)
+    slurm_id = slurm_job_of(cluster)
+    deadline = time.monotonic() + 180
+    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id):  # requeued at the first USR2
+        assert time.monotonic() < deadline and proc.poll() is None, "the job was not requeued"
+        time.sleep(0.5)
+    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
-    summary = read_summary(tmp_path / "sweep" / "0")
+    summary = read_summary(job)
     assert summary["status"] == "failed" and "timed-out too many times" in summary["error"]
-    assert (tmp_path / "sweep" / "0" / "checkpoints" / "last.pt").is_file()
+    (resumed,) = summary["resumed"]  # continued once from its checkpoint, not started over
+    epochs = [m["epoch"] for m in read_metrics(job)]
+    assert resumed["epoch"] >= 1 and epochs == list(range(1, len(epochs) + 1)) and len(epochs) > resumed["epoch"]
+    assert (job / "checkpoints" / "last.pt").is_file()
     assert err.strip().splitlines()[-1] == (
         "dlrun: 1 of 1 jobs did not complete: #0 (launcher=slurm device=cpu device.threads=1 trainer.epochs=5000 "
         "trainer.batch_size=8): out of time more often than hydra.launcher.max_num_timeout allows (its folder "
