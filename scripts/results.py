@@ -4,7 +4,8 @@ Each row is a real `dlrun` run per seed (trainer.seed=0, 1, 2) on this machine w
 (`device.threads=1`, OMP_NUM_THREADS=1), read back from its summary.json: the test score as mean ± std over
 the seeds, the wall time of seed 0's command. The figures go to results/results.json (with the machine, the
 date, the versions and the command) and into README.md between the `<!-- generated:... -->` markers; nothing
-in those tables is typed by hand. A run is bit-exact only on the machine that made it; elsewhere its score
+in those tables is typed by hand. A row rerun alone (--only) keeps the machine and date it was made on, which the
+table names under a mark. A run is bit-exact only on the machine that made it; elsewhere its score
 lands within the seeds' spread (tests/test_results.py reruns a row); times depend on the machine and its
 load, which the table states.
 
@@ -44,6 +45,7 @@ TABLES: dict[str, list[tuple[str, list[str], str | None]]] = {
         ("mnist1d_cnn_swa", ["experiment=mnist1d_cnn_swa"], "94%"),
         ("resnet", ["model=resnet", "dataset=mnist1d"], None),
         ("transformer", ["model=transformer", "model.patch_size=4", "dataset=mnist1d"], None),
+        ("mnist1d_transformer", ["experiment=mnist1d_transformer"], None),
     ],
     "sequence": [
         ("dataset=sequence (LSTM)", ["dataset=sequence"], None),
@@ -69,10 +71,19 @@ SEEDS = (0, 1, 2)
 
 
 def run_seeds(overrides: list[str], workdir: Path) -> dict:
-    """A row: `run_row` for each seed, the test score as mean and (sample) std over them, the rest of seed 0's."""
+    """A row: `run_row` for each seed, one after the other."""
+    return seeds_row(overrides, [run_row(seed_overrides(overrides, seed), workdir) for seed in SEEDS])
+
+
+def seed_overrides(overrides: list[str], seed: int) -> list[str]:
+    return [*overrides, f"trainer.seed={seed}"]
+
+
+def seeds_row(overrides: list[str], runs: list[dict]) -> dict:
+    """The row of a command's runs over SEEDS: the test score as mean and (sample) std over them, the rest of seed
+    0's."""
     import statistics
 
-    runs = [run_row([*overrides, f"trainer.seed={seed}"], workdir) for seed in SEEDS]
     tests = [r["test"] for r in runs]
     return {**runs[0], "overrides": overrides, "seeds": list(SEEDS), "tests": tests, "test": statistics.fmean(tests),
             "test_std": statistics.stdev(tests), "best_epochs": [r["best_epoch"] for r in runs]}
@@ -80,7 +91,7 @@ def run_seeds(overrides: list[str], workdir: Path) -> dict:
 
 def run_row(overrides: list[str], workdir: Path) -> dict:
     """One `dlrun` run with one thread; the figures of its summary."""
-    folder = workdir / f"run{len(list(workdir.iterdir()))}"
+    folder = Path(tempfile.mkdtemp(prefix="run", dir=workdir))  # new and empty, also with runs side by side
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
     proc = subprocess.run([DLRUN, *overrides, "device=cpu", "device.threads=1", f"hydra.run.dir={folder}"],
@@ -174,13 +185,21 @@ def render(results: dict) -> dict[str, str]:
              f"{SEEDS[0]}'s whole `dlrun` command on that machine.")
     rows, blocks = results["rows"], {}
     for table, (header, cells) in COLUMNS.items():
+        named = [(name, overrides, paper) for name, overrides, paper in TABLES[table] if name in rows]
+        # rows rerun alone (--only) after the table was made, on another machine or day: marked, their machine below
+        elsewhere = {name: machine_line(rows[name]["machine"]) for name, _, _ in named
+                     if rows[name].get("machine", results["machine"]) != results["machine"]}
+        marks = {line: "¹²³⁴⁵⁶⁷⁸⁹"[i] for i, line in enumerate(dict.fromkeys(elsewhere.values()))}
         lines = ["| command | " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(header)]
-        lines += [f"| {command(overrides)} | " + " | ".join(cells(rows[name], paper)) + " |"
-                  for name, overrides, paper in TABLES[table] if name in rows]
+        lines += [f"| {command(overrides)}{' ' + marks[elsewhere[name]] if name in elsewhere else ''} | "
+                  + " | ".join(cells(rows[name], paper)) + " |" for name, overrides, paper in named]
         if table == "presets":  # the presets whose data this machine cannot download: their size only
             lines += [f"| {command(overrides)} | {rows[name]['parameters']:,} | - | not run here (needs the download) "
                       "| - | - |" for name, (overrides, _, _) in NEEDS_DOWNLOAD.items() if name in rows]
-        blocks[table] = "\n".join([where, "", *lines])
+        notes = [f"{mark} rerun alone by `python scripts/results.py --only "
+                 f"{' '.join(name for name in elsewhere if elsewhere[name] == line)}` ({line})."
+                 for line, mark in marks.items()]
+        blocks[table] = "\n".join([where, "", *lines, *([""] + notes if notes else [])])
     return blocks
 
 
@@ -214,12 +233,16 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.only or []) - {name for name, _ in runs} - set(NEEDS_DOWNLOAD)
     if unknown:
         raise SystemExit(f"results: --only {' '.join(sorted(unknown))}: no such row")
-    results = {"command": "make results", "machine": machine(), "rows": rows}
+    # the table's machine is that of the last full run; a row rerun alone (--only) keeps its own
+    results = {"command": "make results", "rows": rows,
+               "machine": old["machine"] if args.only and "machine" in old else machine()}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in runs:
             if args.only is None or name in args.only:
                 print(f"results: {name}: dlrun {' '.join(overrides)}", flush=True)
-                rows[name] = run_seeds(overrides, Path(tmp))
+                here = machine() if args.only else None  # at the start, as for the table
+                row = run_seeds(overrides, Path(tmp))
+                rows[name] = {**row, "machine": here} if here else row
     for name, (overrides, shape, classes) in NEEDS_DOWNLOAD.items():
         if args.only is None or name in args.only:
             rows[name] = parameters_only(overrides, shape, classes)

@@ -33,16 +33,29 @@ def test_the_readme_tables_are_results_json():
     named = {name for table in results.TABLES.values() for name, _, _ in table} | set(results.NEEDS_DOWNLOAD)
     assert set(recorded["rows"]) == named  # every row the script knows was measured
     measured = json.loads(ablation.ABLATION.read_text())
-    assert results.write_readme({"ablation": ablation.render(measured)}, readme) == readme, \
+    assert results.write_readme(ablation.blocks(measured), readme) == readme, \
         "README edited by hand: run scripts/ablation.py"
-    assert [r["overrides"] for r in measured["rows"]] == [o for _, o in ablation.VARIANTS]  # every variant measured
+    assert set(measured) == set(ablation.ABLATIONS)  # every recipe measured, each with every variant
+    for preset, variants in ablation.ABLATIONS.items():
+        assert [r["overrides"] for r in measured[preset]["rows"]] == [o for _, o in variants], preset
+
+
+def test_a_row_rerun_alone_on_another_machine_is_marked_with_its_machine():
+    recorded = json.loads(results.RESULTS.read_text())
+    other = {**recorded["machine"], "cpu": "Another CPU", "date": "2027-01-01"}
+    recorded["rows"]["mnist1d_mlp"]["machine"] = other
+    recorded["rows"]["mnist1d_gru"].pop("machine", None)  # the table's own machine
+    table = results.render(recorded)["mnist1d"]
+    assert "| `dlrun experiment=mnist1d_mlp` ¹ |" in table and "| `dlrun experiment=mnist1d_gru` |" in table
+    assert f"¹ rerun alone by `python scripts/results.py --only mnist1d_mlp` ({results.machine_line(other)})." in table
 
 
 def test_the_recipe_presets_meet_their_targets_in_the_recorded_results():
     """The targets the README states for the recipes, as `make results` recorded them: 3-seed mean and seed 0's
     whole command's time on that machine (one thread)."""
     rows = json.loads(results.RESULTS.read_text())["rows"]
-    for name, accuracy, seconds in (("mnist1d_cnn_swa", 0.99, 60), ("mnist1d_gru_swa", 0.985, 120)):
+    for name, accuracy, seconds in (("mnist1d_cnn_swa", 0.99, 60), ("mnist1d_gru_swa", 0.985, 120),
+                                    ("mnist1d_transformer", 0.97, 120)):
         row = rows[name]
         assert row["weights"] == "swa" and row["seeds"] == [0, 1, 2], name
         assert row["test"] >= accuracy and row["wall_s"] <= seconds, (name, row["test"], row["wall_s"])
