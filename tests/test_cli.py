@@ -87,6 +87,9 @@ def test_default_run_folder_is_timestamped_under_outputs(cli, tmp_path):
         (["-m", "trainer.early_stopping.patiense=1,2"],
          "dlrun: error: trainer.early_stopping.patiense is not a key of trainer.early_stopping (did you mean "
          "trainer.early_stopping.patience?"),
+        (["model=cnn_blocks", "model.blocks=[{channels:8},{chanels:8}]"],
+         "dlrun: error: model.blocks[1].chanels is not a key of model.blocks[1] (did you mean "
+         "model.blocks[1].channels?"),
         (["trainer.epochs=many"], "Value 'many' of type 'str' could not be converted to Integer"),
         (["optimizer.lr=0"], "optimizer.lr=0.0 is invalid: must be > 0"),
         (["+trainer.epoch=3"], "trainer.epoch is not a key of trainer (did you mean trainer.epochs?"),

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from dlrun.config.schema import GROUPS, MNIST1D_LENGTH, SETTINGS, MonitorMode, OnNonFinite, TrainerConfig, score_name
+from dlrun.config.schema import (GROUPS, MNIST1D_LENGTH, SETTINGS, ConvBlockConfig, MonitorMode, OnNonFinite,
+                                 TrainerConfig, score_name)
 from dlrun.errors import ConfigError, require_extra
 from dlrun.rundir import RunDir, read_yaml
 
@@ -165,11 +166,14 @@ def unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
 
 def validate_override_keys(overrides: list[str]) -> None:
     """A command line's `trainer.epoch=3` (a key its schema lacks) as the one line `+trainer.epoch=3` gets, before
-    Hydra composes: Hydra's own error would suggest adding the key with `+`. Only the settings groups (trainer,
-    device, logger), whose schema is the same for every option; Hydra refuses the others' unknown keys itself."""
+    Hydra composes: Hydra's own error would suggest adding the key with `+`. The settings groups (trainer, device,
+    logger), whose schema is the same for every option, and the blocks of `model.blocks=[...]` (model=cnn_blocks'
+    alone); Hydra refuses the other groups' unknown keys itself."""
     for arg in overrides:
         key = arg.split("=", 1)[0]
         group, _, path = key.partition(".")
+        if key == "model.blocks":
+            validate_block_keys(arg)
         if "=" not in arg or arg.startswith(("-", "+", "~")) or "@" in key or not path or group not in SETTINGS:
             continue
         schema, where = GROUPS[group][SETTINGS[group]], group
@@ -180,6 +184,20 @@ def validate_override_keys(overrides: list[str]) -> None:
             schema, where = types[name], f"{where}.{name}"
             if not dataclasses.is_dataclass(schema):
                 break
+
+
+def validate_block_keys(override: str) -> None:
+    """`model.blocks=[{chanels: 8}]`: each block's keys against ConvBlockConfig's (a sweep over lists is left to
+    the check of each composed config)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_override(override)
+    blocks = [] if parsed.is_sweep_override() else parsed.value()
+    known = [f.name for f in dataclasses.fields(ConvBlockConfig)]
+    for i, block in enumerate(blocks if isinstance(blocks, list) else []):
+        unknown = [k for k in (block if isinstance(block, dict) else {}) if k not in known]
+        if unknown:
+            raise unknown_key(f"model.blocks[{i}]", str(unknown[0]), known)
 
 
 def validate_trainer(t: DictConfig) -> None:
