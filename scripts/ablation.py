@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
             # every run of the preset's table queued at once: `jobs` run at a time, across variants
             started = machine()
-            queued = [(variant, overrides, [pool.submit(run_row, seed_overrides([f"experiment={preset}", *overrides],
-                                                                                 seed), Path(tmp)) for seed in SEEDS])
-                      for variant, overrides in ABLATIONS[preset]]
+            commands = [[f"experiment={preset}", *overrides] for _, overrides in ABLATIONS[preset]]
+            queued = [[pool.submit(run_row, seed_overrides(command, seed), Path(tmp)) for seed in SEEDS]
+                      for command in commands]
             rows = []
-            for variant, overrides, runs in queued:
-                row = seeds_row([f"experiment={preset}", *overrides], [run.result() for run in runs])
+            for (variant, overrides), command, runs in zip(ABLATIONS[preset], commands, queued):
+                row = seeds_row(command, [run.result() for run in runs])
                 rows.append({**row, "variant": variant, "overrides": overrides})
                 print(f"ablation: {variant}: {100 * row['test']:.2f} ± {100 * row['test_std']:.2f}% "
                       f"(dlrun experiment={preset} {' '.join(overrides)})", flush=True)
