@@ -130,12 +130,14 @@ def test_torchrun_ranks_share_rank_0s_config_and_run_folder_and_resume(data_dir,
 @pytest.mark.slow
 def test_two_torchrun_nodes_train_like_one_process(data_dir, tmp_path, single_process):
     """Multi-node as torchrun runs it, with two "nodes" on the loopback address: c10d rendezvous hands out the
-    ranks; the node that gets rank 0 runs Hydra and makes the one run folder (a file system both nodes see)."""
+    ranks; the node that gets rank 0 runs Hydra and makes the one run folder (a file system both nodes see).
+    One node is started with torchrun, the other with dlrun-torchrun (torchrun itself, the same arguments)."""
     port, env = free_port(), {**os.environ, "DLRUN_DATA_DIR": str(data_dir)}
-    node = [str(Path(sys.executable).with_name("torchrun")), "--nnodes=2", "--nproc-per-node=1",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "-m", "dlrun", *EXACT]
-    nodes = [subprocess.Popen(node, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    options = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "--rdzv-id=two-nodes", "-m", "dlrun", *EXACT]
+    nodes = [subprocess.Popen([str(Path(sys.executable).with_name(launcher)), *options], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for launcher in ("torchrun", "dlrun-torchrun")]
     try:
         errors = [proc.communicate(timeout=300)[1] for proc in nodes]
     finally:
@@ -146,6 +148,28 @@ def test_two_torchrun_nodes_train_like_one_process(data_dir, tmp_path, single_pr
     assert_same_run(read_summary(run), single_process)
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
+
+def test_a_rendezvous_that_fails_is_one_line_under_dlrun_torchrun(tmp_path):
+    """dlrun-torchrun: an endpoint where nothing answers (a node that is not the store's host: is_host=false), and a
+    rendezvous that the second node never joins, each end in one line naming the option, exit status 1, before any
+    dlrun code ran (no run folder)."""
+    launcher = str(Path(sys.executable).with_name("dlrun-torchrun"))
+    common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d"]
+    closed, alone = free_port(), free_port()
+    procs = [subprocess.Popen([launcher, *common, *options, "-m", "dlrun", *CPU], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for options in ([f"--rdzv-endpoint=127.0.0.1:{closed}", "--rdzv-conf=is_host=false,read_timeout=3"],
+                             [f"--rdzv-endpoint=127.0.0.1:{alone}", "--rdzv-conf=join_timeout=3"])]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    unreachable, joined_alone = [(proc.returncode, *out) for proc, out in zip(procs, outputs)]
+    for code, out, err in (unreachable, joined_alone):
+        assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert unreachable[2].startswith(f"dlrun-torchrun: error: no rendezvous at --rdzv-endpoint=127.0.0.1:{closed} "
+                                     "(--rdzv-backend=c10d): ")
+    assert "timed out after 3000ms" in unreachable[2]
+    assert joined_alone[2].startswith(f"dlrun-torchrun: error: at --rdzv-endpoint=127.0.0.1:{alone} "
+                                      "(--rdzv-backend=c10d), fewer than --nnodes=2 nodes joined")
+    assert not list(tmp_path.iterdir())
 
 def worker_of_rank(parent: int, rank: int) -> int:
     """The pid of torchrun's worker process with RANK=`rank` (a child of its agent `parent`)."""
