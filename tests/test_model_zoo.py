@@ -17,7 +17,7 @@ from dlrun import checkpoint
 from dlrun.cost import count_parameters, flops_per_sample
 from dlrun.data import DataSpec, build_data, load_digits
 from dlrun.errors import ConfigError, Interrupted
-from dlrun.models import CNN, ResNet, build_model
+from dlrun.models import CNN, RNN, ResNet, build_model
 from dlrun.train import Parts, StopFlag, fit
 
 CPU = torch.device("cpu")
@@ -142,6 +142,7 @@ MODELS = [
      "model.head=avg", "model.hidden=[16,8]", "model.head_dropout=0.3"],
     ["model=mlp"],
     ["model=rnn"],
+    ["model=rnn", "model.cell=gru", "model.patch_size=2", "model.readout=flatten"],
     ["model=resnet", "model.depth=8", "model.width=4"],
     ["model=resnet"],
     ["model=transformer", "model.d_model=16", "model.heads=2", "model.ff_dim=32"],
@@ -293,6 +294,9 @@ def test_a_block_that_leaves_nothing_is_named(blocks, message):
 def test_a_patch_that_does_not_divide_the_input_is_named():
     with pytest.raises(ConfigError, match=r"model.patch_size=3 does not divide the input size \(8, 8\)"):
         transformer((1, 8, 8), patch_size=3)
+    with pytest.raises(ConfigError, match=r"model.patch_size=3 does not divide the 40 steps of the input \(1, 40\)"):
+        RNN((1, 40), 10, cell="gru", hidden_size=4, num_layers=1, bidirectional=False, dropout=0.0, readout="last",
+            patch_size=3)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -307,6 +311,7 @@ def test_a_patch_that_does_not_divide_the_input_is_named():
     (["model=transformer", "model.patch_size=-1"], "model.patch_size=-1 is invalid"),
     (["model=transformer", "model.stem=[8,0]"], r"model.stem=\[8, 0\] is invalid: must be a list of positive widths"),
     (["model=transformer", "model.stem_kernel=0"], "model.stem_kernel=0 is invalid: must be a positive integer"),
+    (["model=rnn", "model.patch_size=0"], "model.patch_size=0 is invalid: must be a positive integer"),
 ])
 def test_bad_model_keys_are_refused_before_training(make_cfg, overrides, message):
     from dlrun.config.validate import validate

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import model_of
 from dlrun.errors import ConfigError
@@ -64,6 +65,27 @@ def test_rnn_reads_images_row_by_row():
     assert count_parameters(model)["total"] == expected
 
 
+def test_an_rnn_reads_patches_of_steps_as_one_step():
+    """model.patch_size=p: L/p steps of p*C features, the same GRU as on the signal cut into patches by hand; an image
+    p rows at a time; parameters only grow by the input weights."""
+    keys = dict(cell="gru", hidden_size=7, num_layers=1, bidirectional=True, dropout=0.0, readout="mean")
+    model = RNN((2, 12), 3, **keys, patch_size=4)
+    assert model.rnn.input_size == 4 * 2
+    x = torch.randn(5, 2, 12)
+    by_hand, _ = model.rnn(x.transpose(1, 2).reshape(5, 3, 8))
+    assert torch.equal(model(x), model.head(by_hand.mean(1)))
+    assert count_parameters(model)["total"] == count_parameters(RNN((2, 12), 3, **keys))["total"] + 2 * 3 * 7 * 6
+    image = RNN((2, 6, 5), 3, **keys, patch_size=2)
+    assert image.rnn.input_size == 2 * 2 * 5 and image(torch.randn(4, 2, 6, 5)).shape == (4, 3)
+
+
+def test_an_rnn_saved_before_patch_size_existed_builds_as_it_was(make_cfg):
+    saved = OmegaConf.to_container(make_cfg("model=rnn").model)
+    del saved["patch_size"]
+    model = build_model(OmegaConf.create(saved), (1, 40), 10)
+    assert model.patch_size == 1 and model.rnn.input_size == 1
+
+
 def test_cnn_that_pools_below_one_pixel_is_a_clear_error():
     with pytest.raises(ConfigError, match="model.channels"):
         model_of("model.channels=[4,4,4,4]")
@@ -106,7 +128,7 @@ def test_a_model_class_takes_its_schemas_keys_with_no_defaults_of_its_own(names)
 
 # Keys added to a model after checkpoints of it were saved (whose configs lack them: a resumed run and load_model
 # build the saved model section as it is): the class defaults to the schema's value, the model those checkpoints hold.
-ADDED_SINCE_CHECKPOINTS = {"transformer": {"stem", "stem_kernel"}}
+ADDED_SINCE_CHECKPOINTS = {"transformer": {"stem", "stem_kernel"}, "rnn": {"patch_size"}}
 
 
 def test_a_key_the_model_does_not_take_is_named(make_cfg):

@@ -158,6 +158,7 @@ class RNNConfig:
     bidirectional: bool = MISSING
     dropout: float = MISSING
     readout: Readout = MISSING
+    patch_size: int = 1  # steps read at once (a default: see models/rnn.py)
 
 
 @dataclass

@@ -319,6 +319,9 @@ def validate_model(model: DictConfig, resumed: bool = False) -> None:
         validate_blocks(model)
     if model.get("_target_") in ("dlrun.models.ResNet", "dlrun.models.Transformer"):
         validate_residual_model(model)
+    if model.get("_target_") == "dlrun.models.RNN" and "patch_size" in model:
+        _require(model.patch_size > 0, "model.patch_size", "must be a positive integer (1 = one step at a time)",
+                 model.patch_size)
 
 
 def validate_blocks(model: DictConfig) -> None:
