@@ -47,8 +47,8 @@ results: install
 	$(BIN)/python scripts/results.py $(ARGS)
 
 ## What each ingredient of the recipe presets buys (scripts/ablation.py): the README's ablation tables. All three
-## recipes take about an hour one run at a time; ARGS="--jobs 2" runs two at a time (one thread each), and
-## ARGS=mnist1d_cnn_swa (about 9 minutes) measures one recipe.
+## recipes take about an hour one run at a time on the README's AMD EPYC; ARGS="--jobs 2" runs two at a time (one
+## thread each), and ARGS=mnist1d_cnn_swa (about 14 minutes there) measures one recipe.
 ablation: install
 	$(BIN)/python scripts/ablation.py $(ARGS)
 
