@@ -171,6 +171,7 @@ def test_a_rendezvous_that_fails_is_one_line_under_dlrun_torchrun(tmp_path):
                                       "(--rdzv-backend=c10d), fewer than --nnodes=2 nodes joined")
     assert not list(tmp_path.iterdir())
 
+
 def worker_of_rank(parent: int, rank: int) -> int:
     """The pid of torchrun's worker process with RANK=`rank` (a child of its agent `parent`)."""
     for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():

@@ -58,7 +58,9 @@ def test_the_recipe_presets_meet_their_targets_in_the_recorded_results():
                                     ("mnist1d_transformer", 0.97, 120)):
         row = rows[name]
         assert row["weights"] == "swa" and row["seeds"] == [0, 1, 2], name
-        assert row["test"] >= accuracy and row["wall_s"] <= seconds, (name, row["test"], row["wall_s"])
+        # test accuracies are counts over 1,000 signals: their float mean is rounded before the comparison (three
+        # seeds at 0.99 average to 0.98999...)
+        assert round(row["test"], 6) >= accuracy and row["wall_s"] <= seconds, (name, row["test"], row["wall_s"])
 
 
 @pytest.mark.slow
