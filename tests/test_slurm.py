@@ -54,17 +54,24 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def start_requeued_now(cluster: dict[str, str], slurm_id: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Once the requeued job waits (PENDING) and the node has finished with its previous run (idle, no longer
+    completing), start it now: Slurm would hold it back about two minutes (BeginTime). Started while the node was
+    still completing, the job could fail at launch, with no output (seen once in CI)."""
+    deadline = time.monotonic() + timeout
+    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id) or "idle" not in subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], env={**os.environ, **cluster}, capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline and proc.poll() is None, f"job {slurm_id} was not requeued"
+        time.sleep(0.2)
+    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
+
+
 def requeue_once_checkpointed(cluster: dict[str, str], job: Path, proc: subprocess.Popen) -> None:
-    """`scontrol requeue` of the running job once its run folder has a checkpoint; Slurm then holds the job back
-    for about two minutes (BeginTime): it is started as soon as it waits."""
+    """`scontrol requeue` of the running job once its run folder has a checkpoint, then started at once."""
     wait_for(job / "checkpoints" / "last.pt", proc)
     slurm_id = slurm_job_of(cluster)
     scontrol(cluster, "requeue", slurm_id)
-    deadline = time.monotonic() + 60
-    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.2)
-    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
+    start_requeued_now(cluster, slurm_id, proc, timeout=60)
 
 
 def test_a_sweep_runs_as_a_job_array_without_sacct_noise(cluster, tmp_path):
@@ -165,12 +172,7 @@ def test_a_job_out_of_time_is_requeued_once_then_told_what_to_raise(cluster, tmp
                  "hydra.launcher.max_num_timeout=1", "trainer.epochs=5000", "trainer.batch_size=8")
     job = tmp_path / "sweep" / "0"
     wait_for(job / "checkpoints" / "last.pt", proc)
-    slurm_id = slurm_job_of(cluster)
-    deadline = time.monotonic() + 180
-    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id):  # requeued at the first USR2
-        assert time.monotonic() < deadline and proc.poll() is None, "the job was not requeued"
-        time.sleep(0.5)
-    scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
+    start_requeued_now(cluster, slurm_job_of(cluster), proc, timeout=180)  # requeued at the first USR2
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
     summary = read_summary(job)
