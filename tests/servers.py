@@ -103,6 +103,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def node_idle(env: dict[str, str]) -> bool:
+    """Whether the cluster's node is idle: up, and neither running nor still completing a job."""
+    return "idle" in subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env).stdout
+
+
 @contextmanager
 def slurm() -> Iterator[dict[str, str]]:
     """A one-node Slurm cluster of its own (Debian's slurmctld, slurmd and munge; this machine is the node),
@@ -125,8 +130,7 @@ def slurm() -> Iterator[dict[str, str]]:
         subprocess.run(["slurmctld", "-f", str(conf), "-i"], check=True, env=env, timeout=60)
         subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env, timeout=60)
         deadline = time.monotonic() + 60
-        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                                           env=env).stdout:
+        while not node_idle(env):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the Slurm node did not come up: {(folder / 'slurmd.log').read_text()[-2000:]}")
             time.sleep(0.2)

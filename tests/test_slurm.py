@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CPU, DLRUN, read_metrics, read_summary
-from servers import slurm
+from servers import node_idle, slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
@@ -59,8 +59,8 @@ def start_requeued_now(cluster: dict[str, str], slurm_id: str, proc: subprocess.
     completing), start it now: Slurm would hold it back about two minutes (BeginTime). Started while the node was
     still completing, the job could fail at launch, with no output (seen once in CI)."""
     deadline = time.monotonic() + timeout
-    while "JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id) or "idle" not in subprocess.run(
-            ["sinfo", "-h", "-o", "%t"], env={**os.environ, **cluster}, capture_output=True, text=True).stdout:
+    while ("JobState=PENDING" not in scontrol(cluster, "show", "job", slurm_id)
+           or not node_idle({**os.environ, **cluster})):
         assert time.monotonic() < deadline and proc.poll() is None, f"job {slurm_id} was not requeued"
         time.sleep(0.2)
     scontrol(cluster, "update", f"JobId={slurm_id}", "StartTime=now")
